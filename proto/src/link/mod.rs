@@ -1,0 +1,1 @@
+//! Region link protocol (placeholder until the link lands).

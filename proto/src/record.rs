@@ -1,0 +1,65 @@
+//! One chat message as stored in a region's Kafka log.
+//!
+//! Key: the room id. Value: JSON `{"from":P,"ts":MS,"body":ANY}`, readable by any Kafka tool.
+//! Headers: [`HEADER_ORIGIN`] (the region that accepted it) and [`HEADER_FROM`] (the player),
+//! so operators can filter with `kafka-console-consumer --property print.headers=true`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Body, MsgFrame};
+use crate::room::RoomId;
+
+/// Header naming the region whose gateway accepted the message.
+pub const HEADER_ORIGIN: &str = "dtfed-origin";
+/// Header naming the player who sent it.
+pub const HEADER_FROM: &str = "dtfed-from";
+/// On mirror topics: the message's offset in its origin's local topic (decimal text).
+pub const HEADER_ORIGIN_OFFSET: &str = "dtfed-origin-offset";
+/// On mirror topics: the origin append time, ms since the epoch (decimal text).
+pub const HEADER_ORIGIN_TS: &str = "dtfed-origin-ts";
+
+/// The JSON value of a log record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogValue {
+    pub from: String,
+    pub ts: i64,
+    pub body: Body,
+}
+
+/// A record read back from the log, with where it sits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogRecord {
+    pub room: RoomId,
+    /// Region that accepted the message.
+    pub origin: String,
+    /// Partition in the origin's local topic.
+    pub partition: i32,
+    /// Offset in the origin's local topic.
+    pub offset: i64,
+    pub value: LogValue,
+}
+
+impl LogValue {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+impl LogRecord {
+    /// The message as a player sees it, given the previous offset of this room and origin.
+    pub fn to_msg(&self, prev: Option<i64>) -> MsgFrame {
+        MsgFrame {
+            room: self.room.clone(),
+            origin: self.origin.clone(),
+            offset: self.offset,
+            prev,
+            ts: self.value.ts,
+            from: self.value.from.clone(),
+            body: self.value.body.clone(),
+        }
+    }
+}
