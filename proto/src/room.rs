@@ -43,6 +43,13 @@ impl RoomId {
     }
 }
 
+/// Region names: 1 to 32 bytes of `[a-z0-9-]`, so they fit in DNS names and metric labels.
+pub fn valid_region_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 fn is_room_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
 }

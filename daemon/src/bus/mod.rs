@@ -1,0 +1,71 @@
+//! The region's bus: per-room hot history and live delivery to every gateway of the region.
+//!
+//! The fan-out owner of a partition calls [`Bus::apply`] for each record, in partition order:
+//! one atomic step appends the message to the room's hot history (bounded by count and age),
+//! stamps it with `prev` (the previous offset of the same room from the same origin, kept
+//! beside the history so it survives owner changes) and publishes it on the room's channel.
+//! A record at or below the room's last offset for its origin was applied already (a new owner
+//! replaying after a crash) and is skipped, so `apply` is idempotent.
+//!
+//! Gateways [`Bus::subscribe`] to the rooms that have local players and receive
+//! [`BusEvent`]s. Live delivery is fire-and-forget (Redis Pub/Sub), so the subscriber says
+//! [`BusEvent::Resync`] whenever its connection was re-established: anything may have been
+//! missed, and each session backfills from [`Bus::history`].
+//!
+//! [`redis::RedisBus`] is the production bus; [`memory::MemoryBus`] stands in for it in
+//! `dtfed demo` when no Redis is given.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use tokio::sync::mpsc;
+
+/// What the bus delivers to the gateway's room dispatcher.
+#[derive(Clone, Debug)]
+pub enum BusEvent {
+    /// A message published on a room this daemon subscribes to.
+    Msg(Arc<MsgFrame>),
+    /// The subscriber reconnected and is subscribed again to every room: messages published
+    /// while it was away were not delivered and must be backfilled from history.
+    Resync,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("corrupt history entry in room {room}: {detail}")]
+    Corrupt { room: String, detail: String },
+    #[error("the bus is shut down")]
+    Closed,
+}
+
+/// Receiver of [`BusEvent`]s, handed out once when the bus is built.
+pub type BusEvents = mpsc::Receiver<BusEvent>;
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Appends `rec` to its room's history and publishes it, atomically. Returns the message
+    /// as published (with `prev`), or `None` when the record was applied before (replay).
+    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError>;
+
+    /// The room's hot history, oldest first.
+    async fn history(&self, room: &RoomId) -> Result<Vec<MsgFrame>, BusError>;
+
+    /// The last offset applied per origin for `room` (not trimmed with the history).
+    async fn tails(&self, room: &RoomId) -> Result<Cursor, BusError>;
+
+    /// Starts live delivery of `room`; returns once the subscription is active, so nothing
+    /// published after this returns is missed (short of a [`BusEvent::Resync`]).
+    async fn subscribe(&self, room: &RoomId) -> Result<(), BusError>;
+
+    /// Stops live delivery of `room`.
+    async fn unsubscribe(&self, room: &RoomId) -> Result<(), BusError>;
+
+    /// Checks the bus is reachable (for `/readyz`).
+    async fn ping(&self) -> Result<(), BusError>;
+}

@@ -1,0 +1,395 @@
+//! The daemon's TOML configuration, its validation (every error at once) and the
+//! environment overrides for secrets.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One daemon of one region. See `deploy/examples/region.toml` for a commented example.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This daemon's region, e.g. `seoul`.
+    pub region: String,
+    /// This daemon's name within the region; defaults to `<hostname>-<pid>`.
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub client: ClientConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub kafka: KafkaConfig,
+    /// Absent only in `dtfed demo`, where an in-process bus stands in.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone may connect; `?name=` names the player (demo).
+    #[default]
+    None,
+    /// `?token=` must be an HS256 JWT signed with `jwt_secret`.
+    Jwt,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    pub listen: SocketAddr,
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    /// Frames queued per connection before a reader too slow to keep up is closed.
+    pub outbound_queue: usize,
+    pub publish_rate_per_sec: u32,
+    pub publish_burst: u32,
+    /// Browser `Origin` values allowed to connect; empty allows any.
+    pub allowed_origins: Vec<String>,
+    pub auth: AuthMode,
+    pub jwt_secret: String,
+    /// JWT claim listing the room patterns a player may use (`*` suffix wildcards).
+    pub jwt_rooms_claim: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_frame_bytes: 64 * 1024,
+            max_connections: 10_000,
+            outbound_queue: 1024,
+            publish_rate_per_sec: 50,
+            publish_burst: 100,
+            allowed_origins: Vec::new(),
+            auth: AuthMode::None,
+            jwt_secret: String::new(),
+            jwt_rooms_claim: "rooms".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for the admin endpoints that change state.
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub local_topic: String,
+    /// Partition count used when this daemon creates the local topic.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// A publish not acknowledged by Kafka within this time is answered `unavailable`.
+    pub publish_timeout_ms: u64,
+    pub fanout_group: String,
+    pub session_timeout_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            local_topic: "dtfed.local".into(),
+            partitions: 8,
+            replication_factor: 1,
+            publish_timeout_ms: 5_000,
+            fanout_group: "dtfed-fanout".into(),
+            session_timeout_ms: 6_000,
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key and channel, so regions or tests can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "dtfed".into(),
+        }
+    }
+}
+
+/// Bounds of a room's hot history in Redis.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub max_messages: usize,
+    pub max_age_secs: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_messages: 1000,
+            max_age_secs: 86_400,
+        }
+    }
+}
+
+/// Every problem found in a config file, in file order.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        Self::from_toml(&text, |k| std::env::var(k).ok()).map_err(|ConfigErrors(errs)| {
+            ConfigErrors(
+                errs.into_iter()
+                    .map(|e| format!("{}: {e}", path.display()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Parses `text`, applies overrides from `env` and validates.
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        cfg.apply_env(env);
+        let errs = cfg.validate();
+        if errs.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errs))
+        }
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = env("DTFED_JWT_SECRET") {
+            self.client.jwt_secret = v;
+        }
+        if let Some(v) = env("DTFED_ADMIN_TOKEN") {
+            self.admin.token = v;
+        }
+        if let Some(v) = env("DTFED_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = env("DTFED_REDIS_URL") {
+            self.redis.get_or_insert_with(RedisConfig::default).url = v;
+        }
+    }
+
+    /// All problems, not just the first.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if !dtfed_proto::room::valid_region_name(&self.region) {
+            errs.push(format!(
+                "region {:?}: must be 1-32 characters of [a-z0-9-]",
+                self.region
+            ));
+        }
+        let c = &self.client;
+        if c.max_frame_bytes < 256 || c.max_frame_bytes > 16 * 1024 * 1024 {
+            errs.push(format!(
+                "client.max_frame_bytes = {}: must be 256..=16777216",
+                c.max_frame_bytes
+            ));
+        }
+        if c.max_connections == 0 {
+            errs.push("client.max_connections must be at least 1".into());
+        }
+        if c.outbound_queue < 16 {
+            errs.push(format!(
+                "client.outbound_queue = {}: must be at least 16",
+                c.outbound_queue
+            ));
+        }
+        if c.publish_rate_per_sec == 0 || c.publish_burst == 0 {
+            errs.push(
+                "client.publish_rate_per_sec and client.publish_burst must be at least 1".into(),
+            );
+        }
+        if c.auth == AuthMode::Jwt && c.jwt_secret.len() < 16 {
+            errs.push("client.auth = \"jwt\" needs client.jwt_secret (or DTFED_JWT_SECRET) of at least 16 bytes".into());
+        }
+        if c.jwt_rooms_claim.is_empty() {
+            errs.push("client.jwt_rooms_claim must not be empty".into());
+        }
+        if c.listen == self.admin.listen && c.listen.port() != 0 {
+            errs.push(format!(
+                "client.listen and admin.listen are both {}",
+                c.listen
+            ));
+        }
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            errs.push("kafka.brokers must name at least one broker".into());
+        }
+        if !valid_topic(&k.local_topic) {
+            errs.push(format!(
+                "kafka.local_topic {:?}: must be 1-249 characters of [A-Za-z0-9._-]",
+                k.local_topic
+            ));
+        }
+        if k.partitions < 1 {
+            errs.push(format!(
+                "kafka.partitions = {}: must be at least 1",
+                k.partitions
+            ));
+        }
+        if k.replication_factor < 1 {
+            errs.push(format!(
+                "kafka.replication_factor = {}: must be at least 1",
+                k.replication_factor
+            ));
+        }
+        if k.publish_timeout_ms < 100 {
+            errs.push(format!(
+                "kafka.publish_timeout_ms = {}: must be at least 100",
+                k.publish_timeout_ms
+            ));
+        }
+        if k.fanout_group.is_empty() {
+            errs.push("kafka.fanout_group must not be empty".into());
+        }
+        if !(1_000..=300_000).contains(&k.session_timeout_ms) {
+            errs.push(format!(
+                "kafka.session_timeout_ms = {}: must be 1000..=300000",
+                k.session_timeout_ms
+            ));
+        }
+        if let Some(r) = &self.redis {
+            if !(r.url.starts_with("redis://")
+                || r.url.starts_with("rediss://")
+                || r.url.starts_with("unix://"))
+            {
+                errs.push(format!(
+                    "redis.url {:?}: must start with redis://, rediss:// or unix://",
+                    r.url
+                ));
+            }
+            if r.key_prefix.is_empty()
+                || r.key_prefix
+                    .contains(|ch: char| ch.is_whitespace() || ch == '{' || ch == '}')
+            {
+                errs.push(format!(
+                    "redis.key_prefix {:?}: must be non-empty, without spaces or braces",
+                    r.key_prefix
+                ));
+            }
+        }
+        if self.history.max_messages == 0 {
+            errs.push("history.max_messages must be at least 1".into());
+        }
+        if self.history.max_age_secs == 0 {
+            errs.push("history.max_age_secs must be at least 1".into());
+        }
+        errs
+    }
+
+    /// This daemon's node name.
+    pub fn node_name(&self) -> String {
+        self.node.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "node".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+region = "seoul"
+[kafka]
+brokers = "127.0.0.1:9092"
+[redis]
+url = "redis://127.0.0.1:6379"
+"#;
+
+    #[test]
+    fn minimal_config_has_sane_defaults() {
+        let cfg = Config::from_toml(MINIMAL, |_| None).expect("valid");
+        assert_eq!(cfg.client.max_frame_bytes, 65536);
+        assert_eq!(cfg.kafka.local_topic, "dtfed.local");
+        assert_eq!(cfg.client.auth, AuthMode::None);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = r#"
+region = "Seoul!"
+[client]
+max_frame_bytes = 1
+auth = "jwt"
+[kafka]
+brokers = ""
+partitions = 0
+[redis]
+url = "http://x"
+"#;
+        let errs = Config::from_toml(text, |_| None).expect_err("invalid").0;
+        assert_eq!(errs.len(), 6, "{errs:#?}");
+        assert!(errs.iter().any(|e| e.contains("region")));
+        assert!(errs.iter().any(|e| e.contains("jwt_secret")));
+        assert!(errs.iter().any(|e| e.contains("redis.url")));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::from_toml(&format!("{MINIMAL}\n[history]\nmax_mesages = 3\n"), |_| {
+            None
+        })
+        .expect_err("typo");
+        assert!(err.to_string().contains("max_mesages"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        let text = MINIMAL.replace("[kafka]", "[client]\nauth = \"jwt\"\n[kafka]");
+        let cfg = Config::from_toml(&text, |k| {
+            (k == "DTFED_JWT_SECRET").then(|| "0123456789abcdef0123".to_owned())
+        })
+        .expect("secret from env");
+        assert_eq!(cfg.client.jwt_secret, "0123456789abcdef0123");
+    }
+}

@@ -1,0 +1,23 @@
+//! The `dtfed` daemon: one daemon of one region.
+//!
+//! Where to start reading: [`node`] assembles a daemon and states its start and shutdown
+//! order. A player's message then flows
+//! [`gateway`] (WebSocket) → [`append`] (Kafka local topic, `acks=all`) → [`fanout`]
+//! (partition owner, consumer group) → [`bus`] (Redis hot history + Pub/Sub) →
+//! [`rooms`] (this daemon's room subscriptions) → [`gateway`] sessions → players.
+//! [`replay`] serves cursors older than the hot history from Kafka. [`admin`] is the
+//! operator's HTTP surface; [`demo`] runs regions with embedded stand-ins.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod admin;
+pub mod append;
+pub mod bus;
+pub mod config;
+pub mod demo;
+pub mod fanout;
+pub mod gateway;
+pub mod kafka;
+pub mod metrics;
+pub mod node;
+pub mod replay;
+pub mod rooms;
