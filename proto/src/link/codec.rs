@@ -14,11 +14,11 @@
 //!
 //! Limits are enforced on both sides: [`encode`] refuses a frame whose payload would exceed
 //! [`MAX_FRAME_BYTES`] (and stops writing as soon as it does), and [`FrameDecoder`] refuses
-//! a length prefix above it before buffering the payload. bincode's own byte limit is set to
-//! the same value, so no length field inside a frame can make the decoder allocate more than
-//! the frame itself holds.
+//! a length prefix above it before buffering the payload. Inside a frame, byte strings and
+//! strings are borrowed from the payload before being copied, so no length field can make
+//! the decoder allocate more than the frame holds; bincode's own limit is a backstop.
 
-use bincode::config::{Configuration, LittleEndian, Limit, Varint};
+use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use bincode::enc::write::Writer;
 use bincode::error::EncodeError;
 
@@ -65,11 +65,18 @@ pub enum CodecError {
     Failed,
 }
 
-type WireConfig = Configuration<LittleEndian, Varint, Limit<MAX_FRAME_BYTES>>;
+/// bincode's decode limit. bincode charges each integer its in-memory size (8 bytes for an
+/// `i64` that took 1 byte on the wire), so a valid frame can be charged up to 8 times its
+/// length; the limit admits that and still caps what any length field can make bincode
+/// allocate. (Byte strings and strings are borrowed from the input before being copied,
+/// see `frame.rs`, so in practice allocations are bounded by the frame itself.)
+const DECODE_LIMIT: usize = 8 * MAX_FRAME_BYTES;
 
-/// Codec version 1: bincode's standard config with the frame size as the byte limit.
+type WireConfig = Configuration<LittleEndian, Varint, Limit<DECODE_LIMIT>>;
+
+/// Codec version 1: bincode's standard config, with a decode limit.
 fn wire_config() -> WireConfig {
-    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Appends `frame` to `out` as one length-prefixed frame. On error, `out` is left as it was.
@@ -120,12 +127,10 @@ pub fn decode_payload(payload: &[u8]) -> Result<LinkFrame, CodecError> {
             len: payload.len() as u64,
         });
     }
-    let (frame, used) =
-        bincode::serde::decode_from_slice::<LinkFrame, _>(payload, wire_config()).map_err(|e| {
-            CodecError::Decode {
-                reason: e.to_string(),
-            }
-        })?;
+    let (frame, used) = bincode::serde::decode_from_slice::<LinkFrame, _>(payload, wire_config())
+        .map_err(|e| CodecError::Decode {
+        reason: e.to_string(),
+    })?;
     if used != payload.len() {
         return Err(CodecError::TrailingBytes {
             trailing: payload.len().saturating_sub(used),
@@ -182,6 +187,7 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// An empty decoder for a new stream.
     pub fn new() -> Self {
         Self::default()
     }
@@ -189,7 +195,11 @@ impl FrameDecoder {
     /// Appends bytes read from the stream. Dropped if the decoder has failed, or if the
     /// pending frame's length prefix is already known to be over the limit.
     pub fn extend(&mut self, bytes: &[u8]) {
-        if self.failed || self.pending_len().is_some_and(|len| len > MAX_FRAME_BYTES as u64) {
+        if self.failed
+            || self
+                .pending_len()
+                .is_some_and(|len| len > MAX_FRAME_BYTES as u64)
+        {
             return;
         }
         if self.pos > 0 && (self.pos == self.buf.len() || self.pos >= COMPACT_AT) {
@@ -264,7 +274,7 @@ mod tests {
     fn record(offset: i64, value_len: usize) -> LinkRecord {
         LinkRecord {
             offset,
-            timestamp_ms: 1_700_000_000_000 + offset,
+            timestamp_ms: 1_700_000_000_000_i64.wrapping_add(offset),
             key: b"room-1".to_vec(),
             headers: vec![("dtfed-origin".into(), b"seoul".to_vec())],
             value: vec![b'x'; value_len],
@@ -285,8 +295,8 @@ mod tests {
 
     #[test]
     fn error_layout_is_frozen() {
-        let bytes = encode_to_vec(&LinkFrame::error(LinkErrorCode::VersionMismatch, "v"))
-            .expect("encode");
+        let bytes =
+            encode_to_vec(&LinkFrame::error(LinkErrorCode::VersionMismatch, "v")).expect("encode");
         assert_eq!(bytes, [0, 0, 0, 4, 1, 1, 1, b'v']);
     }
 
@@ -342,7 +352,11 @@ mod tests {
         let too_big = (MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
         dec.extend(&too_big);
         dec.extend(&[0; 1024]);
-        assert_eq!(dec.buffered_len(), 4, "payload of an oversize frame not kept");
+        assert_eq!(
+            dec.buffered_len(),
+            4,
+            "payload of an oversize frame not kept"
+        );
         assert_eq!(
             dec.next_frame(),
             Err(CodecError::FrameTooLarge {
@@ -382,10 +396,18 @@ mod tests {
 
     #[test]
     fn inner_length_cannot_force_a_large_allocation() {
-        // A Batch whose key claims 2^62 bytes: bincode's limit refuses it before allocating.
+        // A Batch whose key claims 2^62 bytes: refused before allocating.
         let mut payload = vec![3, 0, 1, 0, 0];
         payload.extend_from_slice(&[253]);
         payload.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(matches!(
+            decode_payload(&payload),
+            Err(CodecError::Decode { .. })
+        ));
+        // A Subscribe whose topic claims 60 MiB (under bincode's own limit): refused too.
+        let mut payload = vec![2, 253];
+        payload.extend_from_slice(&(60u64 << 20).to_le_bytes());
+        payload.extend_from_slice(b"dtfed.local");
         assert!(matches!(
             decode_payload(&payload),
             Err(CodecError::Decode { .. })

@@ -52,20 +52,24 @@ pub enum LinkFrame {
         /// [`PROTOCOL_VERSION`] of the sender (pull side) or the version agreed (serve side).
         protocol_version: u16,
         /// The sender's region name.
+        #[serde(deserialize_with = "text::deserialize")]
         region: String,
         /// [`CODEC_VERSION`] of the sender (pull side) or the version agreed (serve side).
         codec_version: u16,
     },
     /// A refusal or failure; the sender closes the stream after it.
     Error {
+        /// What went wrong, for the receiver to act on.
         code: LinkErrorCode,
         /// Human-readable detail, for logs.
+        #[serde(deserialize_with = "text::deserialize")]
         message: String,
     },
     /// Pull side to serve side, once per stream: send every record of `topic`/`partition`
     /// from `from_offset` (inclusive) on.
     Subscribe {
         /// The origin's local topic (e.g. `dtfed.local`); mirror topics are never served.
+        #[serde(deserialize_with = "text::deserialize")]
         topic: String,
         partition: i32,
         /// First origin offset wanted: the last offset the pull side holds, plus one.
@@ -83,7 +87,12 @@ pub enum LinkFrame {
     },
     /// Pull side to serve side: every origin offset below `next_offset` is durably written
     /// in the receiving region. Informational (lag metrics on the origin); never required.
-    Progress { partition: i32, next_offset: i64 },
+    Progress {
+        /// The subscribed partition.
+        partition: i32,
+        /// One past the last origin offset written.
+        next_offset: i64,
+    },
     /// Either way, every heartbeat interval once the Hellos are exchanged, so that a dead
     /// peer is noticed on an idle stream. Only its arrival matters to the receiver.
     Heartbeat {
@@ -239,9 +248,11 @@ impl LinkFrame {
     }
 }
 
-/// Serde for `Vec<u8>` as one byte string (`serialize_bytes`/`deserialize_byte_buf`)
-/// rather than a sequence of numbers: same bytes on the bincode wire (length + raw bytes),
-/// but bincode then decodes it with one bounded copy instead of one call per byte.
+/// Serde for `Vec<u8>` as one byte string (`serialize_bytes`/`deserialize_bytes`) rather
+/// than a sequence of numbers: same bytes on the bincode wire (length + raw bytes), but
+/// decoded with one copy instead of one call per byte. Deserializing through
+/// `deserialize_bytes` lets a decoder that reads from a slice hand out a borrowed slice,
+/// so a length prefix can never make it allocate more than the input holds.
 mod bytes {
     use std::fmt;
 
@@ -253,7 +264,7 @@ mod bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_byte_buf(ByteBufVisitor)
+        d.deserialize_bytes(ByteBufVisitor)
     }
 
     struct ByteBufVisitor;
@@ -306,11 +317,53 @@ mod bytes {
     }
 }
 
+/// Deserializes a `String` through `deserialize_str`, so that a decoder reading from a
+/// slice borrows it (bounded by the input) before the one copy, instead of allocating from
+/// a length prefix it has not checked against the input yet.
+mod text {
+    use std::fmt;
+
+    use serde::de::{Error, Visitor};
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        d.deserialize_str(TextVisitor)
+    }
+
+    struct TextVisitor;
+
+    impl Visitor<'_> for TextVisitor {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+
+        fn visit_string<E: Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+    }
+
+    /// An owned string that deserializes with [`deserialize`].
+    pub struct Text(pub String);
+
+    impl<'de> serde::Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            deserialize(d).map(Text)
+        }
+    }
+}
+
 /// Serde for Kafka headers: a sequence of `(name, value)` pairs, values as byte strings.
 mod headers {
     use serde::{Deserialize, Deserializer, Serializer};
 
     use super::bytes::{AsBytes, ByteBuf};
+    use super::text::Text;
 
     pub fn serialize<S: Serializer>(v: &[(String, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(|(k, v)| (k, AsBytes(v))))
@@ -319,8 +372,8 @@ mod headers {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
-        let pairs = Vec::<(String, ByteBuf)>::deserialize(d)?;
-        Ok(pairs.into_iter().map(|(k, v)| (k, v.0)).collect())
+        let pairs = Vec::<(Text, ByteBuf)>::deserialize(d)?;
+        Ok(pairs.into_iter().map(|(k, v)| (k.0, v.0)).collect())
     }
 }
 
