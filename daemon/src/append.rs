@@ -2,14 +2,41 @@
 //! (idempotent producer, `acks=all`, key = room, Java-compatible partitioner) and wait for
 //! Kafka's acknowledgement.
 //!
-//! STUB: signatures fixed by the lead; bodies to be written.
-#![allow(clippy::unused_async, unused_variables)]
+//! Failure model: a message is either acknowledged by Kafka (all in-sync replicas have it)
+//! and [`KafkaAppender::append`] returns where it landed, or the caller gets
+//! [`AppendError::Unavailable`] within `kafka.publish_timeout_ms` (plus a small margin) and
+//! tells the player. Nothing waits forever: the producer's `message.timeout.ms` bounds the
+//! delivery, a full local queue is an immediate error, and a guard timer backs both up.
+//!
+//! An idempotent producer can enter a fatal state (for example after the broker lost the
+//! producer's sequence state). A fatal producer refuses everything, so the appender then
+//! builds a fresh producer transparently and later appends succeed again. A message that
+//! failed was not acknowledged and the player was told; the new producer id means Kafka
+//! cannot deduplicate across the two producers, which is fine because nothing is resent
+//! behind the player's back.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dtfed_proto::{record::LogValue, RoomId};
+use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_ORIGIN};
+use dtfed_proto::RoomId;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
+use crate::kafka::{client_config, default_node_name, TracingContext};
+
+/// The producer's `linger.ms`; see [`producer_config`] for the measurement behind it.
+pub const LINGER_MS: &str = "0";
+
+/// `content-type` header value of every record: the value is [`LogValue`] JSON.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// Header naming the value's encoding.
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
 
 /// Where Kafka stored an appended message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,21 +54,239 @@ pub enum AppendError {
     Setup(String),
 }
 
-pub struct KafkaAppender {}
+type Prod = FutureProducer<TracingContext>;
+
+pub struct KafkaAppender {
+    topic: String,
+    region: String,
+    publish_timeout: Duration,
+    config: ClientConfig,
+    /// The current producer; replaced when it turns fatal.
+    producer: Mutex<Arc<Prod>>,
+}
+
+impl std::fmt::Debug for KafkaAppender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaAppender")
+            .field("topic", &self.topic)
+            .field("region", &self.region)
+            .finish()
+    }
+}
+
+/// The producer settings, on top of [`client_config`].
+///
+/// - `enable.idempotence` + `acks=all`: an acknowledged message is on every in-sync replica,
+///   and librdkafka's internal retries never duplicate or reorder within a partition.
+/// - `partitioner=murmur2_random`: the Java client's partitioner, so
+///   [`crate::kafka::partition_for`] (replay, mirrors) agrees with where records land.
+/// - `linger.ms=0` ([`LINGER_MS`]): measured on a local Kafka 4.3 broker (2 cores, loaded),
+///   a lone publish is acknowledged in ~0.3 ms p50 with 0 and ~1.5 ms with any non-zero
+///   linger (librdkafka's timers tick in milliseconds, so 0.2 behaves like 1); 5 ms costs
+///   ~6 ms. Under load, batching still happens with 0: records queue up behind the (up to
+///   5) requests in flight. With 32 concurrent publishers linger 1 batched better
+///   (≈2 ms p50 either way, higher throughput with 1), so raise it if a region's publish
+///   rate, not the single player's ack time, becomes the limit.
+/// - `compression.type=none`: values are a hundred-odd bytes of JSON and batches at low
+///   linger hold few records; lz4 showed no gain in the same measurement.
+/// - `message.timeout.ms = publish_timeout_ms`: a message not acknowledged by then fails
+///   with a delivery error, which the player sees as `unavailable` — never a silent drop.
+/// - `request.timeout.ms` half of that, so a request lost to a dying broker is retried once
+///   within the message timeout instead of eating all of it.
+/// - `queue.buffering.max.kbytes` bounds memory while Kafka is away; a full queue is an
+///   immediate `unavailable`.
+pub fn producer_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = client_config(cfg, region, node);
+    let timeout = cfg.publish_timeout_ms.max(100);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", LINGER_MS)
+        .set("compression.type", "none")
+        .set("message.timeout.ms", timeout.to_string())
+        .set("request.timeout.ms", (timeout / 2).max(50).to_string())
+        .set("queue.buffering.max.kbytes", "65536");
+    c
+}
 
 impl KafkaAppender {
     pub fn new(cfg: &KafkaConfig, region: &str) -> Result<KafkaAppender, AppendError> {
-        unimplemented!()
+        Self::with_node(cfg, region, &default_node_name())
+    }
+
+    /// Like [`KafkaAppender::new`] with this daemon's node name in `client.id`.
+    pub fn with_node(
+        cfg: &KafkaConfig,
+        region: &str,
+        node: &str,
+    ) -> Result<KafkaAppender, AppendError> {
+        let config = producer_config(cfg, region, node);
+        let producer = build(&config)?;
+        Ok(KafkaAppender {
+            topic: cfg.local_topic.clone(),
+            region: region.to_owned(),
+            publish_timeout: cfg.publish_timeout(),
+            config,
+            producer: Mutex::new(Arc::new(producer)),
+        })
+    }
+
+    /// The topic this appender writes to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn current(&self) -> Arc<Prod> {
+        match self.producer.lock() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces `failed` with a new producer if it is still the current one and is in a
+    /// fatal state. The old one is dropped off the async runtime (dropping blocks while it
+    /// purges and joins its thread).
+    fn recover_if_fatal(&self, failed: &Arc<Prod>) {
+        let Some((code, reason)) = failed.client().fatal_error() else {
+            return;
+        };
+        let mut guard = match self.producer.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !Arc::ptr_eq(&guard, failed) {
+            return; // Someone else replaced it already.
+        }
+        match build(&self.config) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    %code,
+                    reason,
+                    "Kafka producer hit a fatal error; replaced it with a new one"
+                );
+                let old = std::mem::replace(&mut *guard, Arc::new(fresh));
+                drop(guard);
+                drop_off_runtime(old);
+            }
+            Err(e) => {
+                tracing::error!(
+                    topic = %self.topic,
+                    %code,
+                    reason,
+                    error = %e,
+                    "Kafka producer hit a fatal error and a new one could not be built"
+                );
+            }
+        }
     }
 
     /// Appends one message; resolves once Kafka acknowledged it (or did not, within
     /// `kafka.publish_timeout_ms`).
     pub async fn append(&self, room: &RoomId, value: &LogValue) -> Result<Appended, AppendError> {
-        unimplemented!()
+        let mut producer = self.current();
+        if producer.client().fatal_error().is_some() {
+            self.recover_if_fatal(&producer);
+            release(producer);
+            producer = self.current();
+        }
+        let result = self.append_with(&producer, room, value).await;
+        release(producer);
+        result
+    }
+
+    async fn append_with(
+        &self,
+        producer: &Arc<Prod>,
+        room: &RoomId,
+        value: &LogValue,
+    ) -> Result<Appended, AppendError> {
+        let payload = value.to_json();
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: HEADER_ORIGIN,
+                value: Some(self.region.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_FROM,
+                value: Some(value.from.as_str()),
+            })
+            .insert(Header {
+                key: HEADER_CONTENT_TYPE,
+                value: Some(CONTENT_TYPE_JSON),
+            });
+        let record = FutureRecord::to(&self.topic)
+            .key(room.as_str())
+            .payload(&payload)
+            .headers(headers);
+        let delivery = match producer.send_result(record) {
+            Ok(d) => d,
+            Err((e, _)) => {
+                self.recover_if_fatal(producer);
+                return Err(unavailable(&e));
+            }
+        };
+        // librdkafka fails the message after message.timeout.ms; the guard only matters if
+        // something below misbehaves.
+        let guard = self.publish_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(guard, delivery).await {
+            Ok(Ok(Ok(d))) => Ok(Appended {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Ok(Err((e, _)))) => {
+                self.recover_if_fatal(producer);
+                Err(unavailable(&e))
+            }
+            Ok(Err(_canceled)) => Err(AppendError::Unavailable(
+                "the producer was shut down before Kafka answered".into(),
+            )),
+            Err(_) => Err(AppendError::Unavailable(format!(
+                "no answer from Kafka within {guard:?}"
+            ))),
+        }
     }
 
     /// Waits up to `timeout` for every in-flight message to be acknowledged.
+    ///
+    /// Blocking: call it from a blocking context (`spawn_blocking`) or at shutdown.
     pub fn flush(&self, timeout: Duration) -> Result<(), AppendError> {
-        unimplemented!()
+        self.current()
+            .flush(timeout)
+            .map_err(|e| AppendError::Unavailable(format!("flush: {e}")))
     }
+}
+
+fn build(config: &ClientConfig) -> Result<Prod, AppendError> {
+    FutureProducer::from_config_and_context(config, TracingContext::for_config(config))
+        .map_err(|e| AppendError::Setup(e.to_string()))
+}
+
+/// Drops this handle on a producer; if it was the last one (the producer was replaced while
+/// this append was in flight), the blocking teardown happens off the async runtime.
+fn release(p: Arc<Prod>) {
+    if let Some(last) = Arc::into_inner(p) {
+        drop_off_runtime(Arc::new(last));
+    }
+}
+
+fn drop_off_runtime(p: Arc<Prod>) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        drop(tokio::task::spawn_blocking(move || drop(p)));
+    } else {
+        drop(p);
+    }
+}
+
+fn unavailable(e: &KafkaError) -> AppendError {
+    let text = match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::QueueFull) => {
+            "the local send queue is full (Kafka is slow or down)".to_owned()
+        }
+        Some(RDKafkaErrorCode::MessageTimedOut) => {
+            format!("not acknowledged in time ({e})")
+        }
+        _ => e.to_string(),
+    };
+    AppendError::Unavailable(text)
 }

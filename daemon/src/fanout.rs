@@ -3,24 +3,70 @@
 //! each record to [`Bus::apply`](crate::bus::Bus::apply), and commits only what the bus
 //! holds. On a rebalance or shutdown it drains and commits before giving a partition up.
 //!
-//! STUB: signatures fixed by the lead; bodies to be written.
-#![allow(clippy::unused_async, unused_variables)]
+//! # Delivery guarantee
+//!
+//! At least once into the bus, in partition order, nothing skipped: an offset is stored for
+//! commit (`enable.auto.offset.store=false`, `store_offset` by hand) only after the bus
+//! accepted the record, and a bus error is retried with backoff until it succeeds or the
+//! daemon shuts down. A new owner resumes from the last committed offset and may apply a
+//! few records again; [`Bus::apply`] is idempotent per (room, origin, offset), so players
+//! see no duplicates. The only records skipped are poison records (no room key, a key that
+//! is not a room id, a value that is not a [`LogValue`], a mirror record without its origin
+//! headers): they are logged with topic/partition/offset, counted in
+//! [`FanoutStatus::skipped`], and stepped over so that one bad record cannot stall a
+//! partition (and every room on it) forever.
+//!
+//! # Group settings
+//!
+//! - `partition.assignment.strategy=cooperative-sticky`: when a daemon joins or leaves, only
+//!   the partitions that must move are revoked; every other partition keeps flowing through
+//!   the rebalance (the eager `range` protocol stops every owner of the group for the
+//!   duration of each rebalance, which makes every room of the region go quiet). Sticky
+//!   assignment also keeps a partition on its owner across rebalances.
+//! - `session.timeout.ms = kafka.session_timeout_ms` (6 s by default) bounds how long a
+//!   dead daemon's partitions stay unowned; `heartbeat.interval.ms` is a third of it.
+//! - `fetch.wait.max.ms=10`: a new record is fetched within ~10 ms instead of the default
+//!   500 ms long-poll, which would sit on the publish → delivery latency.
+//! - `statistics.interval.ms=1000`: librdkafka's statistics carry the high watermark and
+//!   committed offset per partition for free; they feed [`FanoutOwner::status`] and the
+//!   `fanout_lag` metric without extra broker round trips.
+//! - Offsets are committed by librdkafka's auto-commit every 500 ms (from the stored
+//!   offsets only), synchronously before any partition is revoked, and at shutdown.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use dtfed_proto::record::{LogValue, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
+use dtfed_proto::room::valid_region_name;
+use dtfed_proto::{LogRecord, RoomId};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::Statistics;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::config::KafkaConfig;
-use crate::metrics::Metrics;
+use crate::kafka::{client_config, TracingContext};
+use crate::metrics::{Metrics, PartitionLabel};
 
 /// One partition this daemon owns, for `/status`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct OwnedPartition {
     pub topic: String,
     pub partition: i32,
-    /// Next offset to apply.
+    /// Next offset to apply (`-1` until known).
     pub position: i64,
+    /// `-1` until known.
     pub high_watermark: i64,
 }
 
@@ -29,6 +75,8 @@ pub struct FanoutStatus {
     /// True once the group gave this daemon an assignment (possibly empty).
     pub joined: bool,
     pub partitions: Vec<OwnedPartition>,
+    /// Poison records stepped over since start (see the module docs).
+    pub skipped: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +85,212 @@ pub enum FanoutError {
     Setup(String),
 }
 
-pub struct FanoutOwner {}
+/// Bus retry backoff: first and longest wait.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a bus apply in progress may still run after shutdown was asked.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// State shared by the owner task, the consumer context's callbacks and `status()`.
+struct Shared {
+    region: String,
+    node: String,
+    joined: AtomicBool,
+    owned: Mutex<BTreeMap<(String, i32), OwnedPartition>>,
+    skipped: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn owned(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, i32), OwnedPartition>> {
+        match self.owned.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn set_lag(&self, p: &OwnedPartition) {
+        if p.position >= 0 && p.high_watermark >= 0 {
+            self.metrics
+                .fanout_lag
+                .get_or_create(&PartitionLabel {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                })
+                .set((p.high_watermark - p.position).max(0));
+        }
+    }
+
+    /// Records that `offset` of `topic`/`partition` was applied (or skipped).
+    fn advanced(&self, topic: &str, partition: i32, offset: i64) {
+        let mut owned = self.owned();
+        if let Some(p) = owned.get_mut(&(topic.to_owned(), partition)) {
+            p.position = offset + 1;
+            if p.high_watermark < p.position {
+                p.high_watermark = p.position;
+            }
+            self.set_lag(p);
+        }
+    }
+}
+
+/// The consumer's context: librdkafka logs to tracing, statistics to status and metrics,
+/// and the rebalance callbacks.
+struct OwnerContext {
+    log: TracingContext,
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for OwnerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(error, reason);
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let mut owned = self.shared.owned();
+        for ((topic, partition), p) in owned.iter_mut() {
+            let Some(s) = stats
+                .topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(partition))
+            else {
+                continue;
+            };
+            if s.hi_offset >= 0 {
+                p.high_watermark = s.hi_offset;
+            }
+            if p.position < 0 {
+                // Nothing applied yet by this owner: the next offset is the committed one,
+                // or with none, the earliest retained (auto.offset.reset=earliest).
+                if s.committed_offset >= 0 {
+                    p.position = s.committed_offset;
+                } else if s.lo_offset >= 0 && s.hi_offset >= 0 {
+                    p.position = s.lo_offset;
+                }
+            }
+            self.shared.set_lag(p);
+        }
+    }
+}
+
+impl ConsumerContext for OwnerContext {
+    // These callbacks run inside `recv()`, i.e. on the owner task, between two records:
+    // the task handles one record at a time (apply, then store its offset) and only then
+    // polls again. So when a revocation arrives nothing is in flight: every record handed
+    // out so far is applied and its offset stored, and committing the stored offsets here
+    // commits exactly what the bus holds before the partition goes to another owner.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts = tpl_names(tpl);
+                tracing::info!(region = %self.shared.region, node = %self.shared.node, partitions = %parts, "fan-out: partitions revoked; committing");
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => {}
+                    Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => tracing::warn!(
+                        region = %self.shared.region,
+                        error = %e,
+                        "fan-out: commit before revocation failed; the next owner re-applies from the last commit"
+                    ),
+                }
+                let mut owned = self.shared.owned();
+                for e in tpl.elements() {
+                    owned.remove(&(e.topic().to_owned(), e.partition()));
+                    self.shared.metrics.fanout_lag.remove(&PartitionLabel {
+                        topic: e.topic().to_owned(),
+                        partition: e.partition(),
+                    });
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(region = %self.shared.region, error = %e, "fan-out: rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(region = %self.shared.region, node = %self.shared.node, partitions = %tpl_names(tpl), "fan-out: partitions assigned");
+            {
+                let mut owned = self.shared.owned();
+                for e in tpl.elements() {
+                    owned
+                        .entry((e.topic().to_owned(), e.partition()))
+                        .or_insert_with(|| OwnedPartition {
+                            topic: e.topic().to_owned(),
+                            partition: e.partition(),
+                            position: -1,
+                            high_watermark: -1,
+                        });
+                }
+            }
+            self.shared.joined.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn tpl_names(tpl: &rdkafka::TopicPartitionList) -> String {
+    let v: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(",")
+    }
+}
+
+type Owner = StreamConsumer<OwnerContext>;
+
+pub struct FanoutOwner {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FanoutOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanoutOwner")
+            .field("region", &self.shared.region)
+            .finish()
+    }
+}
+
+/// The consumer settings, on top of [`client_config`]; see the module docs for why.
+pub fn consumer_config(cfg: &KafkaConfig, region: &str, node: &str) -> rdkafka::ClientConfig {
+    let mut c = client_config(cfg, region, node);
+    let session = cfg.session_timeout_ms;
+    c.set("group.id", format!("{}.{region}", cfg.fanout_group))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "500")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", session.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session / 3).clamp(100, 1000).to_string(),
+        )
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("fetch.wait.max.ms", "10")
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "1000");
+    c
+}
 
 impl FanoutOwner {
     /// Joins the group `<kafka.fanout_group>.<region>` over `topics` and starts owning.
-    /// `origin_of_topic` maps a topic to the origin region of its records.
+    ///
+    /// Records of `kafka.local_topic` have origin `region` and their own offset; records of
+    /// any other topic (the mirror topics `dtfed.mirror.<origin>`) carry their origin region
+    /// and origin offset in the `dtfed-origin` and `dtfed-origin-offset` headers.
+    ///
+    /// Must be called inside a tokio runtime.
     pub fn start(
         cfg: &KafkaConfig,
         region: &str,
@@ -51,15 +300,267 @@ impl FanoutOwner {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<FanoutOwner, FanoutError> {
-        unimplemented!()
+        if topics.is_empty() {
+            return Err(FanoutError::Setup("no topics to own".into()));
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(FanoutError::Setup(
+                "FanoutOwner::start must be called inside a tokio runtime".into(),
+            ));
+        }
+        let shared = Arc::new(Shared {
+            region: region.to_owned(),
+            node: node.to_owned(),
+            joined: AtomicBool::new(false),
+            owned: Mutex::new(BTreeMap::new()),
+            skipped: AtomicU64::new(0),
+            metrics,
+        });
+        let config = consumer_config(cfg, region, node);
+        let ctx = OwnerContext {
+            log: TracingContext::for_config(&config),
+            shared: Arc::clone(&shared),
+        };
+        let consumer: Owner = StreamConsumer::from_config_and_context(&config, ctx)
+            .map_err(|e| FanoutError::Setup(format!("cannot create the consumer: {e}")))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(|e| {
+            FanoutError::Setup(format!("cannot subscribe to {}: {e}", topics.join(",")))
+        })?;
+        tracing::info!(
+            region,
+            node,
+            group = %format!("{}.{region}", cfg.fanout_group),
+            topics = %topics.join(","),
+            "fan-out owner joining its group"
+        );
+        let run = Run {
+            consumer,
+            shared: Arc::clone(&shared),
+            bus,
+            local_topic: cfg.local_topic.clone(),
+            region: region.to_owned(),
+            shutdown,
+        };
+        let task = tokio::spawn(run.run());
+        Ok(FanoutOwner { shared, task })
     }
 
     pub fn status(&self) -> FanoutStatus {
-        unimplemented!()
+        FanoutStatus {
+            joined: self.shared.joined.load(Ordering::Acquire),
+            partitions: self.shared.owned().values().cloned().collect(),
+            skipped: self.shared.skipped.load(Ordering::Relaxed),
+        }
     }
 
     /// Waits until the owner stopped (after `shutdown`): drained, committed, left the group.
     pub async fn join(self) {
-        unimplemented!()
+        if let Err(e) = self.task.await {
+            tracing::error!(region = %self.shared.region, error = %e, "fan-out owner task failed");
+        }
     }
+}
+
+/// The owner task.
+struct Run {
+    consumer: Owner,
+    shared: Arc<Shared>,
+    bus: Arc<dyn Bus>,
+    local_topic: String,
+    region: String,
+    shutdown: CancellationToken,
+}
+
+/// What one consumed record turned into, decoded before any await so that the borrowed
+/// librdkafka message is released at once.
+enum Item {
+    Record(LogRecord),
+    Poison(String),
+}
+
+impl Run {
+    async fn run(self) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let (topic, partition, offset, item) = match next {
+                Ok(m) => {
+                    let item = self.decode(&m);
+                    (m.topic().to_owned(), m.partition(), m.offset(), item)
+                }
+                Err(e) => {
+                    tracing::warn!(region = %self.region, error = %e, "fan-out consumer error");
+                    if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+                        tracing::error!(region = %self.region, "fan-out consumer is in a fatal state; stopping");
+                        break;
+                    }
+                    // Errors come from polling, not from a record; don't spin on them.
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            };
+            match item {
+                Item::Poison(why) => {
+                    tracing::warn!(
+                        region = %self.region,
+                        topic,
+                        partition,
+                        offset,
+                        reason = %why,
+                        "fan-out: skipping a record that is not a chat message"
+                    );
+                    self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Item::Record(rec) => {
+                    let span = tracing::info_span!(
+                        "fanout",
+                        region = %self.region,
+                        topic = %topic,
+                        partition
+                    );
+                    let applied = self.apply(&rec, offset).instrument(span).await;
+                    if !applied {
+                        break; // Shutdown while the bus was failing: nothing stored.
+                    }
+                }
+            }
+            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
+                // The partition was revoked meanwhile (max.poll.interval exceeded while the
+                // bus was down): the next owner re-applies it, which the bus tolerates.
+                tracing::debug!(region = %self.region, topic, partition, offset, error = %e, "fan-out: offset not stored");
+            }
+            self.shared.advanced(&topic, partition, offset);
+        }
+        self.close().await;
+    }
+
+    fn decode(&self, m: &BorrowedMessage<'_>) -> Item {
+        match decode_record(m, &self.local_topic, &self.region) {
+            Ok(r) => Item::Record(r),
+            Err(why) => Item::Poison(why),
+        }
+    }
+
+    /// Applies `rec` until the bus takes it; false if shutdown came first.
+    async fn apply(&self, rec: &LogRecord, offset: i64) -> bool {
+        let mut backoff = RETRY_FIRST;
+        let mut failures: u64 = 0;
+        loop {
+            let attempt = tokio::select! {
+                r = self.bus.apply(rec) => r,
+                _ = async {
+                    self.shutdown.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => return false,
+            };
+            match attempt {
+                Ok(published) => {
+                    if failures > 0 {
+                        tracing::info!(offset, failures, "bus apply succeeded after retries");
+                    }
+                    if published.is_some() {
+                        self.shared.metrics.fanout_applied.inc();
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures <= 3 || failures % 30 == 0 {
+                        tracing::warn!(
+                            offset,
+                            room = %rec.room,
+                            error = %e,
+                            failures,
+                            retry_in = ?backoff,
+                            "bus apply failed; retrying (the partition waits)"
+                        );
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Stops owning: commit what the bus holds, leave the group so the partitions move at
+    /// once, and close the consumer. librdkafka's close blocks (it serves the revocation
+    /// callback and waits for LeaveGroup), so it runs off the async runtime.
+    async fn close(self) {
+        let Run {
+            consumer,
+            region,
+            shared,
+            ..
+        } = self;
+        let node = shared.node.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+                Err(e) => {
+                    tracing::warn!(region = %region, error = %e, "fan-out: final commit failed")
+                }
+            }
+            consumer.unsubscribe();
+            drop(consumer);
+            tracing::info!(region = %region, node = %node, "fan-out owner left its group");
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "fan-out: closing the consumer failed");
+        }
+    }
+}
+
+fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .filter(|h| h.key == key)
+        .last()
+        .and_then(|h| h.value)
+}
+
+/// Turns one consumed record into a [`LogRecord`], or says why it is not one.
+fn decode_record(
+    m: &BorrowedMessage<'_>,
+    local_topic: &str,
+    region: &str,
+) -> Result<LogRecord, String> {
+    let key = m.key().ok_or("no key (a room id is required)")?;
+    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_owned())?;
+    let room = RoomId::parse(key).map_err(|e| format!("key {key:?}: {e}"))?;
+    let payload = m.payload().ok_or("no value")?;
+    let value = LogValue::from_json(payload).map_err(|e| format!("value: {e}"))?;
+    let (origin, offset) = if m.topic() == local_topic {
+        (region.to_owned(), m.offset())
+    } else {
+        let origin = header(m, HEADER_ORIGIN).ok_or("mirror record without dtfed-origin")?;
+        let origin = std::str::from_utf8(origin)
+            .ok()
+            .filter(|o| valid_region_name(o))
+            .ok_or("mirror record with an invalid dtfed-origin")?;
+        let offset = header(m, HEADER_ORIGIN_OFFSET)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|o| *o >= 0)
+            .ok_or("mirror record without a valid dtfed-origin-offset")?;
+        (origin.to_owned(), offset)
+    };
+    Ok(LogRecord {
+        room,
+        origin,
+        partition: m.partition(),
+        offset,
+        value,
+    })
 }

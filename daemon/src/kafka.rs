@@ -2,10 +2,23 @@
 //! settings, topic creation and validation, the Java-compatible room → partition mapping,
 //! and librdkafka's mock cluster for `dtfed demo`.
 //!
-//! STUB: signatures fixed by the lead; bodies to be written.
-#![allow(clippy::unused_async, unused_variables)]
+//! Every client this daemon builds starts from [`client_config`] and uses a
+//! [`TracingContext`] (or a context that delegates to one), so librdkafka's own log lines and
+//! global errors reach `tracing` under the target `librdkafka`, whatever `log` bridge is or is
+//! not installed.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use dtfed_proto::RoomId;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 
 use crate::config::KafkaConfig;
 
@@ -17,31 +30,590 @@ pub enum KafkaSetupError {
     Topic { topic: String, detail: String },
 }
 
+/// How long [`ensure_topic`] keeps trying a cluster that is still starting.
+pub const ENSURE_TOPIC_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Settings every dtfed Kafka client shares: where the brokers are, who we are, and how
+/// eagerly to reconnect. Producers, consumers and admin clients add their own on top.
+///
+/// `client.id` is `dtfed-<region>-<node>` so a broker's request logs and quotas name the
+/// daemon.
+pub fn client_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", format!("dtfed-{region}-{node}"))
+        // Dead peers behind a NAT or a silently dropped connection are found by TCP.
+        .set("socket.keepalive.enable", "true")
+        // A broker that restarts is found again within a second, not librdkafka's 10 s.
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "1000")
+        // Metadata (leaders, partition counts) refreshed often enough to follow a broker
+        // restart quickly; the default is 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "30000");
+    c.set_log_level(librdkafka_log_level());
+    c
+}
+
+/// The librdkafka log level matching what `tracing` will show for target `librdkafka`:
+/// notices and above normally, informational lines when debug logging is on.
+fn librdkafka_log_level() -> RDKafkaLogLevel {
+    if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
+        RDKafkaLogLevel::Info
+    } else {
+        RDKafkaLogLevel::Notice
+    }
+}
+
+/// A librdkafka client context that sends librdkafka's log lines and global errors to
+/// `tracing` (target `librdkafka`), tagged with the client id.
+#[derive(Debug)]
+pub struct TracingContext {
+    pub client_id: String,
+    last_error: Mutex<Option<(String, Instant)>>,
+}
+
+impl TracingContext {
+    pub fn new(client_id: impl Into<String>) -> Self {
+        TracingContext {
+            client_id: client_id.into(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The context for a client built from `cfg` (reads its `client.id`).
+    pub fn for_config(cfg: &ClientConfig) -> Self {
+        TracingContext::new(cfg.get("client.id").unwrap_or("dtfed"))
+    }
+}
+
+impl ClientContext for TracingContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let client = self.client_id.as_str();
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::error!(target: "librdkafka", client, fac, "{log_message}")
+            }
+            // librdkafka says "error" for transient trouble it retries (a refused connection);
+            // what a failure means is decided by the code that owns the client.
+            RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", client, fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice => {
+                tracing::info!(target: "librdkafka", client, fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Info => {
+                tracing::debug!(target: "librdkafka", client, fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::trace!(target: "librdkafka", client, fac, "{log_message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Global errors (all brokers down, authentication, ...) are transient in librdkafka
+        // unless fatal; the code that owns the client decides what a failure means.
+        // A refused or dropped connection was logged already (librdkafka's FAIL log line).
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure) {
+            tracing::debug!(target: "librdkafka", client = %self.client_id, %error, "{reason}");
+            return;
+        }
+        // rdkafka hands a producer's error events to this callback twice; say it once.
+        let now = Instant::now();
+        {
+            let mut last = match self.last_error.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some((text, at)) = last.as_ref() {
+                if text == reason && now.duration_since(*at) < Duration::from_millis(100) {
+                    return;
+                }
+            }
+            *last = Some((reason.to_owned(), now));
+        }
+        tracing::warn!(target: "librdkafka", client = %self.client_id, %error, "{reason}");
+    }
+
+    fn stats(&self, _statistics: rdkafka::Statistics) {
+        // Statistics are only enabled where a context overrides this.
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for TracingContext {}
+
+/// A node name for clients created without one: `<hostname>-<pid>`.
+pub fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Error codes after which creating the topic again cannot succeed.
+fn permanent_create_error(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidReplicationFactor
+            | RDKafkaErrorCode::InvalidPartitions
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidReplicaAssignment
+            | RDKafkaErrorCode::InvalidConfig
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+    )
+}
+
 /// Creates `topic` with `partitions` partitions if it does not exist; returns the partition
 /// count the topic actually has.
+///
+/// Tolerates a topic that exists already (whatever its partition count: the count returned
+/// is the real one) and a cluster that is still starting: transient failures are retried for
+/// up to [`ENSURE_TOPIC_DEADLINE`]. A cluster that does not implement CreateTopics (the
+/// librdkafka mock cluster) works as long as the topic exists.
 pub async fn ensure_topic(
     cfg: &KafkaConfig,
     topic: &str,
     partitions: i32,
 ) -> Result<i32, KafkaSetupError> {
-    unimplemented!()
+    ensure_topic_within(cfg, topic, partitions, ENSURE_TOPIC_DEADLINE).await
+}
+
+/// [`ensure_topic`] with an explicit deadline.
+pub async fn ensure_topic_within(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    deadline: Duration,
+) -> Result<i32, KafkaSetupError> {
+    let topic_err = |detail: String| KafkaSetupError::Topic {
+        topic: topic.to_owned(),
+        detail,
+    };
+    let mut cc = client_config(cfg, "admin", &default_node_name());
+    // Never let a metadata request auto-create the topic with the broker's defaults.
+    cc.set("allow.auto.create.topics", "false");
+    let ctx = TracingContext::for_config(&cc);
+    let admin = AdminClient::from_config_and_context(&cc, ctx)
+        .map(Arc::new)
+        .map_err(|e| KafkaSetupError::Unreachable {
+            brokers: cfg.brokers.clone(),
+            detail: format!("cannot create an admin client: {e}"),
+        })?;
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    let mut last_error;
+    loop {
+        let left = deadline.saturating_sub(started.elapsed());
+        let per_try = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let opts = AdminOptions::new()
+            .request_timeout(Some(per_try))
+            .operation_timeout(Some(per_try));
+        let new_topic = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(cfg.replication_factor),
+        );
+        match admin.create_topics([&new_topic], &opts).await {
+            Ok(results) => match results.into_iter().next() {
+                Some(Ok(_)) => {
+                    tracing::info!(topic, partitions, "created Kafka topic");
+                    last_error = String::new();
+                }
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                    last_error = String::new();
+                }
+                Some(Err((_, code))) if permanent_create_error(code) => {
+                    return Err(topic_err(format!(
+                        "cannot create with {partitions} partitions and replication factor {}: {code}",
+                        cfg.replication_factor
+                    )));
+                }
+                Some(Err((_, code))) => last_error = format!("create: {code}"),
+                None => last_error = "create: no result".into(),
+            },
+            Err(e) => last_error = format!("create: {e}"),
+        }
+        // Whether or not creating worked (some clusters, like librdkafka's mock, do not
+        // implement CreateTopics), the metadata tells the truth.
+        let meta = {
+            let admin = Arc::clone(&admin);
+            let t = topic.to_owned();
+            let per_try = deadline
+                .saturating_sub(started.elapsed())
+                .clamp(Duration::from_millis(100), Duration::from_secs(5));
+            tokio::task::spawn_blocking(move || partition_count(&admin, &t, per_try)).await
+        };
+        match meta {
+            Ok(Ok(n)) => {
+                if n != partitions {
+                    tracing::info!(
+                        topic,
+                        partitions = n,
+                        requested = partitions,
+                        "topic exists with a different partition count; using the real one"
+                    );
+                }
+                return Ok(n);
+            }
+            Ok(Err(e)) => {
+                if last_error.is_empty() {
+                    last_error = e;
+                } else {
+                    last_error = format!("{last_error}; {e}");
+                }
+            }
+            Err(e) => last_error = format!("metadata task: {e}"),
+        }
+        if started.elapsed() + backoff >= deadline {
+            break;
+        }
+        tracing::debug!(topic, error = %last_error, "Kafka topic not ready yet, retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    let detail = format!(
+        "not ready after {:.1}s: {last_error}",
+        started.elapsed().as_secs_f64()
+    );
+    if last_error.contains("Transport")
+        || last_error.contains("timed out")
+        || last_error.contains("BrokerTransportFailure")
+        || last_error.contains("AllBrokersDown")
+    {
+        Err(KafkaSetupError::Unreachable {
+            brokers: cfg.brokers.clone(),
+            detail: format!("topic {topic} {detail}"),
+        })
+    } else {
+        Err(topic_err(detail))
+    }
+}
+
+/// The partition count of `topic`, or why it cannot be known yet. Blocking.
+fn partition_count(
+    admin: &AdminClient<TracingContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, String> {
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("metadata: {e}"))?;
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Err("metadata: topic not listed".into());
+    };
+    if let Some(err) = t.error() {
+        return Err(format!("metadata: {}", RDKafkaErrorCode::from(err)));
+    }
+    let n = t.partitions().len();
+    if n == 0 {
+        return Err("metadata: topic has no partitions yet".into());
+    }
+    i32::try_from(n).map_err(|_| format!("metadata: {n} partitions"))
+}
+
+/// Kafka's `Utils.murmur2` (the Java client's default partitioner hash), bit for bit.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    // Java uses the int length; keys here are far below 2^31 bytes.
+    let mut h: u32 = SEED ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
 }
 
 /// The partition Kafka's default (Java) partitioner picks for key `room`:
 /// `toPositive(murmur2(key)) % partitions`.
+///
+/// librdkafka's `murmur2_random` partitioner (which [`crate::append`] uses) computes the
+/// same for non-empty keys, so a room's partition is the same whichever client wrote it.
 pub fn partition_for(room: &RoomId, partitions: i32) -> i32 {
-    unimplemented!()
+    if partitions <= 1 {
+        return 0;
+    }
+    (murmur2(room.as_str().as_bytes()) & 0x7fff_ffff) % partitions
 }
 
-/// librdkafka's in-process mock cluster, for `dtfed demo`.
-pub struct MockKafka {}
+enum MockCmd {
+    CreateTopic {
+        topic: String,
+        partitions: i32,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    BrokerDown {
+        broker: i32,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    BrokerUp {
+        broker: i32,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    RequestErrors {
+        api: RDKafkaApiKey,
+        errors: Vec<RDKafkaRespErr>,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+}
+
+/// librdkafka's in-process mock cluster, for `dtfed demo` and tests.
+///
+/// librdkafka's handle is not `Send`, so the cluster lives on a thread of its own for as
+/// long as this value does; the methods below talk to that thread. Dropping a `MockKafka`
+/// destroys the cluster (clients still pointed at it then see all brokers down).
+///
+/// The mock implements produce, fetch, consumer groups and idempotent producers, but not
+/// CreateTopics: create topics with [`MockKafka::create_topic`] (or let a metadata request
+/// auto-create them with 4 partitions).
+pub struct MockKafka {
+    bootstrap: String,
+    brokers: i32,
+    tx: Option<mpsc::Sender<MockCmd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MockKafka {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockKafka")
+            .field("bootstrap", &self.bootstrap)
+            .field("brokers", &self.brokers)
+            .finish()
+    }
+}
 
 impl MockKafka {
     pub fn start(brokers: i32) -> Result<MockKafka, KafkaSetupError> {
-        unimplemented!()
+        let unreachable = |detail: String| KafkaSetupError::Unreachable {
+            brokers: "mock".into(),
+            detail,
+        };
+        if brokers < 1 {
+            return Err(unreachable(format!(
+                "a mock cluster needs at least 1 broker, not {brokers}"
+            )));
+        }
+        let (tx, rx) = mpsc::channel::<MockCmd>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+        let thread = std::thread::Builder::new()
+            .name("kafka-mock".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Serve commands until the MockKafka is dropped (the channel closes).
+                while let Ok(cmd) = rx.recv() {
+                    match cmd {
+                        MockCmd::CreateTopic {
+                            topic,
+                            partitions,
+                            reply,
+                        } => {
+                            let rf = brokers.min(3);
+                            let _ = reply.send(
+                                cluster
+                                    .create_topic(&topic, partitions, rf)
+                                    .map_err(|e| e.to_string()),
+                            );
+                        }
+                        MockCmd::BrokerDown { broker, reply } => {
+                            let _ =
+                                reply.send(cluster.broker_down(broker).map_err(|e| e.to_string()));
+                        }
+                        MockCmd::BrokerUp { broker, reply } => {
+                            let _ =
+                                reply.send(cluster.broker_up(broker).map_err(|e| e.to_string()));
+                        }
+                        MockCmd::RequestErrors { api, errors, reply } => {
+                            if errors.is_empty() {
+                                cluster.clear_request_errors(api);
+                            } else {
+                                cluster.request_errors(api, &errors);
+                            }
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                drop(cluster);
+            })
+            .map_err(|e| unreachable(format!("cannot start the mock cluster thread: {e}")))?;
+        let bootstrap = match ready_rx.recv() {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(unreachable(format!("mock cluster: {e}"))),
+            Err(_) => return Err(unreachable("mock cluster thread died".into())),
+        };
+        tracing::info!(%bootstrap, brokers, "started librdkafka mock cluster");
+        Ok(MockKafka {
+            bootstrap,
+            brokers,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn bootstrap(&self) -> String {
-        unimplemented!()
+        self.bootstrap.clone()
+    }
+
+    /// Number of brokers; their ids are `1..=brokers`.
+    pub fn brokers(&self) -> i32 {
+        self.brokers
+    }
+
+    fn call(
+        &self,
+        what: &str,
+        make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> MockCmd,
+    ) -> Result<(), KafkaSetupError> {
+        let fail = |detail: String| KafkaSetupError::Unreachable {
+            brokers: self.bootstrap.clone(),
+            detail: format!("mock cluster {what}: {detail}"),
+        };
+        let (reply, result) = mpsc::channel();
+        self.tx
+            .as_ref()
+            .ok_or_else(|| fail("stopped".into()))?
+            .send(make(reply))
+            .map_err(|_| fail("thread gone".into()))?;
+        result
+            .recv()
+            .map_err(|_| fail("thread gone".into()))?
+            .map_err(fail)
+    }
+
+    /// Creates `topic` with `partitions` partitions (replication min(brokers, 3)).
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaSetupError> {
+        self.call("create_topic", |reply| MockCmd::CreateTopic {
+            topic: topic.to_owned(),
+            partitions,
+            reply,
+        })
+        .map_err(|e| KafkaSetupError::Topic {
+            topic: topic.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Disconnects broker `broker` (`-1`: all) and refuses new connections to it.
+    pub fn broker_down(&self, broker: i32) -> Result<(), KafkaSetupError> {
+        self.call("broker_down", |reply| MockCmd::BrokerDown { broker, reply })
+    }
+
+    /// Lets broker `broker` (`-1`: all) accept connections again.
+    pub fn broker_up(&self, broker: i32) -> Result<(), KafkaSetupError> {
+        self.call("broker_up", |reply| MockCmd::BrokerUp { broker, reply })
+    }
+}
+
+impl MockKafka {
+    /// Makes the next requests of kind `api` fail with `errors`, one error per request, in
+    /// order (an empty list clears them).
+    pub fn request_errors(
+        &self,
+        api: RDKafkaApiKey,
+        errors: &[RDKafkaRespErr],
+    ) -> Result<(), KafkaSetupError> {
+        let errors = errors.to_vec();
+        self.call("request_errors", |reply| MockCmd::RequestErrors {
+            api,
+            errors,
+            reply,
+        })
+    }
+}
+
+impl Drop for MockKafka {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop, which destroys the cluster.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(s: &str) -> RoomId {
+        RoomId::parse(s).expect("valid room")
+    }
+
+    /// The vectors of Kafka's `UtilsTest.testMurmur2`.
+    #[test]
+    fn murmur2_matches_kafka_java() {
+        let cases: [(&str, i32); 6] = [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ];
+        for (key, want) in cases {
+            assert_eq!(murmur2(key.as_bytes()), want, "murmur2({key:?})");
+        }
+        // Every tail length (0..=3 leftover bytes) is covered above: 2, 6, 24, 26, 48, 3.
+        assert_eq!(murmur2(b""), 275646681);
+    }
+
+    #[test]
+    fn partition_for_is_in_range_and_stable() {
+        for n in [1, 2, 3, 8, 12, 100] {
+            for i in 0..200 {
+                let r = room(&format!("room-{i}"));
+                let p = partition_for(&r, n);
+                assert!((0..n).contains(&p), "{r} -> {p} of {n}");
+                assert_eq!(p, partition_for(&r, n));
+            }
+        }
+        // toPositive(murmur2("foobar")) % 8 computed by hand: -790332482 & 0x7fffffff.
+        assert_eq!(
+            partition_for(&room("foobar"), 8),
+            (-790332482i32 & 0x7fff_ffff) % 8
+        );
+    }
+
+    #[test]
+    fn mock_kafka_starts_and_stops() {
+        let mock = MockKafka::start(1).expect("mock");
+        assert!(!mock.bootstrap().is_empty());
+        mock.create_topic("t", 3).expect("create");
+        mock.broker_down(1).expect("down");
+        mock.broker_up(1).expect("up");
+        drop(mock);
     }
 }

@@ -21,3 +21,4 @@ pub mod metrics;
 pub mod node;
 pub mod replay;
 pub mod rooms;
+pub mod signals;

@@ -64,13 +64,9 @@ impl Metrics {
             connections: Gauge::default(),
             frames_in: Counter::default(),
             frames_out: Counter::default(),
-            publish_latency: Histogram::new(
-                [
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ]
-                .into_iter(),
-            ),
+            publish_latency: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             errors: Family::default(),
             closes: Family::default(),
             fanout_applied: Counter::default(),

@@ -1,1 +1,204 @@
-//! Node.
+//! One daemon of one region, assembled: the start order, and the shutdown order that loses
+//! nothing.
+//!
+//! Start: bind the client and admin listeners (so a port clash fails fast), make sure the
+//! local topic exists, connect the bus, start the Kafka appender and replay reader, join the
+//! fan-out group, start the room dispatcher, then serve.
+//!
+//! Shutdown (SIGTERM): stop accepting connections; let every session finish its in-flight
+//! publishes (acked or refused, never dropped) and close with 1001; flush the producer; stop
+//! the fan-out owner, which drains, commits and leaves the group so its partitions move at
+//! once; stop the dispatcher and the bus; stop the admin server last, so `/readyz` reports
+//! not-ready while the daemon drains.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::append::KafkaAppender;
+use crate::bus::redis::RedisBus;
+use crate::bus::{Bus, BusEvents};
+use crate::config::Config;
+use crate::fanout::FanoutOwner;
+use crate::gateway::{self, Gateway};
+use crate::kafka;
+use crate::metrics::Metrics;
+use crate::replay::RoomLogReader;
+use crate::rooms::LocalRooms;
+
+/// How a daemon is embedded (the demo runs several in one process).
+#[derive(Default)]
+pub struct NodeOptions {
+    /// Serve the chat page at `/` of the client listener.
+    pub chat_page: bool,
+    /// A bus to use instead of connecting to `[redis]` (the demo's in-process bus).
+    pub bus: Option<(Arc<dyn Bus>, BusEvents)>,
+}
+
+/// A running daemon.
+pub struct Node {
+    pub region: String,
+    pub client_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    appender: Arc<KafkaAppender>,
+    fanout: Arc<Mutex<Option<FanoutOwner>>>,
+    /// Stops the gateway accepting.
+    stop_accepting: CancellationToken,
+    /// Stops the fan-out owner and the dispatcher.
+    stop_pipeline: CancellationToken,
+    /// Stops the admin server.
+    stop_admin: CancellationToken,
+    tasks: JoinSet<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    pub async fn start(cfg: Config, opts: NodeOptions) -> anyhow::Result<Node> {
+        let region = cfg.region.clone();
+        let node = cfg.node_name();
+        let client_listener = TcpListener::bind(cfg.client.listen)
+            .await
+            .with_context(|| format!("binding the client listener {}", cfg.client.listen))?;
+        let admin_listener = TcpListener::bind(cfg.admin.listen)
+            .await
+            .with_context(|| format!("binding the admin listener {}", cfg.admin.listen))?;
+        let client_addr = client_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let metrics = Arc::new(Metrics::new(&region));
+
+        let partitions =
+            kafka::ensure_topic(&cfg.kafka, &cfg.kafka.local_topic, cfg.kafka.partitions)
+                .await
+                .context("preparing the local topic")?;
+        let (bus, events): (Arc<dyn Bus>, BusEvents) = match opts.bus {
+            Some(b) => b,
+            None => {
+                let redis = cfg.redis.as_ref().context(
+                    "no [redis] section: a daemon needs Redis (only the demo runs without)",
+                )?;
+                let (bus, events) = RedisBus::connect(redis, &cfg.history)
+                    .await
+                    .with_context(|| format!("connecting to Redis at {}", redis.url))?;
+                (Arc::new(bus), events)
+            }
+        };
+        let appender = Arc::new(
+            KafkaAppender::new(&cfg.kafka, &region).context("starting the Kafka producer")?,
+        );
+        let replay = Arc::new(
+            RoomLogReader::new(&cfg.kafka, &region, partitions)
+                .context("starting the Kafka replay reader")?,
+        );
+
+        let stop_pipeline = CancellationToken::new();
+        let fanout = FanoutOwner::start(
+            &cfg.kafka,
+            &region,
+            &node,
+            vec![cfg.kafka.local_topic.clone()],
+            bus.clone(),
+            metrics.clone(),
+            stop_pipeline.child_token(),
+        )
+        .context("joining the fan-out group")?;
+        let fanout = Arc::new(Mutex::new(Some(fanout)));
+
+        let rooms = LocalRooms::new(bus.clone(), metrics.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(rooms.clone().dispatch(events, stop_pipeline.child_token()));
+
+        let gateway = Gateway::new(
+            region.clone(),
+            cfg.client.clone(),
+            rooms,
+            appender.clone(),
+            replay,
+            metrics.clone(),
+            opts.chat_page,
+            cfg.kafka.publish_timeout() + Duration::from_secs(1),
+        );
+        let stop_accepting = CancellationToken::new();
+        {
+            let gw = gateway.clone();
+            let stop = stop_accepting.clone();
+            tasks.spawn(async move {
+                if let Err(e) = gateway::serve(gw, client_listener, stop).await {
+                    tracing::error!(error = %e, "client listener failed");
+                }
+            });
+        }
+
+        let stop_admin = CancellationToken::new();
+        let state = Arc::new(AdminState {
+            region: region.clone(),
+            node,
+            metrics,
+            gateway: gateway.clone(),
+            bus,
+            fanout: fanout.clone(),
+            draining: stop_accepting.clone(),
+            admin_token: cfg.admin.token.clone(),
+        });
+        let admin_task = tokio::spawn(admin::serve(state, admin_listener, stop_admin.clone()));
+
+        tracing::info!(%region, client = %client_addr, admin = %admin_addr, partitions, "daemon started");
+        Ok(Node {
+            region,
+            client_addr,
+            admin_addr,
+            gateway,
+            appender,
+            fanout,
+            stop_accepting,
+            stop_pipeline,
+            stop_admin,
+            tasks,
+            admin_task,
+        })
+    }
+
+    /// Drains and stops, in the order stated in the module doc, within about `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        tracing::info!(region = %self.region, "draining");
+        self.stop_accepting.cancel();
+        if tokio::time::timeout(grace, self.gateway.close_sessions())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions did not close within the grace period");
+        }
+        let appender = self.appender.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || appender.flush(Duration::from_secs(5))).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("producer flush incomplete");
+        }
+        let owner = self.fanout.lock().ok().and_then(|mut f| f.take());
+        self.stop_pipeline.cancel();
+        if let Some(owner) = owner {
+            if tokio::time::timeout(Duration::from_secs(10), owner.join())
+                .await
+                .is_err()
+            {
+                tracing::warn!("fan-out owner did not stop within 10 s");
+            }
+        }
+        while tokio::time::timeout(Duration::from_secs(5), self.tasks.join_next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {}
+        self.tasks.abort_all();
+        self.stop_admin.cancel();
+        let _ = self.admin_task.await;
+        tracing::info!(region = %self.region, "stopped");
+    }
+}

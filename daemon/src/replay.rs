@@ -2,12 +2,36 @@
 //! of the local topic from an offset, keep the room's records, and say what retention has
 //! already deleted.
 //!
-//! STUB: signatures fixed by the lead; bodies to be written.
-#![allow(clippy::unused_async, unused_variables)]
+//! # Cost and concurrency
+//!
+//! A read is a tail scan of one partition: every record of the partition in the range is
+//! fetched and the other rooms' records are dropped here, so the cost grows with the range,
+//! not with the room's share of it. Readers are plain librdkafka consumers with no group
+//! (a unique dummy `group.id`, manual `assign`, nothing ever committed). Each consumer is a
+//! librdkafka instance with its own threads and broker connections (a few MB and one TCP
+//! connection per broker), so they are pooled and reused rather than created per read,
+//! and at most [`MAX_CONCURRENT_READS`] reads run at once (each on a blocking thread): when
+//! many players resume together the rest queue, within the overall [`READ_TIMEOUT`].
 
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dtfed_proto::record::LogValue;
 use dtfed_proto::{LogRecord, RoomId};
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::Semaphore;
 
 use crate::config::KafkaConfig;
+use crate::kafka::{client_config, default_node_name, partition_for, TracingContext};
+
+/// Reads that may run at once; the others wait for a slot.
+pub const MAX_CONCURRENT_READS: usize = 4;
+/// A whole read (waiting for a slot included) that takes longer fails.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The room's records found in one partition range.
 #[derive(Debug)]
@@ -26,7 +50,49 @@ pub enum ReplayError {
     Kafka(String),
 }
 
-pub struct RoomLogReader {}
+type Reader = BaseConsumer<TracingContext>;
+
+pub struct RoomLogReader {
+    topic: String,
+    region: String,
+    partitions: i32,
+    config: ClientConfig,
+    idle: Mutex<Vec<Reader>>,
+    slots: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RoomLogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomLogReader")
+            .field("topic", &self.topic)
+            .field("partitions", &self.partitions)
+            .finish()
+    }
+}
+
+/// Settings of a replay consumer, on top of [`client_config`].
+pub fn reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = client_config(cfg, region, &format!("{node}-replay"));
+    // librdkafka wants a group.id for a consumer's queue plumbing; this one is never
+    // joined (manual assign) and never committed to.
+    let dummy = format!(
+        "dtfed-replay-{region}-{node}-{:016x}",
+        rand::random::<u64>()
+    );
+    c.set("group.id", dummy)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Say when the partition's end is reached, so a range whose last offsets are not
+        // records still ends.
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        // A read needs a bounded range: don't prefetch 64 MB per partition.
+        .set("queued.max.messages.kbytes", "8192")
+        .set("allow.auto.create.topics", "false");
+    c
+}
 
 impl RoomLogReader {
     pub fn new(
@@ -34,7 +100,46 @@ impl RoomLogReader {
         region: &str,
         partitions: i32,
     ) -> Result<RoomLogReader, ReplayError> {
-        unimplemented!()
+        Self::with_node(cfg, region, &default_node_name(), partitions)
+    }
+
+    /// Like [`RoomLogReader::new`] with this daemon's node name in `client.id`.
+    pub fn with_node(
+        cfg: &KafkaConfig,
+        region: &str,
+        node: &str,
+        partitions: i32,
+    ) -> Result<RoomLogReader, ReplayError> {
+        if partitions < 1 {
+            return Err(ReplayError::Kafka(format!(
+                "topic {} has {partitions} partitions",
+                cfg.local_topic
+            )));
+        }
+        let config = reader_config(cfg, region, node);
+        // Build one now so a bad configuration fails at start, not at the first resume.
+        let first = build(&config)?;
+        Ok(RoomLogReader {
+            topic: cfg.local_topic.clone(),
+            region: region.to_owned(),
+            partitions,
+            config,
+            idle: Mutex::new(vec![first]),
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            timeout: READ_TIMEOUT,
+        })
+    }
+
+    /// Overrides [`READ_TIMEOUT`] (tests).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
+        match self.idle.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// The records of `room` from the local topic with `after < offset < before`.
@@ -46,6 +151,198 @@ impl RoomLogReader {
         after: Option<i64>,
         before: Option<i64>,
     ) -> Result<RoomRead, ReplayError> {
-        unimplemented!()
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let timed_out = || {
+            ReplayError::Kafka(format!(
+                "reading room {room} from {} timed out after {:?}",
+                self.topic, self.timeout
+            ))
+        };
+        let slot =
+            tokio::time::timeout_at(deadline.into(), Arc::clone(&self.slots).acquire_owned())
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|_| ReplayError::Kafka("the replay reader is closed".into()))?;
+        let reader = match self.idle().pop() {
+            Some(r) => r,
+            None => build(&self.config)?,
+        };
+        let job = Job {
+            topic: self.topic.clone(),
+            region: self.region.clone(),
+            partition: partition_for(room, self.partitions),
+            room: room.clone(),
+            after,
+            before,
+            deadline,
+        };
+        // The slot goes with the blocking read: if the caller gives up, the read still
+        // counts until it ends.
+        let handle = tokio::task::spawn_blocking(move || {
+            let result = job.run(&reader);
+            // Leave nothing of this read behind for the next one on this consumer.
+            let _ = reader.unassign();
+            for _ in 0..100_000 {
+                if reader.poll(Duration::ZERO).is_none() {
+                    break;
+                }
+            }
+            drop(slot);
+            (reader, result)
+        });
+        // The blocking read stops by itself at the deadline; the guard is for a librdkafka
+        // call that overruns its own timeout.
+        let guard = (deadline + Duration::from_secs(2)).into();
+        match tokio::time::timeout_at(guard, handle).await {
+            Ok(Ok((reader, Ok(read)))) => {
+                self.idle().push(reader);
+                Ok(read)
+            }
+            Ok(Ok((reader, Err(e)))) => {
+                // Don't reuse a consumer in an unknown state.
+                drop_off_runtime(reader);
+                Err(e)
+            }
+            Ok(Err(e)) => Err(ReplayError::Kafka(format!("replay task failed: {e}"))),
+            Err(_) => Err(timed_out()),
+        }
+    }
+}
+
+fn build(config: &ClientConfig) -> Result<Reader, ReplayError> {
+    BaseConsumer::from_config_and_context(config, TracingContext::for_config(config))
+        .map_err(|e| ReplayError::Kafka(format!("cannot create a replay consumer: {e}")))
+}
+
+fn drop_off_runtime(reader: Reader) {
+    drop(tokio::task::spawn_blocking(move || drop(reader)));
+}
+
+/// One read, run on a blocking thread.
+struct Job {
+    topic: String,
+    region: String,
+    partition: i32,
+    room: RoomId,
+    after: Option<i64>,
+    before: Option<i64>,
+    deadline: Instant,
+}
+
+impl Job {
+    fn left(&self) -> Result<Duration, ReplayError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(ReplayError::Kafka(format!(
+                "reading room {} from {}/{} timed out",
+                self.room, self.topic, self.partition
+            )))
+        } else {
+            Ok(left)
+        }
+    }
+
+    fn err(&self, what: &str, e: &KafkaError) -> ReplayError {
+        ReplayError::Kafka(format!(
+            "{what} {}/{} (room {}): {e}",
+            self.topic, self.partition, self.room
+        ))
+    }
+
+    fn run(&self, reader: &Reader) -> Result<RoomRead, ReplayError> {
+        let p = self.partition;
+        let (low, high) = reader
+            .fetch_watermarks(&self.topic, p, self.left()?)
+            .map_err(|e| self.err("watermarks of", &e))?;
+        let start = match self.after {
+            Some(a) => a.saturating_add(1).max(low),
+            None => low,
+        };
+        let end = match self.before {
+            Some(b) => b.min(high),
+            None => high,
+        };
+        let mut records = Vec::new();
+        if start >= end {
+            return Ok(RoomRead {
+                partition: p,
+                earliest: low,
+                records,
+            });
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, p, Offset::Offset(start))
+            .map_err(|e| self.err("offset for", &e))?;
+        reader.assign(&tpl).map_err(|e| self.err("assigning", &e))?;
+        let room = self.room.as_str().as_bytes();
+        // The last offset handed out; the log is immutable, so a record is taken at most
+        // once and only in offset order whatever the consumer queue holds.
+        let mut last = start - 1;
+        while last < end - 1 {
+            let wait = self.left()?.min(Duration::from_millis(200));
+            let m = match reader.poll(wait) {
+                None => continue,
+                Some(Ok(m)) => m,
+                Some(Err(KafkaError::PartitionEOF(ep))) if ep == p => {
+                    // End of the partition: everything below the high watermark was handed
+                    // out, unless this is a stale signal; the position tells.
+                    if self.position(reader)? >= end {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                Some(Err(e)) => return Err(self.err("reading", &e)),
+            };
+            if m.topic() != self.topic || m.partition() != p {
+                continue;
+            }
+            let o = m.offset();
+            if o <= last || o < start {
+                continue;
+            }
+            if o >= end {
+                break;
+            }
+            last = o;
+            if m.key() != Some(room) {
+                continue;
+            }
+            let value = match m.payload().map(LogValue::from_json) {
+                Some(Ok(v)) => v,
+                Some(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
+                    continue;
+                }
+                None => {
+                    tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
+                    continue;
+                }
+            };
+            records.push(LogRecord {
+                room: self.room.clone(),
+                origin: self.region.clone(),
+                partition: p,
+                offset: o,
+                value,
+            });
+        }
+        Ok(RoomRead {
+            partition: p,
+            earliest: low,
+            records,
+        })
+    }
+
+    fn position(&self, reader: &Reader) -> Result<i64, ReplayError> {
+        let pos = reader.position().map_err(|e| self.err("position of", &e))?;
+        Ok(pos
+            .find_partition(&self.topic, self.partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(-1))
     }
 }

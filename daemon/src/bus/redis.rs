@@ -1,1 +1,824 @@
 //! The Redis bus: Lua for the atomic fan-out step, Pub/Sub for live delivery.
+//!
+//! # Keys
+//!
+//! Every key of a room carries the room in a hash tag, so a room's keys live in one Redis
+//! Cluster slot and one script can touch them all:
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `<prefix>:{<room>}:h` | list | hot history: each entry is the `msg` frame exactly as it goes on the wire ([`MsgFrame::to_json`]), oldest first |
+//! | `<prefix>:{<room>}:t` | hash | origin → last offset applied (the room's tails; no TTL, never trimmed) |
+//! | `<prefix>:{<room>}:c` | channel | live `msg` frames |
+//!
+//! # The apply script
+//!
+//! [`Bus::apply`] is one `EVALSHA` (the script is loaded on `NOSCRIPT`, e.g. after a Redis
+//! restart). Rust serializes the frame once with `"prev":null` and splits it around the
+//! `null`; the script only splices `prev` in, so Lua never decodes or re-encodes a body and
+//! the stored and published text is byte-identical to [`MsgFrame::to_json`]. Atomically, the
+//! script:
+//!
+//! 1. reads `last = HGET t origin`; if `offset <= last` the record was applied before (a new
+//!    owner replaying) and it returns nil: nothing written, nothing published;
+//! 2. `HSET t origin offset`;
+//! 3. `RPUSH h frame` (frame = prefix .. (last or "null") .. suffix), `LTRIM` to the last
+//!    `max_messages` when the list is longer;
+//! 4. trims by age from the head (below), `PEXPIRE h max_age`;
+//! 5. `PUBLISH c frame` and returns `last` (`""` when there was none).
+//!
+//! # Age trimming
+//!
+//! No second structure: the list entries are the wire frames, and `"ts":` is the sixth field,
+//! after `op`, `room`, `origin`, `offset` and `prev`, none of which can contain an unescaped
+//! `"ts":` (room ids have no quotes; the origin is a JSON-escaped string). So the script reads
+//! the head's timestamp with `string.match(head, '"ts":(%-?%d+)')`, which stops within the
+//! first ~200 bytes, and `LPOP`s while the head is older than `now - max_age` (an unreadable
+//! head is dropped too). In the common case that is one `LINDEX` per apply. Trimming from the
+//! head only is exact when timestamps grow along the list; an older message behind a newer
+//! head (a lagging mirror) stays until the head passes, so [`Bus::history`] also filters by
+//! age when it reads. `PEXPIRE h max_age` after each write drops the list of a room that has
+//! been quiet for `max_age` altogether. `t` has no TTL: tails survive every trimming.
+//!
+//! # Live delivery
+//!
+//! One dedicated Pub/Sub connection per bus, split into its sink (SUBSCRIBE/UNSUBSCRIBE,
+//! awaited until Redis confirms) and its stream (read by one subscriber task). The bus keeps
+//! the set of rooms it should be subscribed to. When the connection fails (stream ends, or a
+//! keepalive PING every 5 s gets no answer within 3 s) the task reconnects with backoff
+//! (50 ms doubling to 2 s), SUBSCRIBEs every recorded room, installs the new connection and
+//! THEN emits [`BusEvent::Resync`]. A [`Bus::subscribe`] while disconnected records the room
+//! and waits (up to 5 s) for that reconnect; an [`Bus::unsubscribe`] while disconnected only
+//! records it.
+//!
+//! The events channel is bounded ([`EVENTS_CAPACITY`]). The subscriber never waits on it: the
+//! redis crate buffers Pub/Sub messages in an unbounded queue, so blocking there would only
+//! move an unbounded backlog into memory. When the channel is full the subscriber drops live
+//! messages (they are in the hot history already: PUBLISH comes after RPUSH in the same
+//! script), and as soon as there is room it emits [`BusEvent::Resync`] before anything else,
+//! exactly as after a lost connection: sessions backfill from history, nothing is lost
+//! silently.
+//!
+//! # Shutdown
+//!
+//! The subscriber task ends when [`RedisBus::shutdown`] is called, when the token given to
+//! [`RedisBus::connect_with_shutdown`] fires, when the last clone of the bus is dropped, or
+//! when the [`BusEvents`] receiver is dropped; its end closes the events channel. Commands
+//! (`apply`, `history`, `tails`, `ping`) keep working after shutdown, so fan-out owners can
+//! drain; `subscribe` and `unsubscribe` return [`BusError::Closed`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use dtfed_proto::client::Body;
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use futures::future::OptionFuture;
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, timeout, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, BusEvent, BusEvents};
+use crate::config::{HistoryConfig, RedisConfig};
+
+/// Capacity of the events channel handed out by [`RedisBus::connect`].
+pub const EVENTS_CAPACITY: usize = 65_536;
+
+/// How long `subscribe` waits for the Pub/Sub connection to come back.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+/// Reconnect backoff of the subscriber.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Opening a connection (TCP + handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A command's reply.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// The subscriber pings its connection this often, so a silently dead link is noticed.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels per SUBSCRIBE when re-subscribing after a reconnect.
+const RESUBSCRIBE_CHUNK: usize = 1000;
+/// Longest `max_age` handed to Redis, in ms (PEXPIRE refuses values that overflow).
+const MAX_AGE_CAP_MS: i64 = 1 << 52;
+
+/// The atomic fan-out step. See the module docs.
+///
+/// KEYS: 1 = history list, 2 = tails hash.
+/// ARGV: 1 = origin, 2 = offset, 3 = frame text before prev, 4 = frame text after prev,
+///       5 = channel, 6 = max_messages, 7 = max_age_ms, 8 = cutoff_ms (now - max_age).
+/// Offsets are compared as Lua numbers (doubles): exact up to 2^53, which a Kafka offset
+/// does not reach (285 years at a million records a second).
+const APPLY_LUA: &str = r#"
+local last = redis.call('HGET', KEYS[2], ARGV[1])
+if last and tonumber(ARGV[2]) <= tonumber(last) then
+  return false
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local frame = ARGV[3] .. (last or 'null') .. ARGV[4]
+local len = redis.call('RPUSH', KEYS[1], frame)
+local max = tonumber(ARGV[6])
+if len > max then
+  redis.call('LTRIM', KEYS[1], len - max, -1)
+end
+local cutoff = tonumber(ARGV[8])
+while true do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local ts = tonumber(string.match(head, '"ts":(%-?%d+)'))
+  if ts and ts >= cutoff then break end
+  redis.call('LPOP', KEYS[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PUBLISH', ARGV[5], frame)
+return last or ''
+"#;
+
+/// Key and channel names of rooms.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn history(&self, room: &RoomId) -> String {
+        format!("{}:{{{}}}:h", self.prefix, room)
+    }
+
+    fn tails(&self, room: &RoomId) -> String {
+        format!("{}:{{{}}}:t", self.prefix, room)
+    }
+
+    fn channel(&self, room: &RoomId) -> String {
+        format!("{}:{{{}}}:c", self.prefix, room)
+    }
+
+    /// The room part of a channel name, for logs.
+    fn room_of_channel<'a>(&self, channel: &'a str) -> &'a str {
+        channel
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|c| c.strip_prefix(":{"))
+            .and_then(|c| c.strip_suffix("}:c"))
+            .unwrap_or(channel)
+    }
+}
+
+/// The production bus. Cheap to clone; the subscriber task stops when the last clone is
+/// dropped (or on [`RedisBus::shutdown`]).
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    con: ConnectionManager,
+    keys: Keys,
+    script: redis::Script,
+    max_messages: usize,
+    max_age_ms: i64,
+    sub: Arc<SubShared>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What the bus handle and the subscriber task share.
+struct SubShared {
+    state: Mutex<SubState>,
+    /// Generation of the installed Pub/Sub connection; bumped after every room recorded in
+    /// `state.rooms` at that moment is subscribed on it.
+    installed: watch::Sender<u64>,
+}
+
+struct SubState {
+    /// Channels this bus should be subscribed to.
+    channels: HashSet<String>,
+    /// The live connection's sink, `None` while reconnecting.
+    sink: Option<PubSubSink>,
+    generation: u64,
+}
+
+impl SubShared {
+    fn lock(&self) -> MutexGuard<'_, SubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RedisBus {
+    /// Connects the command connection and the Pub/Sub connection and starts the subscriber.
+    /// Fails when Redis cannot be reached now; after that, both connections reconnect by
+    /// themselves.
+    pub async fn connect(
+        cfg: &RedisConfig,
+        history: &HistoryConfig,
+    ) -> Result<(RedisBus, BusEvents), BusError> {
+        Self::connect_with_shutdown(cfg, history, CancellationToken::new()).await
+    }
+
+    /// [`RedisBus::connect`], with live delivery stopping when `shutdown` fires.
+    pub async fn connect_with_shutdown(
+        cfg: &RedisConfig,
+        history: &HistoryConfig,
+        shutdown: CancellationToken,
+    ) -> Result<(RedisBus, BusEvents), BusError> {
+        let client = redis::Client::open(cfg.url.as_str())
+            .map_err(|e| BusError::Redis(format!("redis url {:?}: {e}", cfg.url)))?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_max_delay(BACKOFF_MAX);
+        let con = client
+            .get_connection_manager_with_config(manager_cfg)
+            .await
+            .map_err(|e| redis_err("connecting", e))?;
+        let keys = Keys {
+            prefix: cfg.key_prefix.clone(),
+        };
+        let (tx, rx) = mpsc::channel(EVENTS_CAPACITY);
+        let (installed, _) = watch::channel(0);
+        let sub = Arc::new(SubShared {
+            state: Mutex::new(SubState {
+                channels: HashSet::new(),
+                sink: None,
+                generation: 0,
+            }),
+            installed,
+        });
+        let first = open_pubsub(&client, &sub)
+            .await
+            .map_err(|e| BusError::Redis(format!("pub/sub connection: {e}")))?;
+        let shutdown = shutdown.child_token();
+        tokio::spawn(run_subscriber(
+            client,
+            sub.clone(),
+            keys.clone(),
+            tx,
+            shutdown.clone(),
+            first,
+        ));
+        let max_age_ms = i64::try_from(history.max_age_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX)
+            .min(MAX_AGE_CAP_MS);
+        let bus = RedisBus {
+            inner: Arc::new(Inner {
+                con,
+                keys,
+                script: redis::Script::new(APPLY_LUA),
+                max_messages: history.max_messages,
+                max_age_ms,
+                sub,
+                shutdown,
+            }),
+        };
+        Ok((bus, rx))
+    }
+
+    /// Stops live delivery: the subscriber task ends and the events channel closes. Commands
+    /// keep working (fan-out owners drain after shutdown).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    fn cutoff(&self) -> i64 {
+        now_ms().saturating_sub(self.inner.max_age_ms)
+    }
+
+    async fn eval_apply(&self, cmd: &redis::Cmd) -> Result<Option<String>, RedisError> {
+        let mut con = self.inner.con.clone();
+        match cmd.query_async(&mut con).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.inner.script.load_async(&mut con).await?;
+                cmd.query_async(&mut con).await
+            }
+            other => other,
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
+        let inner = &*self.inner;
+        let frame = encode_frame(rec).map_err(|e| BusError::Corrupt {
+            room: rec.room.to_string(),
+            detail: format!("cannot encode the message: {e}"),
+        })?;
+        let (before, after) = frame.split();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(inner.script.get_hash())
+            .arg(2)
+            .arg(inner.keys.history(&rec.room))
+            .arg(inner.keys.tails(&rec.room))
+            .arg(&rec.origin)
+            .arg(rec.offset)
+            .arg(before)
+            .arg(after)
+            .arg(inner.keys.channel(&rec.room))
+            .arg(inner.max_messages)
+            .arg(inner.max_age_ms)
+            .arg(self.cutoff());
+        let reply = self.eval_apply(&cmd).await.map_err(|e| {
+            tracing::debug!(room = %rec.room, origin = %rec.origin, offset = rec.offset, error = %e, "apply failed");
+            redis_err(&format!("apply to room {}", rec.room), e)
+        })?;
+        match reply {
+            None => Ok(None),
+            Some(prev) if prev.is_empty() => Ok(Some(rec.to_msg(None))),
+            Some(prev) => {
+                let prev = prev.parse::<i64>().map_err(|_| BusError::Corrupt {
+                    room: rec.room.to_string(),
+                    detail: format!("tail of origin {:?} is {prev:?}", rec.origin),
+                })?;
+                Ok(Some(rec.to_msg(Some(prev))))
+            }
+        }
+    }
+
+    async fn history(&self, room: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
+        let mut con = self.inner.con.clone();
+        let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(self.inner.keys.history(room))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&format!("history of room {room}"), e))?;
+        let cutoff = self.cutoff();
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let msg: MsgFrame = serde_json::from_slice(entry).map_err(|e| {
+                tracing::error!(%room, index = i, error = %e, "corrupt hot history entry");
+                BusError::Corrupt {
+                    room: room.to_string(),
+                    detail: format!("entry {i}: {e}"),
+                }
+            })?;
+            if msg.room != *room {
+                return Err(BusError::Corrupt {
+                    room: room.to_string(),
+                    detail: format!("entry {i} belongs to room {}", msg.room),
+                });
+            }
+            if msg.ts >= cutoff {
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn tails(&self, room: &RoomId) -> Result<Cursor, BusError> {
+        let mut con = self.inner.con.clone();
+        let raw: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.inner.keys.tails(room))
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&format!("tails of room {room}"), e))?;
+        let mut tails = BTreeMap::new();
+        for (origin, offset) in raw {
+            let offset = offset.parse::<i64>().map_err(|_| BusError::Corrupt {
+                room: room.to_string(),
+                detail: format!("tail of origin {origin:?} is {offset:?}"),
+            })?;
+            tails.insert(origin, offset);
+        }
+        Ok(Cursor(tails))
+    }
+
+    async fn subscribe(&self, room: &RoomId) -> Result<(), BusError> {
+        let inner = &*self.inner;
+        if inner.shutdown.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let deadline = Instant::now() + SUBSCRIBE_WAIT;
+        let channel = inner.keys.channel(room);
+        // Subscribe to `installed` before reading the generation, so no install is missed.
+        let mut installed = inner.sub.installed.subscribe();
+        let (sink, generation) = {
+            let mut st = inner.sub.lock();
+            st.channels.insert(channel.clone());
+            (st.sink.clone(), st.generation)
+        };
+        if let Some(mut sink) = sink {
+            match tokio::time::timeout_at(deadline, sink.subscribe(&channel)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    tracing::debug!(%room, error = %e, "subscribe failed; waiting for the pub/sub reconnect");
+                }
+                Err(_) => {
+                    tracing::debug!(%room, "subscribe unanswered; waiting for the pub/sub reconnect");
+                }
+            }
+        }
+        // The subscriber subscribes every recorded channel before it installs a connection,
+        // so any installation after the one we saw covers this room.
+        let waited = tokio::select! {
+            _ = inner.shutdown.cancelled() => return Err(BusError::Closed),
+            r = tokio::time::timeout_at(deadline, async {
+                installed.wait_for(|g| *g > generation).await.map(|_| ())
+            }) => r,
+        };
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(BusError::Closed),
+            Err(_) => {
+                inner.sub.lock().channels.remove(&channel);
+                tracing::warn!(%room, "subscribe gave up: no pub/sub connection to Redis");
+                Err(BusError::Redis(format!(
+                    "subscribe to room {room}: not connected to Redis within {}s",
+                    SUBSCRIBE_WAIT.as_secs()
+                )))
+            }
+        }
+    }
+
+    async fn unsubscribe(&self, room: &RoomId) -> Result<(), BusError> {
+        let inner = &*self.inner;
+        if inner.shutdown.is_cancelled() {
+            return Err(BusError::Closed);
+        }
+        let channel = inner.keys.channel(room);
+        let sink = {
+            let mut st = inner.sub.lock();
+            st.channels.remove(&channel);
+            st.sink.clone()
+        };
+        // Disconnected or failing: the reconnect will not subscribe the room again.
+        if let Some(mut sink) = sink {
+            match timeout(COMMAND_TIMEOUT, sink.unsubscribe(&channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%room, error = %e, "unsubscribe failed; dropped on reconnect");
+                }
+                Err(_) => tracing::debug!(%room, "unsubscribe unanswered; dropped on reconnect"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        let mut con = self.inner.con.clone();
+        let _: redis::Value = redis::cmd("PING")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err("ping", e))?;
+        Ok(())
+    }
+}
+
+fn redis_err(context: &str, e: RedisError) -> BusError {
+    BusError::Redis(format!("{context}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A `msg` frame serialized with `"prev":null`, and where that `null` is.
+struct EncodedFrame {
+    text: Vec<u8>,
+    null_at: usize,
+}
+
+impl EncodedFrame {
+    /// The frame text before and after the `prev` value.
+    fn split(&self) -> (&[u8], &[u8]) {
+        let (before, rest) = self.text.split_at(self.null_at);
+        (before, rest.get(4..).unwrap_or_default())
+    }
+}
+
+/// Serializes `rec` as [`MsgFrame::to_json`] does (same serde derive order, same escaping;
+/// checked by tests), without cloning the body.
+fn encode_frame(rec: &LogRecord) -> Result<EncodedFrame, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        op: &'static str,
+        room: &'a RoomId,
+        origin: &'a str,
+        offset: i64,
+        prev: Option<i64>,
+        ts: i64,
+        from: &'a str,
+        body: &'a Body,
+    }
+    let text = serde_json::to_vec(&Wire {
+        op: "msg",
+        room: &rec.room,
+        origin: &rec.origin,
+        offset: rec.offset,
+        prev: None,
+        ts: rec.value.ts,
+        from: &rec.value.from,
+        body: &rec.value.body,
+    })?;
+    // The first `,"prev":` is the field: nothing before it can hold an unescaped quote
+    // followed by `prev":` (room ids have no quotes, the origin is an escaped string).
+    const MARK: &[u8] = b",\"prev\":";
+    let null_at = text
+        .windows(MARK.len())
+        .position(|w| w == MARK)
+        .map(|i| i + MARK.len())
+        .filter(|&i| text.get(i..i + 4) == Some(b"null".as_slice()))
+        .ok_or_else(|| {
+            <serde_json::Error as serde::ser::Error>::custom(
+                "no \"prev\":null in the encoded frame",
+            )
+        })?;
+    Ok(EncodedFrame { text, null_at })
+}
+
+/// Opens a Pub/Sub connection, subscribes every recorded channel, and installs it (bumping
+/// the generation) once nothing recorded is left unsubscribed.
+async fn open_pubsub(
+    client: &redis::Client,
+    shared: &SubShared,
+) -> Result<(PubSubSink, PubSubStream), RedisError> {
+    let pubsub = timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+        .await
+        .map_err(|_| timeout_err("connecting"))??;
+    let (mut sink, stream) = pubsub.split();
+    let mut subscribed: HashSet<String> = HashSet::new();
+    loop {
+        let (add, remove) = {
+            let mut st = shared.lock();
+            let add: Vec<String> = st.channels.difference(&subscribed).cloned().collect();
+            let remove: Vec<String> = subscribed.difference(&st.channels).cloned().collect();
+            if add.is_empty() && remove.is_empty() {
+                st.sink = Some(sink.clone());
+                st.generation += 1;
+                shared.installed.send_replace(st.generation);
+                break;
+            }
+            (add, remove)
+        };
+        for chunk in add.chunks(RESUBSCRIBE_CHUNK) {
+            timeout(COMMAND_TIMEOUT, sink.subscribe(chunk))
+                .await
+                .map_err(|_| timeout_err("SUBSCRIBE"))??;
+        }
+        subscribed.extend(add);
+        for chunk in remove.chunks(RESUBSCRIBE_CHUNK) {
+            timeout(COMMAND_TIMEOUT, sink.unsubscribe(chunk))
+                .await
+                .map_err(|_| timeout_err("UNSUBSCRIBE"))??;
+        }
+        for c in &remove {
+            subscribed.remove(c);
+        }
+    }
+    Ok((sink, stream))
+}
+
+fn timeout_err(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what}: no answer from Redis"),
+    ))
+}
+
+/// Why the pump stopped.
+enum PumpEnd {
+    /// Shutdown, or nobody reads the events any more.
+    Stop,
+    /// The connection is gone.
+    Lost(String),
+}
+
+/// The subscriber task: pumps Pub/Sub messages into `events`, reconnects on failure.
+async fn run_subscriber(
+    client: redis::Client,
+    shared: Arc<SubShared>,
+    keys: Keys,
+    events: mpsc::Sender<BusEvent>,
+    shutdown: CancellationToken,
+    first: (PubSubSink, PubSubStream),
+) {
+    let mut conn = Some(first);
+    let mut backoff = BACKOFF_MIN;
+    let mut resync = false;
+    loop {
+        let (sink, stream) = match conn.take() {
+            Some(c) => c,
+            None => {
+                let opened = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = open_pubsub(&client, &shared) => r,
+                };
+                match opened {
+                    Ok(c) => {
+                        tracing::info!(
+                            rooms = shared.lock().channels.len(),
+                            "bus pub/sub reconnected and re-subscribed"
+                        );
+                        backoff = BACKOFF_MIN;
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "bus pub/sub reconnect failed");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        match pump(sink, stream, &keys, &events, &shutdown, resync).await {
+            PumpEnd::Stop => break,
+            PumpEnd::Lost(why) => {
+                tracing::warn!(reason = %why, "bus pub/sub connection lost; reconnecting");
+                shared.lock().sink = None;
+                resync = true;
+            }
+        }
+    }
+    shared.lock().sink = None;
+    tracing::debug!("bus subscriber stopped");
+}
+
+/// A keepalive PING in flight: `Err` says why the connection is considered lost.
+type PingFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Reads one connection until it fails. With `resync`, first tells the gateway to backfill.
+async fn pump(
+    sink: PubSubSink,
+    mut stream: PubSubStream,
+    keys: &Keys,
+    events: &mpsc::Sender<BusEvent>,
+    shutdown: &CancellationToken,
+    mut resync: bool,
+) -> PumpEnd {
+    let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    keepalive.reset();
+    let mut ping: Option<PingFuture> = None;
+    let mut dropped: u64 = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return PumpEnd::Stop,
+            permit = events.reserve(), if resync => match permit {
+                Ok(permit) => {
+                    permit.send(BusEvent::Resync);
+                    if dropped > 0 {
+                        tracing::info!(dropped, "gateway caught up with the bus; resync sent");
+                    }
+                    resync = false;
+                    dropped = 0;
+                }
+                Err(_) => return PumpEnd::Stop,
+            },
+            Some(result) = OptionFuture::from(ping.as_mut()), if ping.is_some() => {
+                ping = None;
+                if let Err(why) = result {
+                    return PumpEnd::Lost(why);
+                }
+            }
+            _ = keepalive.tick(), if ping.is_none() => {
+                let mut sink = sink.clone();
+                ping = Some(Box::pin(async move {
+                    match timeout(KEEPALIVE_TIMEOUT, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(format!("keepalive ping: {e}")),
+                        Err(_) => Err("keepalive ping unanswered".to_owned()),
+                    }
+                }));
+            }
+            msg = stream.next() => {
+                let Some(msg) = msg else {
+                    return PumpEnd::Lost("connection closed".to_owned());
+                };
+                if resync {
+                    // Still full: dropped, it is in the hot history; the resync covers it.
+                    dropped += 1;
+                    continue;
+                }
+                let frame: MsgFrame = match serde_json::from_slice(msg.get_payload_bytes()) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let room = keys.room_of_channel(msg.get_channel_name());
+                        tracing::error!(%room, error = %e, "undecodable message on the bus; dropped");
+                        continue;
+                    }
+                };
+                match events.try_send(BusEvent::Msg(Arc::new(frame))) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let room = keys.room_of_channel(msg.get_channel_name());
+                        tracing::warn!(
+                            %room,
+                            capacity = EVENTS_CAPACITY,
+                            "gateway cannot keep up with the bus; dropping live messages until it does, then resync"
+                        );
+                        resync = true;
+                        dropped = 1;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return PumpEnd::Stop,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dtfed_proto::record::LogValue;
+
+    fn rec(room: &str, origin: &str, offset: i64, ts: i64, from: &str, body: &str) -> LogRecord {
+        LogRecord {
+            room: RoomId::parse(room).unwrap(),
+            origin: origin.into(),
+            partition: 0,
+            offset,
+            value: LogValue {
+                from: from.into(),
+                ts,
+                body: Body::from_json(body).unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn bus_encoded_frame_is_byte_identical_to_msg_frame_json() {
+        let cases = [
+            rec("r", "seoul", 7, 1, "ann", "\"hi\""),
+            rec(
+                "table-1:goblins_den.v2",
+                "tokyo-2",
+                0,
+                -5,
+                "b\"o\\b\u{1}\u{7f}é😀</script>",
+                r#"{"z":1, "a" : [1.50, 1e10, -0, "\u00e9"], "prev":null,"ts":9}"#,
+            ),
+            rec(
+                "x",
+                "o\"ts\":1,\"prev\":null",
+                i64::MAX,
+                i64::MIN,
+                "",
+                "null",
+            ),
+        ];
+        for r in cases {
+            let enc = encode_frame(&r).unwrap();
+            let (before, after) = enc.split();
+            for prev in [None, Some(0), Some(41), Some(i64::MAX)] {
+                let prev_text = prev.map_or("null".to_owned(), |p| p.to_string());
+                let mut spliced = before.to_vec();
+                spliced.extend_from_slice(prev_text.as_bytes());
+                spliced.extend_from_slice(after);
+                assert_eq!(
+                    String::from_utf8(spliced).unwrap(),
+                    r.to_msg(prev).to_json(),
+                    "{r:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bus_lua_ts_pattern_finds_the_field() {
+        // The script's pattern, in Rust: the first `"ts":` is the field.
+        let r = rec(
+            "r",
+            "o\"ts\":1",
+            3,
+            1_700_000_000_123,
+            "\"ts\":5",
+            "{\"ts\":6}",
+        );
+        let json = r.to_msg(Some(2)).to_json();
+        let at = json.find("\"ts\":").unwrap() + 5;
+        assert!(json[at..].starts_with("1700000000123,"), "{json}");
+    }
+
+    #[test]
+    fn bus_channel_names_give_back_the_room() {
+        let keys = Keys {
+            prefix: "dtfed:eu".into(),
+        };
+        let room = RoomId::parse("a:b").unwrap();
+        assert_eq!(keys.history(&room), "dtfed:eu:{a:b}:h");
+        assert_eq!(keys.tails(&room), "dtfed:eu:{a:b}:t");
+        let c = keys.channel(&room);
+        assert_eq!(c, "dtfed:eu:{a:b}:c");
+        assert_eq!(keys.room_of_channel(&c), "a:b");
+        assert_eq!(keys.room_of_channel("other"), "other");
+    }
+}

@@ -1,1 +1,204 @@
-//! Gateway.
+//! The WebSocket gateway: players connect to `/ws`, speak client protocol v1
+//! (`docs/PROTOCOL.md`), and each connection runs one [`session`]. Admission (Origin
+//! allowlist, connection limit, authentication) happens at the upgrade; [`resume`] replays a
+//! room from a cursor; [`limits`] holds the rate limits.
+//!
+//! Close codes the gateway uses (also in `docs/PROTOCOL.md`):
+//! 1001 server shutting down, 1008 unauthorized, 1009 frame over the hard size limit,
+//! 4001 slow reader (outbound queue full), 4002 flood (frames faster than the flood limit).
+
+pub mod auth;
+pub mod limits;
+pub mod resume;
+pub mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::append::KafkaAppender;
+use crate::config::ClientConfig;
+use crate::metrics::Metrics;
+use crate::replay::RoomLogReader;
+use crate::rooms::LocalRooms;
+use auth::Authenticator;
+
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_POLICY: u16 = 1008;
+pub const CLOSE_TOO_BIG: u16 = 1009;
+pub const CLOSE_SLOW_READER: u16 = 4001;
+pub const CLOSE_FLOOD: u16 = 4002;
+
+/// Everything the sessions of one daemon share.
+pub struct Gateway {
+    pub region: String,
+    pub cfg: ClientConfig,
+    pub auth: Authenticator,
+    pub rooms: Arc<LocalRooms>,
+    pub appender: Arc<KafkaAppender>,
+    pub replay: Arc<RoomLogReader>,
+    pub metrics: Arc<Metrics>,
+    /// Serve the chat page at `/` (demo).
+    pub chat_page: bool,
+    /// How long a closing session waits for its in-flight publishes.
+    pub drain_timeout: Duration,
+    connections: AtomicUsize,
+    next_session: AtomicU64,
+    sessions: TaskTracker,
+    /// Fired at shutdown: sessions finish their in-flight publishes and close with 1001.
+    closing: CancellationToken,
+}
+
+impl Gateway {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        region: String,
+        cfg: ClientConfig,
+        rooms: Arc<LocalRooms>,
+        appender: Arc<KafkaAppender>,
+        replay: Arc<RoomLogReader>,
+        metrics: Arc<Metrics>,
+        chat_page: bool,
+        drain_timeout: Duration,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            auth: Authenticator::new(&cfg),
+            region,
+            cfg,
+            rooms,
+            appender,
+            replay,
+            metrics,
+            chat_page,
+            drain_timeout,
+            connections: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            sessions: TaskTracker::new(),
+            closing: CancellationToken::new(),
+        })
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Asks every session to finish its in-flight publishes and close, and waits for them.
+    pub async fn close_sessions(&self) {
+        self.closing.cancel();
+        self.sessions.close();
+        self.sessions.wait().await;
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/ws", get(upgrade))
+            .route("/", get(chat_page))
+            .with_state(self.clone())
+    }
+}
+
+/// Serves the gateway on `listener` until `stop` fires (then stops accepting).
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Nagle plus delayed ACKs add ~20 ms to small frames.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
+    axum::serve(
+        listener,
+        gw.router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+}
+
+async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !gw.cfg.allowed_origins.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .map(|o| gw.cfg.allowed_origins.iter().any(|a| a == o))
+                .unwrap_or(false);
+            if !allowed {
+                gw.metrics.closed("origin");
+                return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+            }
+        }
+    }
+    let previous = gw.connections.fetch_add(1, Ordering::AcqRel);
+    if previous >= gw.cfg.max_connections {
+        gw.connections.fetch_sub(1, Ordering::AcqRel);
+        gw.metrics.closed("max_connections");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections, retry later\n",
+        )
+            .into_response();
+    }
+    let guard = ConnectionSlot(gw.clone());
+    let player = gw.auth.authenticate(
+        params.get("name").map(String::as_str),
+        params.get("token").map(String::as_str),
+    );
+    let id = gw.next_session.fetch_add(1, Ordering::Relaxed);
+    // Frames up to max_frame_bytes are read and answered `too_large` if the JSON is over it;
+    // beyond the hard limit the socket cannot buffer them and the connection closes with 1009.
+    let hard = gw
+        .cfg
+        .max_frame_bytes
+        .saturating_mul(2)
+        .max(gw.cfg.max_frame_bytes + 1024);
+    let tracker = gw.sessions.clone();
+    ws.max_message_size(hard)
+        .max_frame_size(hard)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(hard.saturating_mul(4))
+        .on_upgrade(move |socket| {
+            tracker.track_future(async move {
+                let _slot = guard;
+                session::run(gw, id, socket, player).await;
+            })
+        })
+}
+
+/// Releases a connection slot when the connection ends, however it ends.
+struct ConnectionSlot(Arc<Gateway>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn chat_page(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.chat_page {
+        Html(crate::demo::CHAT_PAGE).into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "dtfed: WebSocket endpoint is /ws\n").into_response()
+    }
+}

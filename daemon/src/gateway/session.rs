@@ -1,0 +1,474 @@
+//! One player's WebSocket connection, from upgrade to close.
+//!
+//! A session is one task that owns its socket: it reads client frames, writes server frames,
+//! and drains its outbound queue of live messages (filled by [`crate::rooms`]). Publishes are
+//! appended concurrently and acknowledged as Kafka confirms them. Per room, the session keeps
+//! a cursor and drops every live message at or below it, so replays after an owner change or
+//! a backfill never reach the player twice; a live message whose `prev` is beyond the cursor
+//! makes the session backfill first, so nothing is skipped either.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use dtfed_proto::client::decode_client_frame;
+use dtfed_proto::record::LogValue;
+use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::auth::{AuthError, Player};
+use super::limits::TokenBucket;
+use super::resume::{is_hole, replay};
+use super::{
+    Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_READER, CLOSE_TOO_BIG,
+};
+use crate::append::{AppendError, Appended};
+use crate::rooms::{Outbound, SessionId, SessionSink};
+
+/// Rooms one connection may subscribe to at once.
+pub const MAX_SUBSCRIPTIONS: usize = 256;
+/// Publishes one connection may have waiting for Kafka at once; beyond it the session stops
+/// reading until acks come back (TCP backpressure on the player).
+const MAX_IN_FLIGHT: usize = 256;
+/// A write the player does not take within this time closes the connection as a slow reader.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type PendingAck = Pin<Box<dyn std::future::Future<Output = AckResult> + Send>>;
+
+struct AckResult {
+    reference: Option<String>,
+    room: RoomId,
+    started: Instant,
+    result: Result<Appended, AppendError>,
+}
+
+/// Why a session ends.
+enum End {
+    ClientClosed,
+    Close(u16, &'static str),
+}
+
+struct Session {
+    gw: Arc<Gateway>,
+    id: SessionId,
+    player: Player,
+    socket: WebSocket,
+    /// Rooms subscribed, with the player's cursor in each.
+    subs: HashMap<RoomId, Cursor>,
+    queue: mpsc::Sender<Outbound>,
+    slow: CancellationToken,
+    publishes: TokenBucket,
+    frames: TokenBucket,
+    pending: FuturesUnordered<PendingAck>,
+}
+
+/// Runs one connection to its end.
+pub async fn run(
+    gw: Arc<Gateway>,
+    id: SessionId,
+    mut socket: WebSocket,
+    player: Result<Player, AuthError>,
+) {
+    gw.metrics.connections.inc();
+    let player = match player {
+        Ok(p) => p,
+        Err(e) => {
+            gw.metrics.error(ErrorCode::Unauthorized);
+            let frame = ServerFrame::error(ErrorCode::Unauthorized, e.to_string(), None);
+            let _ = socket.send(Message::Text(frame.to_json().into())).await;
+            let _ = socket.send(close(CLOSE_POLICY, "unauthorized")).await;
+            gw.metrics.closed("unauthorized");
+            gw.metrics.connections.dec();
+            return;
+        }
+    };
+    let span =
+        tracing::debug_span!("session", region = %gw.region, session = id, player = %player.name);
+    serve_player(gw.clone(), id, socket, player)
+        .instrument(span)
+        .await;
+    gw.metrics.connections.dec();
+}
+
+async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player: Player) {
+    let (queue, mut outbound) = mpsc::channel(gw.cfg.outbound_queue);
+    let cfg = &gw.cfg;
+    let mut s = Session {
+        publishes: TokenBucket::new(cfg.publish_rate_per_sec, cfg.publish_burst),
+        frames: TokenBucket::new(
+            cfg.publish_rate_per_sec
+                .saturating_mul(4)
+                .saturating_add(20),
+            cfg.publish_burst.saturating_mul(4).saturating_add(20),
+        ),
+        gw: gw.clone(),
+        id,
+        player,
+        socket,
+        subs: HashMap::new(),
+        queue,
+        slow: CancellationToken::new(),
+        pending: FuturesUnordered::new(),
+    };
+    let end = s.serve(&mut outbound).await;
+    s.finish(end).await;
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+impl Session {
+    async fn serve(&mut self, outbound: &mut mpsc::Receiver<Outbound>) -> Result<End, End> {
+        let closing = self.gw.closing.clone();
+        let slow = self.slow.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = slow.cancelled() => return Err(End::Close(CLOSE_SLOW_READER, "slow reader: outbound queue full")),
+                _ = closing.cancelled() => return Ok(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                Some(ack) = self.pending.next(), if !self.pending.is_empty() => self.acked(ack).await?,
+                Some(item) = outbound.recv() => self.live(item).await?,
+                incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
+                    None => return Ok(End::ClientClosed),
+                    Some(Ok(msg)) => self.incoming(msg).await?,
+                    Some(Err(e)) => {
+                        // tungstenite refuses frames over the hard limit with a capacity error.
+                        let text = e.to_string();
+                        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
+                            self.gw.metrics.closed("too_large");
+                            return Err(End::Close(CLOSE_TOO_BIG, "frame too large"));
+                        }
+                        tracing::debug!(error = %text, "read failed");
+                        return Ok(End::ClientClosed);
+                    }
+                },
+            }
+        }
+    }
+
+    async fn finish(&mut self, end: Result<End, End>) {
+        let end = match end {
+            Ok(e) | Err(e) => e,
+        };
+        if let End::Close(code, _) = &end {
+            if *code == CLOSE_GOING_AWAY {
+                // Drain: every publish already handed to Kafka gets its ack or error.
+                let deadline = self.gw.drain_timeout;
+                let _ = tokio::time::timeout(deadline, async {
+                    while let Some(ack) = self.pending.next().await {
+                        if self.acked(ack).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        if let End::Close(code, reason) = end {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.socket.send(close(code, reason)),
+            )
+            .await;
+        }
+        let rooms: Vec<RoomId> = self.subs.drain().map(|(r, _)| r).collect();
+        for room in rooms {
+            self.gw.rooms.leave(&room, self.id).await;
+        }
+    }
+
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        self.send_text(frame.to_json().into()).await
+    }
+
+    async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(text))).await {
+            Ok(Ok(())) => {
+                self.gw.metrics.frames_out.inc();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::ClientClosed),
+            Err(_) => {
+                self.gw.metrics.closed("slow_reader");
+                Err(End::Close(
+                    CLOSE_SLOW_READER,
+                    "slow reader: write timed out",
+                ))
+            }
+        }
+    }
+
+    async fn error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+        reference: Option<String>,
+    ) -> Result<(), End> {
+        self.gw.metrics.error(code);
+        self.send(&ServerFrame::error(code, message, reference))
+            .await
+    }
+
+    async fn incoming(&mut self, msg: Message) -> Result<(), End> {
+        self.gw.metrics.frames_in.inc();
+        if !self.frames.take(Instant::now()) {
+            self.gw.metrics.closed("flood");
+            return Err(End::Close(CLOSE_FLOOD, "flood: too many frames"));
+        }
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                return self
+                    .error(
+                        ErrorCode::BadFrame,
+                        "binary frames are not part of protocol v1; send JSON text",
+                        None,
+                    )
+                    .await
+            }
+            Message::Close(_) => return Err(End::ClientClosed),
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+        };
+        if text.len() > self.gw.cfg.max_frame_bytes {
+            let limit = self.gw.cfg.max_frame_bytes;
+            return self
+                .error(
+                    ErrorCode::TooLarge,
+                    format!("frame is {} bytes, the limit is {limit}", text.len()),
+                    None,
+                )
+                .await;
+        }
+        match decode_client_frame(text.as_str()) {
+            Err(e) => {
+                self.gw.metrics.error(e.code);
+                self.send(&ServerFrame::from(e)).await
+            }
+            Ok(ClientFrame::Ping) => self.send(&ServerFrame::Pong).await,
+            Ok(ClientFrame::Pub {
+                room,
+                body,
+                reference,
+            }) => {
+                if !self.player.may_use(room.as_str()) {
+                    return self
+                        .error(
+                            ErrorCode::Forbidden,
+                            format!("you may not publish in {room}"),
+                            reference,
+                        )
+                        .await;
+                }
+                if !self.publishes.take(Instant::now()) {
+                    let rate = self.gw.cfg.publish_rate_per_sec;
+                    return self
+                        .error(
+                            ErrorCode::RateLimited,
+                            format!("over {rate} publishes per second; slow down"),
+                            reference,
+                        )
+                        .await;
+                }
+                let value = LogValue {
+                    from: self.player.name.clone(),
+                    ts: now_ms(),
+                    body,
+                };
+                let appender = self.gw.appender.clone();
+                self.pending.push(Box::pin(async move {
+                    let started = Instant::now();
+                    let result = appender.append(&room, &value).await;
+                    AckResult {
+                        reference,
+                        room,
+                        started,
+                        result,
+                    }
+                }));
+                Ok(())
+            }
+            Ok(ClientFrame::Sub { room, since }) => self.subscribe(room, since).await,
+            Ok(ClientFrame::Unsub { room }) => {
+                if self.subs.remove(&room).is_some() {
+                    self.gw.rooms.leave(&room, self.id).await;
+                    Ok(())
+                } else {
+                    self.error(
+                        ErrorCode::NotSubscribed,
+                        format!("not subscribed to {room}"),
+                        None,
+                    )
+                    .await
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, room: RoomId, since: Option<Cursor>) -> Result<(), End> {
+        if !self.player.may_use(room.as_str()) {
+            return self
+                .error(
+                    ErrorCode::Forbidden,
+                    format!("you may not subscribe to {room}"),
+                    None,
+                )
+                .await;
+        }
+        if let Some(cursor) = self.subs.get(&room) {
+            // Already live in this room: say where the player stands.
+            let frame = ServerFrame::Synced {
+                room: room.clone(),
+                cursor: cursor.clone(),
+            };
+            return self.send(&frame).await;
+        }
+        if self.subs.len() >= MAX_SUBSCRIPTIONS {
+            return self
+                .error(
+                    ErrorCode::Forbidden,
+                    format!("a connection may subscribe to at most {MAX_SUBSCRIPTIONS} rooms"),
+                    None,
+                )
+                .await;
+        }
+        let sink = SessionSink {
+            queue: self.queue.clone(),
+            slow: self.slow.clone(),
+        };
+        // Live delivery starts first (into the queue), then the replay or the tail snapshot:
+        // whatever is published in between is in both, and the cursor drops the second copy.
+        if let Err(e) = self.gw.rooms.join(&room, self.id, sink).await {
+            return self
+                .error(
+                    ErrorCode::Unavailable,
+                    format!("cannot subscribe to {room} right now: {e}"),
+                    None,
+                )
+                .await;
+        }
+        let cursor = match since {
+            Some(mut cursor) => match replay(&self.gw, &room, &mut cursor).await {
+                Ok(frames) => {
+                    for frame in &frames {
+                        self.send(frame).await?;
+                    }
+                    cursor
+                }
+                Err(e) => return self.sub_failed(&room, e.to_string()).await,
+            },
+            None => match self.gw.rooms.bus().tails(&room).await {
+                Ok(tails) => tails,
+                Err(e) => return self.sub_failed(&room, e.to_string()).await,
+            },
+        };
+        self.subs.insert(room.clone(), cursor.clone());
+        self.send(&ServerFrame::Synced { room, cursor }).await
+    }
+
+    async fn sub_failed(&mut self, room: &RoomId, why: String) -> Result<(), End> {
+        self.gw.rooms.leave(room, self.id).await;
+        self.error(
+            ErrorCode::Unavailable,
+            format!("cannot subscribe to {room} right now: {why}"),
+            None,
+        )
+        .await
+    }
+
+    async fn acked(&mut self, ack: AckResult) -> Result<(), End> {
+        match ack.result {
+            Ok(appended) => {
+                self.gw
+                    .metrics
+                    .publish_latency
+                    .observe(ack.started.elapsed().as_secs_f64());
+                let frame = ServerFrame::Ack {
+                    reference: ack.reference,
+                    room: ack.room,
+                    origin: self.gw.region.clone(),
+                    offset: appended.offset,
+                };
+                self.send(&frame).await
+            }
+            Err(e) => {
+                tracing::warn!(room = %ack.room, error = %e, "publish not acknowledged by Kafka");
+                self.error(
+                    ErrorCode::Unavailable,
+                    format!("message not stored, try again: {e}"),
+                    ack.reference,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn live(&mut self, item: Outbound) -> Result<(), End> {
+        match item {
+            Outbound::Msg(live) => {
+                let m = &live.frame;
+                let Some(cursor) = self.subs.get(&m.room) else {
+                    return Ok(());
+                };
+                if cursor.has_seen(&m.origin, m.offset) {
+                    return Ok(());
+                }
+                if is_hole(cursor, m) {
+                    self.backfill(&m.room.clone()).await?;
+                }
+                let Some(cursor) = self.subs.get_mut(&m.room) else {
+                    return Ok(());
+                };
+                if cursor.has_seen(&m.origin, m.offset) {
+                    return Ok(());
+                }
+                cursor.advance(&m.origin, m.offset);
+                self.send_text(live.text.clone()).await
+            }
+            Outbound::Resync(room) => self.backfill(&room).await,
+        }
+    }
+
+    /// Sends everything of `room` after the session's cursor that live delivery missed.
+    async fn backfill(&mut self, room: &RoomId) -> Result<(), End> {
+        let Some(cursor) = self.subs.get(room) else {
+            return Ok(());
+        };
+        let mut cursor = cursor.clone();
+        match replay(&self.gw, room, &mut cursor).await {
+            Ok(frames) => {
+                for frame in &frames {
+                    if matches!(frame, ServerFrame::Msg(_)) {
+                        self.gw.metrics.backfilled.inc();
+                    }
+                    self.send(frame).await?;
+                }
+                if let Some(c) = self.subs.get_mut(room) {
+                    *c = cursor;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The bus is unreachable: live delivery is down too, and the next resync retries.
+                tracing::warn!(%room, error = %e, "backfill failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

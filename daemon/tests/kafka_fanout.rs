@@ -1,0 +1,483 @@
+//! Fan-out owners against librdkafka's mock cluster, with an in-memory bus that records
+//! every apply.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dtfed::append::KafkaAppender;
+use dtfed::bus::{Bus, BusError};
+use dtfed::config::KafkaConfig;
+use dtfed::fanout::FanoutOwner;
+use dtfed::kafka::MockKafka;
+use dtfed::metrics::Metrics;
+use dtfed_proto::client::Body;
+use dtfed_proto::record::{LogValue, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dtfed=info")),
+        )
+        .try_init();
+}
+
+/// Records every successful apply, in call order; fails the first `fail_first` calls.
+#[derive(Default)]
+struct FakeBus {
+    applied: Mutex<Vec<LogRecord>>,
+    fail_first: AtomicUsize,
+    failures: AtomicUsize,
+}
+
+impl FakeBus {
+    fn failing(n: usize) -> Arc<FakeBus> {
+        Arc::new(FakeBus {
+            fail_first: AtomicUsize::new(n),
+            ..FakeBus::default()
+        })
+    }
+
+    fn applied(&self) -> Vec<LogRecord> {
+        self.applied.lock().expect("lock").clone()
+    }
+
+    fn len(&self) -> usize {
+        self.applied.lock().expect("lock").len()
+    }
+}
+
+#[async_trait]
+impl Bus for FakeBus {
+    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
+        if self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(BusError::Redis("injected failure".into()));
+        }
+        self.applied.lock().expect("lock").push(rec.clone());
+        Ok(Some(rec.to_msg(None)))
+    }
+
+    async fn history(&self, _room: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
+        Ok(Vec::new())
+    }
+
+    async fn tails(&self, _room: &RoomId) -> Result<Cursor, BusError> {
+        Ok(Cursor::default())
+    }
+
+    async fn subscribe(&self, _room: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _room: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+fn cfg(mock: &MockKafka, topic: &str, partitions: i32, group: &str) -> KafkaConfig {
+    KafkaConfig {
+        brokers: mock.bootstrap(),
+        local_topic: topic.into(),
+        partitions,
+        replication_factor: 1,
+        publish_timeout_ms: 3000,
+        fanout_group: group.into(),
+        session_timeout_ms: 6000,
+    }
+}
+
+fn value(i: usize) -> LogValue {
+    LogValue {
+        from: format!("p{i}"),
+        ts: 1_700_000_000_000 + i as i64,
+        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
+    }
+}
+
+fn room(i: usize) -> RoomId {
+    RoomId::parse(&format!("room-{i}")).expect("room")
+}
+
+/// Appends `n` messages over 13 rooms; returns (partition, offset) of each.
+async fn publish(app: &KafkaAppender, from: usize, n: usize) -> Vec<(i32, i64)> {
+    let mut out = Vec::new();
+    for i in from..from + n {
+        let a = app.append(&room(i % 13), &value(i)).await.expect("append");
+        out.push((a.partition, a.offset));
+    }
+    out
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every partition's records reached the bus in offset order.
+fn assert_in_partition_order(applied: &[LogRecord]) {
+    let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for r in applied {
+        let k = (r.origin.clone(), r.partition);
+        if let Some(prev) = last.get(&k) {
+            assert!(
+                r.offset > *prev,
+                "{}/{}: offset {} applied after {}",
+                r.origin,
+                r.partition,
+                r.offset,
+                prev
+            );
+        }
+        last.insert(k, r.offset);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applies_every_record_in_partition_order() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.order", 4).expect("topic");
+    let cfg = cfg(&mock, "f.order", 4, "g-order");
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let mut sent = publish(&app, 0, 120).await;
+
+    let bus = Arc::new(FakeBus::default());
+    let metrics = Arc::new(Metrics::new("seoul"));
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.order".into()],
+        bus.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .expect("start");
+    // Records published while the owner runs are applied too.
+    sent.extend(publish(&app, 120, 60).await);
+    wait_for("all records", Duration::from_secs(30), || {
+        bus.len() >= sent.len()
+    })
+    .await;
+    let applied = bus.applied();
+    assert_eq!(
+        applied.len(),
+        sent.len(),
+        "each record applied exactly once"
+    );
+    assert_in_partition_order(&applied);
+    let got: BTreeSet<(i32, i64)> = applied.iter().map(|r| (r.partition, r.offset)).collect();
+    let want: BTreeSet<(i32, i64)> = sent.iter().copied().collect();
+    assert_eq!(got, want);
+    for r in &applied {
+        assert_eq!(r.origin, "seoul");
+        let i: usize = r.value.from[1..].parse().expect("index");
+        assert_eq!(r.room, room(i % 13));
+        assert_eq!(r.value, value(i));
+    }
+
+    let status = owner.status();
+    assert!(status.joined);
+    assert_eq!(status.partitions.len(), 4, "{status:?}");
+    // Positions and high watermarks (from librdkafka's statistics) converge.
+    wait_for("status to catch up", Duration::from_secs(10), || {
+        let s = owner.status();
+        s.partitions
+            .iter()
+            .all(|p| p.position >= 0 && p.position == p.high_watermark)
+    })
+    .await;
+    let text = metrics.encode();
+    assert!(text.contains("dtfed_fanout_applied_total"), "{text}");
+    assert!(text.contains("dtfed_fanout_lag_records"), "{text}");
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_bus_is_retried_without_loss_or_reordering() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.retry", 3).expect("topic");
+    let cfg = cfg(&mock, "f.retry", 3, "g-retry");
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let sent = publish(&app, 0, 40).await;
+    let bus = FakeBus::failing(6);
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.retry".into()],
+        bus.clone(),
+        Arc::new(Metrics::new("seoul")),
+        stop.clone(),
+    )
+    .expect("start");
+    wait_for("all records", Duration::from_secs(40), || {
+        bus.len() >= sent.len()
+    })
+    .await;
+    assert_eq!(bus.failures.load(Ordering::SeqCst), 6);
+    let applied = bus.applied();
+    assert_eq!(applied.len(), sent.len());
+    assert_in_partition_order(&applied);
+    let got: BTreeSet<(i32, i64)> = applied.iter().map(|r| (r.partition, r.offset)).collect();
+    assert_eq!(got, sent.iter().copied().collect());
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_owners_split_the_partitions_and_hand_over_without_loss() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.group", 4).expect("topic");
+    let cfg = cfg(&mock, "f.group", 4, "g-group");
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let bus = Arc::new(FakeBus::default());
+    let stop_a = CancellationToken::new();
+    let stop_b = CancellationToken::new();
+    let start = |node: &str, stop: &CancellationToken| {
+        FanoutOwner::start(
+            &cfg,
+            "seoul",
+            node,
+            vec!["f.group".into()],
+            bus.clone(),
+            Arc::new(Metrics::new("seoul")),
+            stop.clone(),
+        )
+        .expect("start")
+    };
+    let a = start("a", &stop_a);
+    let b = start("b", &stop_b);
+    let mut sent = publish(&app, 0, 40).await;
+    wait_for("a split assignment", Duration::from_secs(30), || {
+        let (sa, sb) = (a.status(), b.status());
+        sa.joined && sb.joined && sa.partitions.len() == 2 && sb.partitions.len() == 2
+    })
+    .await;
+    wait_for("the first records", Duration::from_secs(20), || {
+        bus.len() >= sent.len()
+    })
+    .await;
+
+    // Owner a leaves while messages keep coming; b must take over its partitions.
+    let t0 = Instant::now();
+    stop_a.cancel();
+    let publisher = async {
+        let mut more = Vec::new();
+        for k in 0..10 {
+            more.extend(publish(&app, 40 + k * 8, 8).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        more
+    };
+    let (more, ()) = tokio::join!(publisher, async {
+        tokio::time::timeout(Duration::from_secs(15), a.join())
+            .await
+            .expect("a stops");
+    });
+    sent.extend(more);
+    wait_for("b owns every partition", Duration::from_secs(30), || {
+        b.status().partitions.len() == 4
+    })
+    .await;
+    let handover = t0.elapsed();
+    let want: BTreeSet<(i32, i64)> = sent.iter().copied().collect();
+    wait_for(
+        "every record after the hand-over",
+        Duration::from_secs(30),
+        || {
+            let got: BTreeSet<(i32, i64)> = bus
+                .applied()
+                .iter()
+                .map(|r| (r.partition, r.offset))
+                .collect();
+            want.is_subset(&got)
+        },
+    )
+    .await;
+    eprintln!(
+        "hand-over took {handover:?}; {} applies for {} records",
+        bus.len(),
+        want.len()
+    );
+    stop_b.cancel();
+    tokio::time::timeout(Duration::from_secs(15), b.join())
+        .await
+        .expect("b stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_records_take_origin_from_headers_and_poison_is_skipped() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.local", 1).expect("topic");
+    mock.create_topic("dtfed.mirror.tokyo", 2).expect("topic");
+    let cfg = cfg(&mock, "f.local", 1, "g-mirror");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap())
+        .create()
+        .expect("producer");
+    let mirror = "dtfed.mirror.tokyo";
+    let send = |key: Option<&'static str>,
+                payload: String,
+                headers: Option<OwnedHeaders>,
+                partition: i32| {
+        let producer = producer.clone();
+        async move {
+            let mut rec: FutureRecord<'_, str, String> = FutureRecord::to(mirror)
+                .payload(&payload)
+                .partition(partition);
+            if let Some(k) = key {
+                rec = rec.key(k);
+            }
+            if let Some(h) = headers {
+                rec = rec.headers(h);
+            }
+            producer
+                .send(rec, Duration::from_secs(5))
+                .await
+                .expect("produce");
+        }
+    };
+    let hdr = |off: i64| {
+        Some(
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: HEADER_ORIGIN,
+                    value: Some("tokyo"),
+                })
+                .insert(Header {
+                    key: HEADER_ORIGIN_OFFSET,
+                    value: Some(off.to_string().as_str()),
+                }),
+        )
+    };
+    let good = |i: usize| value(i).to_json();
+    send(Some("r1"), good(0), hdr(1000), 0).await;
+    send(None, good(1), hdr(1001), 0).await; // no key
+    send(Some("bad room"), good(2), hdr(1002), 0).await; // invalid room id
+    send(Some("r1"), "{not json".into(), hdr(1003), 0).await; // bad value
+    send(Some("r1"), good(4), None, 0).await; // mirror record without headers
+    send(Some("r1"), good(5), hdr(1005), 0).await;
+    send(Some("r2"), good(6), hdr(77), 1).await;
+
+    let bus = Arc::new(FakeBus::default());
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.local".into(), mirror.into()],
+        bus.clone(),
+        Arc::new(Metrics::new("seoul")),
+        stop.clone(),
+    )
+    .expect("start");
+    wait_for("the good records", Duration::from_secs(30), || {
+        bus.len() >= 3
+    })
+    .await;
+    wait_for("the skips counted", Duration::from_secs(10), || {
+        owner.status().skipped == 4
+    })
+    .await;
+    let mut applied = bus.applied();
+    applied.sort_by_key(|r| (r.partition, r.offset));
+    let seen: Vec<(String, i32, i64, String)> = applied
+        .iter()
+        .map(|r| (r.origin.clone(), r.partition, r.offset, r.room.to_string()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("tokyo".into(), 0, 1000, "r1".into()),
+            ("tokyo".into(), 0, 1005, "r1".into()),
+            ("tokyo".into(), 1, 77, "r2".into()),
+        ]
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_with_an_empty_assignment_is_joined() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.one", 1).expect("topic");
+    let cfg = cfg(&mock, "f.one", 1, "g-one");
+    let bus = Arc::new(FakeBus::default());
+    let stops = [CancellationToken::new(), CancellationToken::new()];
+    let owners: Vec<FanoutOwner> = ["a", "b"]
+        .iter()
+        .zip(&stops)
+        .map(|(node, stop)| {
+            FanoutOwner::start(
+                &cfg,
+                "seoul",
+                node,
+                vec!["f.one".into()],
+                bus.clone(),
+                Arc::new(Metrics::new("seoul")),
+                stop.clone(),
+            )
+            .expect("start")
+        })
+        .collect();
+    wait_for("both joined", Duration::from_secs(30), || {
+        owners.iter().all(|o| o.status().joined)
+    })
+    .await;
+    wait_for(
+        "one owner of the partition",
+        Duration::from_secs(10),
+        || {
+            owners
+                .iter()
+                .map(|o| o.status().partitions.len())
+                .sum::<usize>()
+                == 1
+        },
+    )
+    .await;
+    for s in &stops {
+        s.cancel();
+    }
+    for o in owners {
+        tokio::time::timeout(Duration::from_secs(15), o.join())
+            .await
+            .expect("owner stops");
+    }
+}

@@ -1,0 +1,290 @@
+//! The Kafka code against a real broker. Ignored by default; run with
+//!
+//! ```text
+//! deploy/kafka.sh start --port 19092 --dir /tmp/k1
+//! DTFED_TEST_KAFKA=127.0.0.1:19092 cargo test -p dtfed --test kafka_real -- --ignored --nocapture
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use dtfed::append::{producer_config, KafkaAppender};
+use dtfed::bus::{Bus, BusError};
+use dtfed::config::KafkaConfig;
+use dtfed::fanout::FanoutOwner;
+use dtfed::kafka::{ensure_topic, partition_for};
+use dtfed::metrics::Metrics;
+use dtfed::replay::RoomLogReader;
+use dtfed_proto::client::Body;
+use dtfed_proto::record::LogValue;
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+fn brokers() -> String {
+    std::env::var("DTFED_TEST_KAFKA").expect("set DTFED_TEST_KAFKA=host:port")
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dtfed=info")),
+        )
+        .try_init();
+}
+
+fn cfg(topic: &str, partitions: i32) -> KafkaConfig {
+    KafkaConfig {
+        brokers: brokers(),
+        local_topic: topic.into(),
+        partitions,
+        replication_factor: 1,
+        publish_timeout_ms: 5000,
+        fanout_group: format!("g-{topic}"),
+        session_timeout_ms: 6000,
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}.{:08x}", rand::random::<u32>())
+}
+
+fn value(i: usize) -> LogValue {
+    LogValue {
+        from: format!("p{i}"),
+        ts: 1_700_000_000_000 + i as i64,
+        body: Body::from_json(&format!("{{\"n\":{i},\"text\":\"roll for initiative\"}}"))
+            .expect("json"),
+    }
+}
+
+fn room(i: usize) -> RoomId {
+    RoomId::parse(&format!("room-{i}")).expect("room")
+}
+
+#[derive(Default)]
+struct RecordingBus(Mutex<Vec<LogRecord>>);
+
+#[async_trait]
+impl Bus for RecordingBus {
+    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
+        self.0.lock().expect("lock").push(rec.clone());
+        Ok(Some(rec.to_msg(None)))
+    }
+    async fn history(&self, _: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
+        Ok(Vec::new())
+    }
+    async fn tails(&self, _: &RoomId) -> Result<Cursor, BusError> {
+        Ok(Cursor::default())
+    }
+    async fn subscribe(&self, _: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+    async fn unsubscribe(&self, _: &RoomId) -> Result<(), BusError> {
+        Ok(())
+    }
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Kafka: DTFED_TEST_KAFKA=host:port"]
+async fn real_topic_append_fanout_replay() {
+    init_tracing();
+    let topic = unique("dtfed.test");
+    let cfg = cfg(&topic, 6);
+    let t0 = Instant::now();
+    assert_eq!(ensure_topic(&cfg, &topic, 6).await.expect("create"), 6);
+    eprintln!("ensure_topic (create) took {:?}", t0.elapsed());
+    assert_eq!(ensure_topic(&cfg, &topic, 12).await.expect("exists"), 6);
+
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let mut sent = Vec::new();
+    let mut lat = Vec::new();
+    for i in 0..300 {
+        let r = room(i % 17);
+        let t = Instant::now();
+        let a = app.append(&r, &value(i)).await.expect("append");
+        lat.push(t.elapsed());
+        assert_eq!(a.partition, partition_for(&r, 6), "room {r}");
+        sent.push((r, a.partition, a.offset));
+    }
+    lat.sort();
+    eprintln!(
+        "sequential append latency: p50 {:?} p99 {:?}",
+        lat[lat.len() / 2],
+        lat[lat.len() * 99 / 100]
+    );
+
+    // Fan-out: two owners, then one leaves.
+    let bus = Arc::new(RecordingBus::default());
+    let start = |node: &str, stop: &CancellationToken| {
+        FanoutOwner::start(
+            &cfg,
+            "seoul",
+            node,
+            vec![topic.clone()],
+            bus.clone(),
+            Arc::new(Metrics::new("seoul")),
+            stop.clone(),
+        )
+        .expect("start")
+    };
+    let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+    let t0 = Instant::now();
+    let a = start("a", &stop_a);
+    let b = start("b", &stop_b);
+    let want: BTreeSet<(i32, i64)> = sent.iter().map(|(_, p, o)| (*p, *o)).collect();
+    let seen = || -> BTreeSet<(i32, i64)> {
+        bus.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .collect()
+    };
+    let settled = || {
+        let (sa, sb) = (a.status(), b.status());
+        want.is_subset(&seen())
+            && sa.partitions.len() + sb.partitions.len() == 6
+            && !sa.partitions.is_empty()
+            && !sb.partitions.is_empty()
+    };
+    while !settled() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "group never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "two owners joined and applied everything in {:?}",
+        t0.elapsed()
+    );
+
+    let t0 = Instant::now();
+    stop_a.cancel();
+    a.join().await;
+    eprintln!("owner a closed in {:?}", t0.elapsed());
+    while b.status().partitions.len() < 6 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "b never took over");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("hand-over after a clean leave: {:?}", t0.elapsed());
+    // Published after the hand-over: b applies it.
+    let r = room(1);
+    let t1 = Instant::now();
+    let a9 = app.append(&r, &value(999)).await.expect("append");
+    while !seen().contains(&(a9.partition, a9.offset)) {
+        assert!(t1.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eprintln!("append -> bus apply: {:?}", t1.elapsed());
+    stop_b.cancel();
+    b.join().await;
+
+    // Replay.
+    let reader = RoomLogReader::with_node(&cfg, "seoul", "n1", 6).expect("reader");
+    for i in 0..17 {
+        let r = room(i);
+        let want: Vec<i64> = sent
+            .iter()
+            .filter(|(x, _, _)| *x == r)
+            .map(|(_, _, o)| *o)
+            .collect();
+        let t = Instant::now();
+        let read = reader.read_room(&r, None, None).await.expect("read");
+        let got: Vec<i64> = read.records.iter().map(|x| x.offset).collect();
+        let want: Vec<i64> = if i == 1 {
+            want.into_iter().chain([a9.offset]).collect()
+        } else {
+            want
+        };
+        assert_eq!(got, want, "room {r}");
+        if i < 3 {
+            eprintln!("replay of {r}: {} records in {:?}", got.len(), t.elapsed());
+        }
+    }
+}
+
+/// Publish latency (the player's ack path) and throughput for several linger.ms values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real Kafka: DTFED_TEST_KAFKA=host:port"]
+async fn real_linger_comparison() {
+    init_tracing();
+    let topic = unique("dtfed.linger");
+    let cfg = cfg(&topic, 3);
+    ensure_topic(&cfg, &topic, 3).await.expect("create");
+    let combos = [
+        ("0", "none"),
+        ("0.2", "none"),
+        ("0.5", "none"),
+        ("1", "none"),
+        ("1", "lz4"),
+        ("5", "none"),
+    ];
+    for (linger, compression) in combos {
+        {
+            let mut c = producer_config(&cfg, "seoul", "bench");
+            c.set("linger.ms", linger)
+                .set("compression.type", compression);
+            let p: FutureProducer = c.create().expect("producer");
+            let payload = value(1).to_json();
+            // Sequential (one player) and 32 concurrent publishers.
+            let mut seq = Vec::new();
+            for i in 0..200 {
+                let key = format!("room-{}", i % 7);
+                let t = Instant::now();
+                p.send(
+                    FutureRecord::to(&topic).key(&key).payload(&payload),
+                    Duration::ZERO,
+                )
+                .await
+                .expect("send");
+                seq.push(t.elapsed());
+            }
+            seq.sort();
+            let t = Instant::now();
+            let mut tasks = Vec::new();
+            for w in 0..32 {
+                let p = p.clone();
+                let topic = topic.clone();
+                let payload = payload.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut l = Vec::new();
+                    for i in 0..100 {
+                        let key = format!("room-{}", (w + i) % 50);
+                        let t = Instant::now();
+                        p.send(
+                            FutureRecord::to(&topic).key(&key).payload(&payload),
+                            Duration::ZERO,
+                        )
+                        .await
+                        .expect("send");
+                        l.push(t.elapsed());
+                    }
+                    l
+                }));
+            }
+            let mut conc = Vec::new();
+            for t in tasks {
+                conc.extend(t.await.expect("task"));
+            }
+            let wall = t.elapsed();
+            conc.sort();
+            eprintln!(
+                "linger {linger} {compression}: sequential p50 {:?} p99 {:?}; 32 concurrent p50 {:?} p99 {:?}, {:.0} msg/s",
+                seq[seq.len() / 2],
+                seq[seq.len() * 99 / 100],
+                conc[conc.len() / 2],
+                conc[conc.len() * 99 / 100],
+                conc.len() as f64 / wall.as_secs_f64()
+            );
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Replay reads against librdkafka's mock cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dtfed::append::KafkaAppender;
+use dtfed::config::KafkaConfig;
+use dtfed::kafka::{partition_for, MockKafka};
+use dtfed::replay::RoomLogReader;
+use dtfed_proto::client::Body;
+use dtfed_proto::record::LogValue;
+use dtfed_proto::RoomId;
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+}
+
+fn value(i: usize) -> LogValue {
+    LogValue {
+        from: format!("p{i}"),
+        ts: 1_700_000_000_000 + i as i64,
+        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
+    }
+}
+
+fn room(i: usize) -> RoomId {
+    RoomId::parse(&format!("room-{i}")).expect("room")
+}
+
+struct Fixture {
+    mock: MockKafka,
+    cfg: KafkaConfig,
+    /// room → offsets of its records, in order.
+    sent: BTreeMap<RoomId, Vec<i64>>,
+}
+
+async fn fixture(topic: &str, partitions: i32, n: usize) -> Fixture {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic(topic, partitions).expect("topic");
+    let cfg = KafkaConfig {
+        brokers: mock.bootstrap(),
+        local_topic: topic.into(),
+        partitions,
+        publish_timeout_ms: 3000,
+        ..KafkaConfig::default()
+    };
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let mut sent: BTreeMap<RoomId, Vec<i64>> = BTreeMap::new();
+    for i in 0..n {
+        let r = room(i % 7);
+        let a = app.append(&r, &value(i)).await.expect("append");
+        assert_eq!(a.partition, partition_for(&r, partitions));
+        sent.entry(r).or_default().push(a.offset);
+    }
+    Fixture { mock, cfg, sent }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_exactly_the_rooms_records_in_a_range() {
+    let f = fixture("r.range", 3, 140).await;
+    let reader = RoomLogReader::with_node(&f.cfg, "seoul", "n1", 3).expect("reader");
+    for (r, offsets) in &f.sent {
+        let all = reader.read_room(r, None, None).await.expect("read");
+        assert_eq!(all.partition, partition_for(r, 3));
+        assert_eq!(all.earliest, 0);
+        let got: Vec<i64> = all.records.iter().map(|x| x.offset).collect();
+        assert_eq!(&got, offsets, "room {r}");
+        for x in &all.records {
+            assert_eq!(&x.room, r);
+            assert_eq!(x.origin, "seoul");
+            assert_eq!(x.partition, all.partition);
+            let i: usize = x.value.from[1..].parse().expect("index");
+            assert_eq!(x.value, value(i));
+        }
+
+        // A window: after < offset < before.
+        let (a, b) = (offsets[3], offsets[15]);
+        let win = reader.read_room(r, Some(a), Some(b)).await.expect("read");
+        let got: Vec<i64> = win.records.iter().map(|x| x.offset).collect();
+        let want: Vec<i64> = offsets
+            .iter()
+            .copied()
+            .filter(|o| *o > a && *o < b)
+            .collect();
+        assert_eq!(got, want, "room {r} in ({a}, {b})");
+        assert_eq!(got.len(), 11);
+
+        // After the last record: nothing. Before the first: nothing.
+        let last = *offsets.last().expect("records");
+        assert!(reader
+            .read_room(r, Some(last), None)
+            .await
+            .expect("read")
+            .records
+            .is_empty());
+        assert!(reader
+            .read_room(r, None, Some(offsets[0]))
+            .await
+            .expect("read")
+            .records
+            .is_empty());
+        // A cursor beyond the end (a confused client) is empty too, not an error.
+        assert!(reader
+            .read_room(r, Some(last + 1000), None)
+            .await
+            .expect("read")
+            .records
+            .is_empty());
+    }
+    drop(f.mock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_reads_are_all_correct() {
+    let f = fixture("r.conc", 2, 70).await;
+    let reader = Arc::new(RoomLogReader::with_node(&f.cfg, "seoul", "n1", 2).expect("reader"));
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (r, offsets) in f.sent.clone() {
+            let reader = Arc::clone(&reader);
+            tasks.push(tokio::spawn(async move {
+                let after = offsets.get(round).copied();
+                let read = reader.read_room(&r, after, None).await.expect("read");
+                let got: Vec<i64> = read.records.iter().map(|x| x.offset).collect();
+                let want: Vec<i64> = offsets
+                    .iter()
+                    .copied()
+                    .filter(|o| after.is_none_or(|a| *o > a))
+                    .collect();
+                assert_eq!(got, want, "room {r} after {after:?}");
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_with_kafka_down_fails_within_the_timeout() {
+    let f = fixture("r.down", 1, 5).await;
+    let mut reader = RoomLogReader::with_node(&f.cfg, "seoul", "n1", 1).expect("reader");
+    reader.set_timeout(Duration::from_secs(2));
+    f.mock.broker_down(-1).expect("down");
+    let t0 = Instant::now();
+    let err = reader
+        .read_room(&room(0), None, None)
+        .await
+        .expect_err("Kafka is down");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    eprintln!("{err}");
+    f.mock.broker_up(-1).expect("up");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match reader.read_room(&room(0), None, None).await {
+            Ok(read) => {
+                assert_eq!(read.records.len(), 1);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => eprintln!("not yet: {e}"),
+            Err(e) => panic!("Kafka is back but reads fail: {e}"),
+        }
+    }
+}
