@@ -26,6 +26,9 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub history: HistoryConfig,
+    /// Mirroring to and from other regions over QUIC; absent for a region on its own.
+    #[serde(default)]
+    pub federation: Option<dtfed_regions::FederationConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -312,6 +315,14 @@ impl Config {
         }
         if self.history.max_age_secs == 0 {
             errs.push("history.max_age_secs must be at least 1".into());
+        }
+        if let Some(f) = &self.federation {
+            errs.extend(f.validate(&self.region));
+            if f.listen == self.client.listen || f.listen == self.admin.listen {
+                if f.listen.port() != 0 {
+                    errs.push(format!("federation.listen {} clashes with another listener", f.listen));
+                }
+            }
         }
         errs
     }

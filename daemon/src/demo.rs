@@ -122,5 +122,6 @@ fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option
             key_prefix: format!("dtfed-demo-{region}"),
         }),
         history: HistoryConfig::default(),
+        federation: None,
     }
 }

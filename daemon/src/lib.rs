@@ -22,3 +22,4 @@ pub mod node;
 pub mod replay;
 pub mod rooms;
 pub mod signals;
+pub mod status;

@@ -34,6 +34,38 @@ enum Command {
     Demo(dtfed::demo::DemoArgs),
     /// Check a config file and print every problem in it.
     CheckConfig { file: PathBuf },
+    /// Make the federation CA and region certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Show a running daemon's links, mirror lag, fan-out lag and clients.
+    Status {
+        /// The daemon's admin address, e.g. http://127.0.0.1:9090
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make the federation CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a region's key and certificate, signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +88,22 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Certs(certs) = &command {
+        let written = match certs {
+            CertsCommand::Init { dir, force } => dtfed_regions::certs_init(dir, *force),
+            CertsCommand::Issue { dir, region, force } => dtfed_regions::certs_issue(dir, region, *force),
+        };
+        return match written {
+            Ok(paths) => {
+                println!("wrote {} and {}", paths.cert.display(), paths.key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dtfed certs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -67,7 +115,8 @@ fn main() -> ExitCode {
         match command {
             Command::Run { config, grace } => run(config, Duration::from_secs(grace)).await,
             Command::Demo(args) => dtfed::demo::run(args).await,
-            Command::CheckConfig { .. } => Ok(()),
+            Command::Status { admin, json } => dtfed::status::print(&admin, json).await,
+            Command::CheckConfig { .. } | Command::Certs(_) => Ok(()),
         }
     });
     match result {
