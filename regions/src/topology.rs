@@ -1,0 +1,284 @@
+//! Region topology: who this region is linked to, and with which credentials.
+//!
+//! [`FederationConfig`] is the `[federation]` part of a daemon's config: the QUIC listen
+//! address, the federation CA and this region's certificate and key (see [`crate::certs`]),
+//! and the peer regions with their addresses. The types only parse (serde, unknown fields
+//! rejected); [`FederationConfig::validate`] reports every problem at once so an operator
+//! fixes a config in one go.
+//!
+//! Region names are 1 to 32 characters of `[a-z0-9-]` ([`valid_region_name`]): they end up
+//! in DNS names (`<region>.dtfed.region`), Kafka topic names (`dtfed.mirror.<region>`) and
+//! metric labels, so they are kept boring.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest region name.
+pub const MAX_REGION_NAME_LEN: usize = 32;
+
+/// Whether `name` is a valid region name: 1 to 32 characters of `[a-z0-9-]`.
+pub fn valid_region_name(name: &str) -> bool {
+    (1..=MAX_REGION_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The federation section of a region's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// QUIC (UDP) address the region link listens on.
+    pub listen: SocketAddr,
+    /// PEM file of the federation CA certificate (the only trust anchor of the links).
+    pub ca_cert: PathBuf,
+    /// PEM file of this region's certificate (names `<region>.dtfed.region`).
+    pub cert: PathBuf,
+    /// PEM file of this region's private key.
+    pub key: PathBuf,
+    /// The other regions this one mirrors from and serves to.
+    #[serde(default)]
+    pub peers: Vec<PeerRegion>,
+}
+
+/// One peer region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerRegion {
+    /// The peer's region name; its certificate must name it.
+    pub name: String,
+    /// `host:port` QUIC addresses of the peer's daemons (any of them serves any partition).
+    pub addrs: Vec<String>,
+    /// Partition count of the peer's local topic, when known ahead (otherwise asked for).
+    #[serde(default)]
+    pub partitions: Option<i32>,
+}
+
+impl FederationConfig {
+    /// Every problem with this config, for region `self_region`; empty when it is valid.
+    pub fn validate(&self, self_region: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !valid_region_name(self_region) {
+            problems.push(format!(
+                "region name `{self_region}` is invalid: use 1 to {MAX_REGION_NAME_LEN} of [a-z0-9-]"
+            ));
+        }
+        for (field, path) in [
+            ("ca_cert", &self.ca_cert),
+            ("cert", &self.cert),
+            ("key", &self.key),
+        ] {
+            if path.as_os_str().is_empty() {
+                problems.push(format!("federation.{field} is empty"));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            let at = format!("federation.peers[{i}] (`{}`)", peer.name);
+            if !valid_region_name(&peer.name) {
+                problems.push(format!(
+                    "{at}: invalid region name: use 1 to {MAX_REGION_NAME_LEN} of [a-z0-9-]"
+                ));
+            }
+            if !seen.insert(peer.name.as_str()) {
+                problems.push(format!("{at}: duplicate peer region"));
+            }
+            if peer.name == self_region {
+                problems.push(format!("{at}: a region cannot peer with itself"));
+            }
+            if peer.addrs.is_empty() {
+                problems.push(format!("{at}: no addrs"));
+            }
+            for addr in &peer.addrs {
+                if let Err(why) = parse_host_port(addr) {
+                    problems.push(format!("{at}: address `{addr}`: {why}"));
+                }
+            }
+            if let Some(n) = peer.partitions {
+                if n < 1 {
+                    problems.push(format!("{at}: partitions must be at least 1, not {n}"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Names of the peer regions: the regions allowed on this region's links.
+    pub fn allowed_peers(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// The peer named `name`.
+    pub fn peer(&self, name: &str) -> Option<&PeerRegion> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+/// Splits a `host:port` address (`[v6]:port` for IPv6 literals) into host and port, checking
+/// the host is an IP literal or a plausible DNS name and the port is not 0.
+pub fn parse_host_port(addr: &str) -> Result<(String, u16), String> {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err("port 0".into());
+        }
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port".to_owned())?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad port `{port}`"))
+        .and_then(|p| if p == 0 { Err("port 0".into()) } else { Ok(p) })?;
+    if host.contains(':') || host.starts_with('[') {
+        return Err("IPv6 addresses are written [addr]:port".into());
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(format!("bad host `{host}`"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_names() {
+        for ok in ["seoul", "us-east-1", "a", &"x".repeat(32)] {
+            assert!(valid_region_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Seoul",
+            "us_east",
+            "a.b",
+            "tokyo ",
+            &"x".repeat(33),
+            "東京",
+        ] {
+            assert!(!valid_region_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            parse_host_port("10.0.0.1:7000"),
+            Ok(("10.0.0.1".into(), 7000))
+        );
+        assert_eq!(parse_host_port("[::1]:7000"), Ok(("::1".into(), 7000)));
+        assert_eq!(
+            parse_host_port("tokyo-1.dtfed.internal:7000"),
+            Ok(("tokyo-1.dtfed.internal".into(), 7000))
+        );
+        for bad in [
+            "tokyo",
+            "tokyo:",
+            ":7000",
+            "tokyo:0",
+            "tokyo:70000",
+            "::1:7000",
+            "to kyo:1",
+            "a..b:1",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    const GOOD: &str = r#"
+        listen = "0.0.0.0:7100"
+        ca_cert = "/etc/dtfed/ca.crt"
+        cert = "/etc/dtfed/seoul.crt"
+        key = "/etc/dtfed/seoul.key"
+
+        [[peers]]
+        name = "tokyo"
+        addrs = ["tokyo-1.internal:7100", "10.1.0.2:7100"]
+        partitions = 12
+
+        [[peers]]
+        name = "frankfurt"
+        addrs = ["[fd00::1]:7100"]
+    "#;
+
+    #[test]
+    fn parses_and_validates() {
+        let cfg: FederationConfig = toml::from_str(GOOD).expect("parse");
+        assert_eq!(cfg.listen, "0.0.0.0:7100".parse().expect("addr"));
+        assert_eq!(cfg.peers.len(), 2);
+        assert_eq!(cfg.peers[0].partitions, Some(12));
+        assert_eq!(cfg.peers[1].partitions, None);
+        assert_eq!(cfg.validate("seoul"), Vec::<String>::new());
+        assert_eq!(cfg.allowed_peers(), vec!["tokyo", "frankfurt"]);
+        assert!(cfg.peer("tokyo").is_some());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let typo = GOOD.replace("partitions = 12", "partition = 12");
+        assert!(toml::from_str::<FederationConfig>(&typo).is_err());
+        let top = format!("{GOOD}\nextra = 1\n");
+        assert!(toml::from_str::<FederationConfig>(&top).is_err());
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let cfg: FederationConfig = toml::from_str(
+            r#"
+            listen = "0.0.0.0:7100"
+            ca_cert = ""
+            cert = "c"
+            key = "k"
+            [[peers]]
+            name = "seoul"
+            addrs = ["x:1"]
+            [[peers]]
+            name = "Tokyo"
+            addrs = []
+            [[peers]]
+            name = "osaka"
+            addrs = ["osaka", "osaka:99999"]
+            partitions = 0
+            [[peers]]
+            name = "osaka"
+            addrs = ["osaka:1"]
+            "#,
+        )
+        .expect("parse");
+        let problems = cfg.validate("seoul");
+        let expect = [
+            "ca_cert is empty",
+            "a region cannot peer with itself",
+            "`Tokyo`): invalid region name",
+            "`Tokyo`): no addrs",
+            "address `osaka`: expected host:port",
+            "address `osaka:99999`: bad port",
+            "partitions must be at least 1",
+            "duplicate peer region",
+        ];
+        for e in expect {
+            assert!(
+                problems.iter().any(|p| p.contains(e)),
+                "missing {e:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+        let bad_self = cfg.validate("Bad Name");
+        assert!(bad_self[0].contains("region name `Bad Name` is invalid"));
+    }
+}
