@@ -61,8 +61,8 @@ pub struct KafkaAppender {
     region: String,
     publish_timeout: Duration,
     config: ClientConfig,
-    /// The current producer; replaced when it turns fatal.
-    producer: Mutex<Arc<Prod>>,
+    /// The current producer; replaced when it turns fatal. `None` only while dropping.
+    producer: Mutex<Option<Arc<Prod>>>,
 }
 
 impl std::fmt::Debug for KafkaAppender {
@@ -127,7 +127,7 @@ impl KafkaAppender {
             region: region.to_owned(),
             publish_timeout: cfg.publish_timeout(),
             config,
-            producer: Mutex::new(Arc::new(producer)),
+            producer: Mutex::new(Some(Arc::new(producer))),
         })
     }
 
@@ -136,11 +136,18 @@ impl KafkaAppender {
         &self.topic
     }
 
-    fn current(&self) -> Arc<Prod> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Prod>>> {
         match self.producer.lock() {
-            Ok(p) => Arc::clone(&p),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    fn current(&self) -> Result<Arc<Prod>, AppendError> {
+        self.slot()
+            .as_ref()
+            .map(Arc::clone)
+            .ok_or_else(|| AppendError::Unavailable("the producer is shut down".into()))
     }
 
     /// Replaces `failed` with a new producer if it is still the current one and is in a
@@ -150,12 +157,10 @@ impl KafkaAppender {
         let Some((code, reason)) = failed.client().fatal_error() else {
             return;
         };
-        let mut guard = match self.producer.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if !Arc::ptr_eq(&guard, failed) {
-            return; // Someone else replaced it already.
+        let mut guard = self.slot();
+        match guard.as_ref() {
+            Some(current) if Arc::ptr_eq(current, failed) => {}
+            _ => return, // Someone else replaced it already.
         }
         match build(&self.config) {
             Ok(fresh) => {
@@ -165,9 +170,11 @@ impl KafkaAppender {
                     reason,
                     "Kafka producer hit a fatal error; replaced it with a new one"
                 );
-                let old = std::mem::replace(&mut *guard, Arc::new(fresh));
+                let old = guard.replace(Arc::new(fresh));
                 drop(guard);
-                drop_off_runtime(old);
+                if let Some(old) = old {
+                    release(old);
+                }
             }
             Err(e) => {
                 tracing::error!(
@@ -184,11 +191,11 @@ impl KafkaAppender {
     /// Appends one message; resolves once Kafka acknowledged it (or did not, within
     /// `kafka.publish_timeout_ms`).
     pub async fn append(&self, room: &RoomId, value: &LogValue) -> Result<Appended, AppendError> {
-        let mut producer = self.current();
+        let mut producer = self.current()?;
         if producer.client().fatal_error().is_some() {
             self.recover_if_fatal(&producer);
             release(producer);
-            producer = self.current();
+            producer = self.current()?;
         }
         let result = self.append_with(&producer, room, value).await;
         release(producer);
@@ -251,9 +258,20 @@ impl KafkaAppender {
     ///
     /// Blocking: call it from a blocking context (`spawn_blocking`) or at shutdown.
     pub fn flush(&self, timeout: Duration) -> Result<(), AppendError> {
-        self.current()
+        self.current()?
             .flush(timeout)
             .map_err(|e| AppendError::Unavailable(format!("flush: {e}")))
+    }
+}
+
+impl Drop for KafkaAppender {
+    fn drop(&mut self) {
+        // Dropping a producer blocks (it purges what is still queued, waits up to 500 ms and
+        // joins its thread): keep that off the async runtime. Call `flush` first to deliver
+        // what is in flight.
+        if let Some(p) = self.slot().take() {
+            release(p);
+        }
     }
 }
 

@@ -318,10 +318,9 @@ impl Config {
         }
         if let Some(f) = &self.federation {
             errs.extend(f.validate(&self.region));
-            if f.listen == self.client.listen || f.listen == self.admin.listen {
-                if f.listen.port() != 0 {
-                    errs.push(format!("federation.listen {} clashes with another listener", f.listen));
-                }
+            let clash = f.listen == self.client.listen || f.listen == self.admin.listen;
+            if clash && f.listen.port() != 0 {
+                errs.push(format!("federation.listen {} clashes with another listener", f.listen));
             }
         }
         errs

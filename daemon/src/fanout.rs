@@ -336,6 +336,8 @@ impl FanoutOwner {
         );
         let run = Run {
             consumer,
+            config,
+            topics,
             shared: Arc::clone(&shared),
             bus,
             local_topic: cfg.local_topic.clone(),
@@ -365,11 +367,42 @@ impl FanoutOwner {
 /// The owner task.
 struct Run {
     consumer: Owner,
+    /// To build a new consumer if this one turns fatal.
+    config: rdkafka::ClientConfig,
+    topics: Vec<String>,
     shared: Arc<Shared>,
     bus: Arc<dyn Bus>,
     local_topic: String,
     region: String,
     shutdown: CancellationToken,
+}
+
+/// Says a repeated consumer error (every poll while Kafka is down) once per
+/// [`ERROR_LOG_EVERY`], with how many times it repeated.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<(String, std::time::Instant)>,
+    repeats: u64,
+}
+
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl ErrorLog {
+    /// `Some(times it was suppressed since last said)` if `e` should be logged now.
+    fn note(&mut self, e: &KafkaError) -> Option<u64> {
+        let text = e.to_string();
+        let now = std::time::Instant::now();
+        match &self.last {
+            Some((t, at)) if *t == text && now.duration_since(*at) < ERROR_LOG_EVERY => {
+                self.repeats += 1;
+                None
+            }
+            _ => {
+                self.last = Some((text, now));
+                Some(std::mem::take(&mut self.repeats))
+            }
+        }
+    }
 }
 
 /// What one consumed record turned into, decoded before any await so that the borrowed
@@ -380,7 +413,8 @@ enum Item {
 }
 
 impl Run {
-    async fn run(self) {
+    async fn run(mut self) {
+        let mut errors = ErrorLog::default();
         loop {
             let next = tokio::select! {
                 biased;
@@ -393,10 +427,23 @@ impl Run {
                     (m.topic().to_owned(), m.partition(), m.offset(), item)
                 }
                 Err(e) => {
-                    tracing::warn!(region = %self.region, error = %e, "fan-out consumer error");
+                    if let Some(suppressed) = errors.note(&e) {
+                        tracing::warn!(
+                            region = %self.region,
+                            error = %e,
+                            suppressed,
+                            "fan-out consumer error (repeats are logged every 10 s)"
+                        );
+                    }
                     if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
-                        tracing::error!(region = %self.region, "fan-out consumer is in a fatal state; stopping");
-                        break;
+                        // Only static group membership (not used here) is documented to end
+                        // like this; whatever the cause, a fatal consumer never recovers,
+                        // so rejoin with a new one.
+                        tracing::error!(region = %self.region, error = %e, "fan-out consumer is in a fatal state; rejoining with a new consumer");
+                        if !self.replace_consumer().await {
+                            break;
+                        }
+                        continue;
                     }
                     // Errors come from polling, not from a record; don't spin on them.
                     tokio::select! {
@@ -439,6 +486,40 @@ impl Run {
             self.shared.advanced(&topic, partition, offset);
         }
         self.close().await;
+    }
+
+    /// Swaps the consumer for a new one subscribed to the same topics; false if that
+    /// failed (the owner then stops, which `status()` shows as no partitions).
+    async fn replace_consumer(&mut self) -> bool {
+        let ctx = OwnerContext {
+            log: TracingContext::for_config(&self.config),
+            shared: Arc::clone(&self.shared),
+        };
+        let fresh: Owner = match StreamConsumer::from_config_and_context(&self.config, ctx) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(region = %self.region, error = %e, "fan-out: cannot create a new consumer");
+                return false;
+            }
+        };
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        if let Err(e) = fresh.subscribe(&names) {
+            tracing::error!(region = %self.region, error = %e, "fan-out: cannot subscribe the new consumer");
+            return false;
+        }
+        let old = std::mem::replace(&mut self.consumer, fresh);
+        // Whatever the old consumer owned is gone with it.
+        {
+            let mut owned = self.shared.owned();
+            for (topic, partition) in std::mem::take(&mut *owned).into_keys() {
+                self.shared
+                    .metrics
+                    .fanout_lag
+                    .remove(&PartitionLabel { topic, partition });
+            }
+        }
+        drop(tokio::task::spawn_blocking(move || drop(old)));
+        true
     }
 
     fn decode(&self, m: &BorrowedMessage<'_>) -> Item {

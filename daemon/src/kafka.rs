@@ -7,8 +7,9 @@
 //! global errors reach `tracing` under the target `librdkafka`, whatever `log` bridge is or is
 //! not installed.
 
+use std::collections::HashMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -170,8 +171,9 @@ fn permanent_create_error(code: RDKafkaErrorCode) -> bool {
 ///
 /// Tolerates a topic that exists already (whatever its partition count: the count returned
 /// is the real one) and a cluster that is still starting: transient failures are retried for
-/// up to [`ENSURE_TOPIC_DEADLINE`]. A cluster that does not implement CreateTopics (the
-/// librdkafka mock cluster) works as long as the topic exists.
+/// up to [`ENSURE_TOPIC_DEADLINE`]. On a [`MockKafka`] of this process (which does not
+/// implement CreateTopics) the topic is created through the mock's own API; any other
+/// cluster without CreateTopics works as long as the topic exists.
 pub async fn ensure_topic(
     cfg: &KafkaConfig,
     topic: &str,
@@ -187,9 +189,16 @@ pub async fn ensure_topic_within(
     partitions: i32,
     deadline: Duration,
 ) -> Result<i32, KafkaSetupError> {
-    let topic_err = |detail: String| KafkaSetupError::Topic {
-        topic: topic.to_owned(),
-        detail,
+    // An in-process mock cluster (`dtfed demo`, tests) gets its topic directly.
+    let on_mock = match create_on_mock(&cfg.brokers, topic, partitions) {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            return Err(KafkaSetupError::Topic {
+                topic: topic.to_owned(),
+                detail: format!("creating on the mock cluster: {e}"),
+            })
+        }
+        None => false,
     };
     let mut cc = client_config(cfg, "admin", &default_node_name());
     // Never let a metadata request auto-create the topic with the broker's defaults.
@@ -201,51 +210,99 @@ pub async fn ensure_topic_within(
             brokers: cfg.brokers.clone(),
             detail: format!("cannot create an admin client: {e}"),
         })?;
+    let result = ensure_with(&admin, cfg, topic, partitions, deadline, on_mock).await;
+    // Destroying a client blocks briefly (it joins its threads): not on the runtime.
+    drop(tokio::task::spawn_blocking(move || drop(admin)));
+    result
+}
+
+/// Why a try of [`ensure_with`] failed.
+struct NotReady {
+    code: Option<RDKafkaErrorCode>,
+    text: String,
+}
+
+impl NotReady {
+    fn new(code: Option<RDKafkaErrorCode>, text: String) -> Self {
+        NotReady { code, text }
+    }
+
+    /// The cluster could not be reached at all (as opposed to answering "no").
+    fn unreachable(&self) -> bool {
+        matches!(
+            self.code,
+            Some(
+                RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::Resolve
+            )
+        )
+    }
+}
+
+async fn ensure_with(
+    admin: &Arc<AdminClient<TracingContext>>,
+    cfg: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    deadline: Duration,
+    on_mock: bool,
+) -> Result<i32, KafkaSetupError> {
     let started = Instant::now();
+    let left = || {
+        deadline
+            .saturating_sub(started.elapsed())
+            .clamp(Duration::from_millis(100), Duration::from_secs(5))
+    };
     let mut backoff = Duration::from_millis(200);
-    let mut last_error;
     loop {
-        let left = deadline.saturating_sub(started.elapsed());
-        let per_try = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let opts = AdminOptions::new()
-            .request_timeout(Some(per_try))
-            .operation_timeout(Some(per_try));
-        let new_topic = NewTopic::new(
-            topic,
-            partitions,
-            TopicReplication::Fixed(cfg.replication_factor),
-        );
-        match admin.create_topics([&new_topic], &opts).await {
-            Ok(results) => match results.into_iter().next() {
-                Some(Ok(_)) => {
-                    tracing::info!(topic, partitions, "created Kafka topic");
-                    last_error = String::new();
+        // 1. Create (a topic that exists already is fine).
+        let mut create_failure = None;
+        if !on_mock {
+            let opts = AdminOptions::new()
+                .request_timeout(Some(left()))
+                .operation_timeout(Some(left()));
+            let new_topic = NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            );
+            match admin.create_topics([&new_topic], &opts).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) => tracing::info!(topic, partitions, "created Kafka topic"),
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {}
+                    Some(Err((_, code))) if permanent_create_error(code) => {
+                        return Err(KafkaSetupError::Topic {
+                            topic: topic.to_owned(),
+                            detail: format!(
+                                "cannot create it with {partitions} partitions and replication factor {}: {code}",
+                                cfg.replication_factor
+                            ),
+                        });
+                    }
+                    Some(Err((_, code))) => {
+                        create_failure = Some(NotReady::new(Some(code), format!("create: {code}")))
+                    }
+                    None => create_failure = Some(NotReady::new(None, "create: no answer".into())),
+                },
+                Err(e) => {
+                    create_failure = Some(NotReady::new(
+                        e.rdkafka_error_code(),
+                        format!("create: {e}"),
+                    ))
                 }
-                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
-                    last_error = String::new();
-                }
-                Some(Err((_, code))) if permanent_create_error(code) => {
-                    return Err(topic_err(format!(
-                        "cannot create with {partitions} partitions and replication factor {}: {code}",
-                        cfg.replication_factor
-                    )));
-                }
-                Some(Err((_, code))) => last_error = format!("create: {code}"),
-                None => last_error = "create: no result".into(),
-            },
-            Err(e) => last_error = format!("create: {e}"),
+            }
         }
-        // Whether or not creating worked (some clusters, like librdkafka's mock, do not
-        // implement CreateTopics), the metadata tells the truth.
+        // 2. Whether or not creating worked (a cluster may not implement CreateTopics), the
+        //    metadata tells the truth.
         let meta = {
-            let admin = Arc::clone(&admin);
-            let t = topic.to_owned();
-            let per_try = deadline
-                .saturating_sub(started.elapsed())
-                .clamp(Duration::from_millis(100), Duration::from_secs(5));
-            tokio::task::spawn_blocking(move || partition_count(&admin, &t, per_try)).await
+            let admin = Arc::clone(admin);
+            let (t, timeout) = (topic.to_owned(), left());
+            tokio::task::spawn_blocking(move || partition_count(&admin, &t, timeout)).await
         };
-        match meta {
+        let failure = match meta {
             Ok(Ok(n)) => {
                 if n != partitions {
                     tracing::info!(
@@ -257,37 +314,33 @@ pub async fn ensure_topic_within(
                 }
                 return Ok(n);
             }
-            Ok(Err(e)) => {
-                if last_error.is_empty() {
-                    last_error = e;
-                } else {
-                    last_error = format!("{last_error}; {e}");
-                }
-            }
-            Err(e) => last_error = format!("metadata task: {e}"),
-        }
+            Ok(Err(m)) => match create_failure {
+                Some(c) => NotReady::new(c.code.or(m.code), format!("{}; {}", c.text, m.text)),
+                None => m,
+            },
+            Err(e) => NotReady::new(None, format!("metadata task: {e}")),
+        };
         if started.elapsed() + backoff >= deadline {
-            break;
+            let detail = format!(
+                "not ready after {:.1}s: {}",
+                started.elapsed().as_secs_f64(),
+                failure.text
+            );
+            return Err(if failure.unreachable() {
+                KafkaSetupError::Unreachable {
+                    brokers: cfg.brokers.clone(),
+                    detail: format!("topic {topic} {detail}"),
+                }
+            } else {
+                KafkaSetupError::Topic {
+                    topic: topic.to_owned(),
+                    detail,
+                }
+            });
         }
-        tracing::debug!(topic, error = %last_error, "Kafka topic not ready yet, retrying");
+        tracing::debug!(topic, error = %failure.text, "Kafka topic not ready yet, retrying");
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-    let detail = format!(
-        "not ready after {:.1}s: {last_error}",
-        started.elapsed().as_secs_f64()
-    );
-    if last_error.contains("Transport")
-        || last_error.contains("timed out")
-        || last_error.contains("BrokerTransportFailure")
-        || last_error.contains("AllBrokersDown")
-    {
-        Err(KafkaSetupError::Unreachable {
-            brokers: cfg.brokers.clone(),
-            detail: format!("topic {topic} {detail}"),
-        })
-    } else {
-        Err(topic_err(detail))
     }
 }
 
@@ -296,22 +349,26 @@ fn partition_count(
     admin: &AdminClient<TracingContext>,
     topic: &str,
     timeout: Duration,
-) -> Result<i32, String> {
+) -> Result<i32, NotReady> {
     let md = admin
         .inner()
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("metadata: {e}"))?;
+        .map_err(|e| NotReady::new(e.rdkafka_error_code(), format!("metadata: {e}")))?;
     let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-        return Err("metadata: topic not listed".into());
+        return Err(NotReady::new(None, "metadata: topic not listed".into()));
     };
     if let Some(err) = t.error() {
-        return Err(format!("metadata: {}", RDKafkaErrorCode::from(err)));
+        let code = RDKafkaErrorCode::from(err);
+        return Err(NotReady::new(Some(code), format!("metadata: {code}")));
     }
     let n = t.partitions().len();
     if n == 0 {
-        return Err("metadata: topic has no partitions yet".into());
+        return Err(NotReady::new(
+            None,
+            "metadata: topic has no partitions yet".into(),
+        ));
     }
-    i32::try_from(n).map_err(|_| format!("metadata: {n} partitions"))
+    i32::try_from(n).map_err(|_| NotReady::new(None, format!("metadata: {n} partitions")))
 }
 
 /// Kafka's `Utils.murmur2` (the Java client's default partitioner hash), bit for bit.
@@ -358,6 +415,41 @@ pub fn partition_for(room: &RoomId, partitions: i32) -> i32 {
         return 0;
     }
     (murmur2(room.as_str().as_bytes()) & 0x7fff_ffff) % partitions
+}
+
+/// The mock clusters alive in this process, by bootstrap address, so that
+/// [`ensure_topic`] can create topics on them (the mock does not implement CreateTopics).
+static MOCKS: OnceLock<Mutex<HashMap<String, mpsc::Sender<MockCmd>>>> = OnceLock::new();
+
+fn mocks() -> std::sync::MutexGuard<'static, HashMap<String, mpsc::Sender<MockCmd>>> {
+    let m = MOCKS.get_or_init(|| Mutex::new(HashMap::new()));
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Creates `topic` on the in-process mock cluster at `brokers`, if that is one. `None`: not
+/// a mock of this process.
+fn create_on_mock(brokers: &str, topic: &str, partitions: i32) -> Option<Result<(), String>> {
+    let tx = mocks().get(brokers.trim()).cloned()?;
+    let (reply, result) = mpsc::channel();
+    if tx
+        .send(MockCmd::CreateTopic {
+            topic: topic.to_owned(),
+            partitions,
+            reply,
+        })
+        .is_err()
+    {
+        return Some(Err("mock cluster stopped".into()));
+    }
+    Some(
+        result
+            .recv()
+            .map_err(|_| "mock cluster stopped".to_owned())
+            .and_then(|r| r),
+    )
 }
 
 enum MockCmd {
@@ -439,11 +531,14 @@ impl MockKafka {
                             reply,
                         } => {
                             let rf = brokers.min(3);
-                            let _ = reply.send(
-                                cluster
-                                    .create_topic(&topic, partitions, rf)
-                                    .map_err(|e| e.to_string()),
-                            );
+                            let _ =
+                                reply.send(match cluster.create_topic(&topic, partitions, rf) {
+                                    Ok(())
+                                    | Err(KafkaError::MockCluster(
+                                        RDKafkaErrorCode::TopicAlreadyExists,
+                                    )) => Ok(()),
+                                    Err(e) => Err(e.to_string()),
+                                });
                         }
                         MockCmd::BrokerDown { broker, reply } => {
                             let _ =
@@ -471,6 +566,7 @@ impl MockKafka {
             Ok(Err(e)) => return Err(unreachable(format!("mock cluster: {e}"))),
             Err(_) => return Err(unreachable("mock cluster thread died".into())),
         };
+        mocks().insert(bootstrap.clone(), tx.clone());
         tracing::info!(%bootstrap, brokers, "started librdkafka mock cluster");
         Ok(MockKafka {
             bootstrap,
@@ -510,7 +606,8 @@ impl MockKafka {
             .map_err(fail)
     }
 
-    /// Creates `topic` with `partitions` partitions (replication min(brokers, 3)).
+    /// Creates `topic` with `partitions` partitions (replication min(brokers, 3)); a topic
+    /// that exists already is left as it is.
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaSetupError> {
         self.call("create_topic", |reply| MockCmd::CreateTopic {
             topic: topic.to_owned(),
@@ -554,6 +651,7 @@ impl MockKafka {
 impl Drop for MockKafka {
     fn drop(&mut self) {
         // Closing the channel ends the thread's loop, which destroys the cluster.
+        mocks().remove(&self.bootstrap);
         self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

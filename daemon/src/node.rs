@@ -90,10 +90,10 @@ impl Node {
             }
         };
         let appender = Arc::new(
-            KafkaAppender::new(&cfg.kafka, &region).context("starting the Kafka producer")?,
+            KafkaAppender::with_node(&cfg.kafka, &region, &node).context("starting the Kafka producer")?,
         );
         let replay = Arc::new(
-            RoomLogReader::new(&cfg.kafka, &region, partitions)
+            RoomLogReader::with_node(&cfg.kafka, &region, &node, partitions)
                 .context("starting the Kafka replay reader")?,
         );
 

@@ -210,6 +210,19 @@ impl RoomLogReader {
     }
 }
 
+impl Drop for RoomLogReader {
+    fn drop(&mut self) {
+        // Closing a consumer blocks briefly; keep that off the async runtime.
+        let idle = std::mem::take(&mut *self.idle());
+        if idle.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(tokio::task::spawn_blocking(move || drop(idle)));
+        }
+    }
+}
+
 fn build(config: &ClientConfig) -> Result<Reader, ReplayError> {
     BaseConsumer::from_config_and_context(config, TracingContext::for_config(config))
         .map_err(|e| ReplayError::Kafka(format!("cannot create a replay consumer: {e}")))

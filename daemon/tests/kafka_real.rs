@@ -102,6 +102,17 @@ async fn real_topic_append_fanout_replay() {
     assert_eq!(ensure_topic(&cfg, &topic, 6).await.expect("create"), 6);
     eprintln!("ensure_topic (create) took {:?}", t0.elapsed());
     assert_eq!(ensure_topic(&cfg, &topic, 12).await.expect("exists"), 6);
+    // A replication factor the cluster cannot give fails at once, clearly.
+    let t0 = Instant::now();
+    let bad = KafkaConfig {
+        replication_factor: 3,
+        ..cfg.clone()
+    };
+    let err = ensure_topic(&bad, &unique("dtfed.rf"), 1)
+        .await
+        .expect_err("one broker");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    eprintln!("{err}");
 
     let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
     let mut sent = Vec::new();
@@ -287,4 +298,89 @@ async fn real_linger_comparison() {
             );
         }
     }
+}
+
+/// Appends every 100 ms for `DTFED_TEST_SECONDS` (default 40) while an owner applies; stop
+/// and restart the broker meanwhile (`deploy/kafka.sh stop/start`). Every acknowledged
+/// append must reach the bus; failures must be `Unavailable` within the publish timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "manual: restart the broker while it runs (DTFED_TEST_KAFKA=host:port)"]
+async fn real_outage_manual() {
+    init_tracing();
+    let topic = unique("dtfed.outage");
+    let mut cfg = cfg(&topic, 3);
+    cfg.publish_timeout_ms = 2000;
+    ensure_topic(&cfg, &topic, 3).await.expect("create");
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let bus = Arc::new(RecordingBus::default());
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec![topic.clone()],
+        bus.clone(),
+        Arc::new(Metrics::new("seoul")),
+        stop.clone(),
+    )
+    .expect("owner");
+    let secs: u64 = std::env::var("DTFED_TEST_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let t0 = Instant::now();
+    let mut acked = Vec::new();
+    let (mut ok, mut failed) = (0, 0);
+    let mut last_ok = true;
+    let mut i = 0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        match app.append(&room(i % 5), &value(i)).await {
+            Ok(a) => {
+                if !last_ok {
+                    eprintln!(
+                        "{:>5.1}s: appends succeed again",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                last_ok = true;
+                ok += 1;
+                acked.push((a.partition, a.offset));
+            }
+            Err(e) => {
+                if last_ok {
+                    eprintln!("{:>5.1}s: append failed: {e}", t0.elapsed().as_secs_f64());
+                }
+                last_ok = false;
+                failed += 1;
+                assert!(t.elapsed() < cfg.publish_timeout() + Duration::from_secs(2));
+            }
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{ok} acknowledged, {failed} unavailable");
+    let want: BTreeSet<(i32, i64)> = acked.into_iter().collect();
+    let t1 = Instant::now();
+    loop {
+        let seen: BTreeSet<(i32, i64)> = bus
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .collect();
+        let missing = want.difference(&seen).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "{missing} acknowledged messages never reached the bus"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("every acknowledged message reached the bus");
+    stop.cancel();
+    owner.join().await;
 }
