@@ -55,6 +55,9 @@ pub struct PeerRegion {
     /// Partition count of the peer's local topic, when known ahead (otherwise asked for).
     #[serde(default)]
     pub partitions: Option<i32>,
+    /// The peer's local topic, the one its daemons serve (default `dtfed.local`).
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 impl FederationConfig {
