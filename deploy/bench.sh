@@ -177,7 +177,7 @@ wait_listening() {
 start_dtfed() {
     local line deadline
     log "starting dtfed (config $CONFIG, log $WORK/dtfed.log)"
-    RUST_LOG=${RUST_LOG:-warn} "$BIN/dtfed" run --config "$CONFIG" >"$WORK/dtfed.out" 2>>"$WORK/dtfed.log" &
+    DTFED_LOG=${DTFED_LOG:-info} "$BIN/dtfed" run --config "$CONFIG" >"$WORK/dtfed.out" 2>>"$WORK/dtfed.log" &
     DTFED_PID=$!
     line=$(wait_listening dtfed "$DTFED_PID" "$WORK/dtfed.out" "$WORK/dtfed.log")
     echo "dtfed: $line"

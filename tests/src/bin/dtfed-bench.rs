@@ -28,8 +28,12 @@
 //!    connection), duplicates (same (client, seq) twice on a connection), `prev` chain breaks,
 //!    `gap` frames, undecodable server frames and unexpected disconnects.
 //! 5. CPU% of every `--pid` (utime+stime from `/proc/<pid>/stat` over the measured window)
-//!    and its VmRSS / VmHWM at the end; also the generator's own CPU%.
-//! 6. Prints a table, appends a JSON line to `--json`, unsubscribes and closes every client.
+//!    and its VmRSS / VmHWM at the end; `--infra-pid` (Redis, Kafka) CPU% apart; also the
+//!    generator's own CPU%.
+//! 6. After the last publish, waits for the outstanding acks and deliveries as long as they
+//!    keep coming (`--drain-timeout` without progress, `--drain-max` in all), so a server that
+//!    is behind is reported as slow (`drain s`) rather than lossy.
+//! 7. Prints a table, appends a JSON line to `--json`, unsubscribes and closes every client.
 //!    Exit 1 on order violations, duplicates or deliveries < 99.9 % of expected; exit 2 when
 //!    the clients could not be set up.
 //!
@@ -120,9 +124,14 @@ struct Args {
     /// Seconds allowed for one connection's TCP connect + handshake + `synced`.
     #[arg(long, default_value_t = 15.0)]
     connect_timeout: f64,
-    /// Seconds to wait, after the last publish, for outstanding acks and deliveries.
+    /// After the last publish, wait for outstanding acks and deliveries while they keep
+    /// coming: give up after this many seconds without progress...
     #[arg(long, default_value_t = 10.0)]
     drain_timeout: f64,
+    /// ...or after this many seconds in all (a server far behind is reported, not waited
+    /// for forever).
+    #[arg(long, default_value_t = 120.0)]
+    drain_max: f64,
     /// Room names are `bench-<run-id>-<r>`; random by default.
     #[arg(long)]
     run_id: Option<String>,
@@ -773,6 +782,7 @@ fn check_common(args: &Args) -> anyhow::Result<()> {
         ("--idle-hold", args.idle_hold),
         ("--connect-timeout", args.connect_timeout),
         ("--drain-timeout", args.drain_timeout),
+        ("--drain-max", args.drain_max),
     ] {
         if !(0.0..1e6).contains(&v) {
             bail!("{what} must be a number of seconds >= 0, got {v}");
@@ -911,27 +921,42 @@ async fn load_run(args: &Args) -> anyhow::Result<Outcome> {
 
     // Publishers stop at the end of the window; then wait for the stragglers.
     let mut sinks = idle_sinks;
+    let publishers_deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     for (room, p) in publishers {
-        match tokio::time::timeout(Duration::from_secs(15), p).await {
+        match tokio::time::timeout_at(publishers_deadline, p).await {
             Ok(Ok(Some(sink))) => sinks.push((room, sink)),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => shared.note(format!("publisher task failed: {e}")),
             Err(_) => shared.note("a publisher did not stop within 15 s".into()),
         }
     }
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
+    // Drain: a slow server (deliveries far behind) is told apart from a lossy one by
+    // waiting as long as acks or deliveries still arrive.
+    let drain_start = Instant::now();
+    let hard_deadline = drain_start + Duration::from_secs_f64(args.drain_max);
+    let idle_limit = Duration::from_secs_f64(args.drain_timeout);
+    let mut last_seen = (u64::MAX, u64::MAX);
+    let mut last_progress = drain_start;
     let drained = loop {
         let answered = get(&shared.c.acked) + get(&shared.c.pub_errors);
-        let done =
-            answered >= get(&shared.c.sent) && get(&shared.c.delivered) >= get(&shared.c.expected);
-        if done {
+        let delivered = get(&shared.c.delivered);
+        if answered >= get(&shared.c.sent) && delivered >= get(&shared.c.expected) {
             break true;
         }
-        if Instant::now() >= drain_deadline {
+        let now = Instant::now();
+        if (answered, delivered) != last_seen {
+            last_seen = (answered, delivered);
+            last_progress = now;
+        }
+        if now >= hard_deadline || now.duration_since(last_progress) >= idle_limit {
             break false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let drain_s = drain_start.elapsed().as_secs_f64();
+    if drain_s > 1.0 {
+        eprintln!("dtfed-bench: drained in {drain_s:.1} s after the last publish");
+    }
 
     // Orderly goodbye: unsub, close, let the readers see the server's close.
     shared.closing.store(true, Ordering::Relaxed);
@@ -967,6 +992,7 @@ async fn load_run(args: &Args) -> anyhow::Result<Outcome> {
         cpu: &cpu,
         rss: &rss,
         drained,
+        drain_s,
     };
     results.print_and_save()
 }
@@ -979,6 +1005,8 @@ struct LoadResults<'a> {
     cpu: &'a [Option<f64>],
     rss: &'a [(Option<u64>, Option<u64>)],
     drained: bool,
+    /// Seconds from the end of publishing until every ack and delivery was in (or given up).
+    drain_s: f64,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> Option<f64> {
@@ -1103,16 +1131,24 @@ impl LoadResults<'_> {
         }
         if !self.drained {
             warnings.push(format!(
-                "not drained within {} s: {} sent, {} acked, {} errors",
+                "gave up draining after {:.1} s ({} s without progress, or --drain-max {} s): \
+                 {} sent, {} acked, {} refused, {delivered} of {expected} delivered",
+                self.drain_s,
                 a.drain_timeout,
+                a.drain_max,
                 get(&c.sent),
                 get(&c.acked),
                 get(&c.pub_errors)
             ));
+        } else if self.drain_s > 1.0 {
+            warnings.push(format!(
+                "the server was behind: the last acks/deliveries came {:.1} s after the last publish",
+                self.drain_s
+            ));
         }
         if get(&c.late_ticks) > 0 {
             warnings.push(format!(
-                "{} publish ticks fired > 5 ms late (max {:.1} ms): the generator was starved",
+                "{} publish ticks fired > 5 ms late (max {:.1} ms): the generator was short of CPU or its writes blocked",
                 get(&c.late_ticks),
                 get(&c.max_tick_lag_us) as f64 / 1000.0
             ));
@@ -1134,7 +1170,13 @@ impl LoadResults<'_> {
                 "achieved (acked)",
                 format!("{achieved:.0} msg/s (offered {offered:.0})"),
             ),
-            ("deliveries", format!("{deliveries_per_s:.0} /s")),
+            (
+                "deliveries",
+                format!(
+                    "{deliveries_per_s:.0} /s (drained {:.1} s after the last publish)",
+                    self.drain_s
+                ),
+            ),
             (
                 "ack p50/p99/p99.9/max",
                 format!(
@@ -1270,6 +1312,7 @@ impl LoadResults<'_> {
             "infra_cpu_pct": infra_cpu,
             "bench_cpu_pct": bench_cpu,
             "drained": self.drained,
+            "drain_s": self.drain_s,
             "ok": failures.is_empty(),
             "failures": failures,
             "warnings": warnings,
@@ -1454,12 +1497,12 @@ fn report(path: &Path, baseline: Option<&str>) -> anyhow::Result<()> {
     };
     if !loads.is_empty() {
         println!(
-            "| run | clients | rooms | target msg/s | achieved msg/s | deliveries/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p50 ms | delivery p99 ms | delivery p99.9 ms | delivery max ms | errors | order viol. | dupes | delivered | server CPU % | infra CPU % | server RSS MB | ok |"
+            "| run | clients | rooms | target msg/s | achieved msg/s | deliveries/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p50 ms | delivery p99 ms | delivery p99.9 ms | delivery max ms | drain s | errors | order viol. | dupes | delivered | server CPU % | infra CPU % | server RSS MB | ok |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for v in &loads {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} | {} |",
                 v["label"].as_str().unwrap_or("?"),
                 v["clients"],
                 v["rooms"],
@@ -1473,6 +1516,7 @@ fn report(path: &Path, baseline: Option<&str>) -> anyhow::Result<()> {
                 f(v, "delivery_p99_ms", 2),
                 f(v, "delivery_p999_ms", 2),
                 f(v, "delivery_max_ms", 1),
+                f(v, "drain_s", 1),
                 v["errors"],
                 v["order_violations"],
                 v["duplicates"],
