@@ -41,6 +41,7 @@ use std::time::Duration;
 use dtfed_proto::record::{LogValue, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
 use dtfed_proto::room::valid_region_name;
 use dtfed_proto::{LogRecord, RoomId};
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{
@@ -88,6 +89,9 @@ pub enum FanoutError {
 /// Bus retry backoff: first and longest wait.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Records taken from the consumer in one go (all that is ready, up to this many) and
+/// applied with the partitions side by side.
+const MAX_BATCH: usize = 512;
 /// How long a bus apply in progress may still run after shutdown was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -178,11 +182,13 @@ impl ClientContext for OwnerContext {
 }
 
 impl ConsumerContext for OwnerContext {
-    // These callbacks run inside `recv()`, i.e. on the owner task, between two records:
-    // the task handles one record at a time (apply, then store its offset) and only then
-    // polls again. So when a revocation arrives nothing is in flight: every record handed
-    // out so far is applied and its offset stored, and committing the stored offsets here
-    // commits exactly what the bus holds before the partition goes to another owner.
+    // These callbacks run inside `recv()`, i.e. on the owner task, between two batches or
+    // while a batch is being gathered (never while one is applied): the task applies a batch
+    // (partitions side by side, each in order), stores its offsets, and only then polls
+    // again. So when a revocation arrives nothing is being applied: every record of earlier
+    // batches is applied and its offset stored, and committing the stored offsets here
+    // commits exactly what the bus holds before the partition goes to another owner. Records
+    // of the batch being gathered that belong to revoked partitions are dropped unapplied.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -421,10 +427,11 @@ impl Run {
                 _ = self.shutdown.cancelled() => break,
                 m = self.consumer.recv() => m,
             };
-            let (topic, partition, offset, item) = match next {
+            let mut batch: Vec<(String, i32, i64, Item)> = Vec::new();
+            match next {
                 Ok(m) => {
                     let item = self.decode(&m);
-                    (m.topic().to_owned(), m.partition(), m.offset(), item)
+                    batch.push((m.topic().to_owned(), m.partition(), m.offset(), item));
                 }
                 Err(e) => {
                     if let Some(suppressed) = errors.note(&e) {
@@ -452,7 +459,61 @@ impl Run {
                     }
                     continue;
                 }
-            };
+            }
+            // Take whatever else is ready without waiting, so that partitions are applied
+            // side by side: one bus round trip per record and partition would cap the region
+            // at 1 / RTT messages per second.
+            while batch.len() < MAX_BATCH {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => {
+                        let item = self.decode(&m);
+                        batch.push((m.topic().to_owned(), m.partition(), m.offset(), item));
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+            // A rebalance served while draining may have revoked partitions: their records
+            // are the next owner's (it replays them from the commit made on revocation).
+            // Applying them here could race the new owner and break the room's order.
+            let mut groups: BTreeMap<(String, i32), Vec<(i64, Item)>> = BTreeMap::new();
+            {
+                let owned = self.shared.owned();
+                for (topic, partition, offset, item) in batch {
+                    if owned.contains_key(&(topic.clone(), partition)) {
+                        groups.entry((topic, partition)).or_default().push((offset, item));
+                    }
+                }
+            }
+            let this = &self;
+            let done = futures::future::join_all(
+                groups
+                    .iter()
+                    .map(|((topic, partition), items)| this.apply_partition(topic, *partition, items)),
+            )
+            .await;
+            let mut stopped = false;
+            for (((topic, partition), _), (last, stop)) in groups.iter().zip(done) {
+                stopped |= stop;
+                let Some(offset) = last else { continue };
+                if let Err(e) = self.consumer.store_offset(topic, *partition, offset) {
+                    // The partition was revoked meanwhile (max.poll.interval exceeded while
+                    // the bus was down): the next owner re-applies it, which the bus tolerates.
+                    tracing::debug!(region = %self.region, topic, partition, offset, error = %e, "fan-out: offset not stored");
+                }
+                self.shared.advanced(topic, *partition, offset);
+            }
+            if stopped {
+                break; // Shutdown while the bus was failing: nothing more stored.
+            }
+        }
+        self.close().await;
+    }
+
+    /// Applies one partition's records of a batch in offset order. Returns the last offset
+    /// handled (applied, or skipped as poison) and whether shutdown stopped it early.
+    async fn apply_partition(&self, topic: &str, partition: i32, items: &[(i64, Item)]) -> (Option<i64>, bool) {
+        let mut last = None;
+        for (offset, item) in items {
             match item {
                 Item::Poison(why) => {
                     tracing::warn!(
@@ -466,26 +527,15 @@ impl Run {
                     self.shared.skipped.fetch_add(1, Ordering::Relaxed);
                 }
                 Item::Record(rec) => {
-                    let span = tracing::info_span!(
-                        "fanout",
-                        region = %self.region,
-                        topic = %topic,
-                        partition
-                    );
-                    let applied = self.apply(&rec, offset).instrument(span).await;
-                    if !applied {
-                        break; // Shutdown while the bus was failing: nothing stored.
+                    let span = tracing::info_span!("fanout", region = %self.region, topic = %topic, partition);
+                    if !self.apply(rec, *offset).instrument(span).await {
+                        return (last, true);
                     }
                 }
             }
-            if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
-                // The partition was revoked meanwhile (max.poll.interval exceeded while the
-                // bus was down): the next owner re-applies it, which the bus tolerates.
-                tracing::debug!(region = %self.region, topic, partition, offset, error = %e, "fan-out: offset not stored");
-            }
-            self.shared.advanced(&topic, partition, offset);
+            last = Some(*offset);
         }
-        self.close().await;
+        (last, false)
     }
 
     /// Swaps the consumer for a new one subscribed to the same topics; false if that
