@@ -1,0 +1,479 @@
+//! Federation end to end: two and three regions, each with its own Kafka broker, its own
+//! Redis and its own `dtfed` daemons, mirroring over QUIC with mutual TLS (certificates
+//! made by `dtfed certs`). What a player sees: messages from every region, in per-origin
+//! order, none lost and none twice — across link cuts, daemon crashes and broker restarts —
+//! and a cursor that resumes in any region.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dtfed_regions::{WanProfile, WanRelay};
+use dtfed_tests::{ConfigBuilder, DtfedProcess, KafkaBroker, RedisServer, TestDir, WsClient};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+const PARTITIONS: i64 = 4;
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Makes the federation CA and one certificate per region with the `dtfed certs` CLI.
+fn make_certs(dir: &Path, regions: &[&str]) -> Result<()> {
+    let bin = DtfedProcess::binary()?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new(&bin).args(args).output().context("running dtfed certs")?;
+        anyhow::ensure!(out.status.success(), "dtfed {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let d = dir.to_str().context("utf-8 dir")?;
+    run(&["certs", "init", "--dir", d])?;
+    for r in regions {
+        run(&["certs", "issue", "--dir", d, "--region", r])?;
+    }
+    Ok(())
+}
+
+/// One region of a test: its own Kafka, Redis, config, and QUIC port.
+struct Region {
+    name: String,
+    kafka: KafkaBroker,
+    /// Kept for the region's lifetime; stopped by its drop.
+    _redis: RedisServer,
+    cfg: ConfigBuilder,
+    quic_port: u16,
+    daemons: Vec<DtfedProcess>,
+}
+
+impl Region {
+    fn ws(&self, i: usize, name: &str) -> String {
+        self.daemons[i].ws_url_as(name)
+    }
+}
+
+/// Starts the Kafka brokers and Redis servers of `names`, makes certificates, and returns
+/// the regions with their configs (peers pointing at each other, or at `via` when given:
+/// `via[(receiver, origin)]` is the address `receiver` dials to reach `origin`).
+fn federation(test: &str, names: &[&str], certs: &Path, via: &HashMap<(String, String), SocketAddr>) -> Result<Vec<Region>> {
+    make_certs(certs, names)?;
+    let base = ConfigBuilder::new(test, names[0]);
+    let mut regions: Vec<Region> = std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| s.spawn(move || -> Result<(String, KafkaBroker, RedisServer)> {
+                Ok((n.to_string(), KafkaBroker::start()?, RedisServer::start()?))
+            }))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("start thread panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .map(|(name, kafka, redis)| -> Result<Region> {
+        Ok(Region {
+            cfg: base
+                .for_region(&name)
+                .kafka(&kafka.bootstrap())
+                .redis(&redis.url())
+                .partitions(PARTITIONS)
+                .set("client", "publish_rate_per_sec", 100_000)
+                .set("client", "publish_burst", 100_000)
+                .set("kafka", "session_timeout_ms", 4000)
+                .admin_token("drill-token"),
+            quic_port: free_udp_port()?,
+            name,
+            kafka,
+            _redis: redis,
+            daemons: Vec::new(),
+        })
+    })
+    .collect::<Result<_>>()?;
+    let plan: Vec<(String, u16, String)> = regions
+        .iter()
+        .map(|r| (r.name.clone(), r.quic_port, r.cfg.local_topic()))
+        .collect();
+    for r in &mut regions {
+        let mut fed = format!(
+            "[federation]\nlisten = \"127.0.0.1:{}\"\nca_cert = \"{dir}/ca.crt\"\ncert = \"{dir}/{n}.crt\"\nkey = \"{dir}/{n}.key\"\n",
+            r.quic_port,
+            dir = certs.display(),
+            n = r.name
+        );
+        for (peer, port, topic) in &plan {
+            if peer == &r.name {
+                continue;
+            }
+            let addr = via
+                .get(&(r.name.clone(), peer.clone()))
+                .copied()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], *port)));
+            fed.push_str(&format!(
+                "[[federation.peers]]\nname = \"{peer}\"\naddrs = [\"{addr}\"]\ntopic = \"{topic}\"\npartitions = {PARTITIONS}\n"
+            ));
+        }
+        r.cfg = r.cfg.clone().merge_toml(&fed);
+    }
+    Ok(regions)
+}
+
+/// Starts `n` daemons in each region (in parallel: each waits for its readiness).
+fn start_daemons(regions: &mut [Region], n: usize) -> Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = regions
+            .iter()
+            .flat_map(|r| (0..n).map(move |i| (r.name.clone(), r.cfg.clone().node(&format!("{}-{i}", r.name)))))
+            .map(|(name, cfg)| s.spawn(move || DtfedProcess::start(&cfg.build()).map(|d| (name, d))))
+            .collect();
+        for h in handles {
+            let (name, d) = h.join().map_err(|_| anyhow::anyhow!("daemon start panicked"))??;
+            if let Some(r) = regions.iter_mut().find(|r| r.name == name) {
+                r.daemons.push(d);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Receives `msg` frames of `room` until `want` arrived; checks per-origin order and no
+/// duplicates on the way. Returns them in arrival order.
+async fn collect(c: &mut WsClient, room: &str, want: usize, timeout: Duration) -> Result<Vec<Value>> {
+    let deadline = Instant::now() + timeout;
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while out.len() < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let f = c
+            .recv_until(|f| f["op"] == "msg" && f["room"] == room, left)
+            .await
+            .with_context(|| format!("{room}: {} of {want} messages arrived", out.len()))?;
+        let origin = f["origin"].as_str().unwrap_or_default().to_owned();
+        let offset = f["offset"].as_i64().unwrap_or(-1);
+        anyhow::ensure!(seen.insert((origin.clone(), offset)), "duplicate {f}");
+        if let Some(p) = last.insert(origin, offset) {
+            anyhow::ensure!(offset > p, "order broken: {p} then {f}");
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn by_origin(msgs: &[Value]) -> BTreeMap<String, Vec<i64>> {
+    let mut m: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for f in msgs {
+        m.entry(f["origin"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(f["offset"].as_i64().unwrap_or(-1));
+    }
+    m
+}
+
+async fn publish_n(url: &str, room: &str, n: usize, tag: &str) -> Result<Vec<i64>> {
+    let mut c = WsClient::connect(url).await?;
+    let mut offs = Vec::new();
+    for i in 0..n {
+        let ack = c.publish(room, json!({"text": format!("{tag} {i}")}), T).await?;
+        offs.push(ack["offset"].as_i64().context("ack offset")?);
+    }
+    Ok(offs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_mirror_every_room_in_order() -> Result<()> {
+    let dir = TestDir::new("fed-three")?;
+    let names = ["seoul", "tokyo", "frankfurt"];
+    let path: PathBuf = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("three", &names, &path, &HashMap::new())?;
+        start_daemons(&mut r, 1)?;
+        Ok(r)
+    })
+    .await??;
+    let rooms: Vec<String> = (0..6).map(|i| format!("quest-{i}")).collect();
+    // A listener in every region, on every room.
+    let mut listeners = Vec::new();
+    for r in &regions {
+        let mut c = WsClient::connect(&r.ws(0, "listener")).await?;
+        for room in &rooms {
+            c.sub(room, None, T).await?;
+        }
+        listeners.push(c);
+    }
+    // Every region publishes 60 messages into every room.
+    let mut acked: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
+    let mut jobs = Vec::new();
+    for r in &regions {
+        for room in &rooms {
+            let url = r.ws(0, "bard");
+            let (region, room) = (r.name.clone(), room.clone());
+            jobs.push(tokio::spawn(async move {
+                let offs = publish_n(&url, &room, 60, &region).await?;
+                anyhow::Ok(((region, room), offs))
+            }));
+        }
+    }
+    for j in jobs {
+        let (k, v) = j.await??;
+        acked.insert(k, v);
+    }
+    let per_room = 60 * regions.len();
+    for (i, c) in listeners.iter_mut().enumerate() {
+        let mut got: Vec<Value> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut per: HashMap<String, usize> = HashMap::new();
+        while got.len() < per_room * rooms.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let f = c.recv_until(|f| f["op"] == "msg", left).await.with_context(|| {
+                format!("listener in {}: {} of {} messages", regions[i].name, got.len(), per_room * rooms.len())
+            })?;
+            *per.entry(f["room"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+            got.push(f);
+        }
+        for room in &rooms {
+            let in_room: Vec<Value> = got.iter().filter(|f| f["room"] == room.as_str()).cloned().collect();
+            let origins = by_origin(&in_room);
+            for r in &regions {
+                assert_eq!(
+                    origins.get(&r.name),
+                    acked.get(&(r.name.clone(), room.clone())),
+                    "region {} sees {room} from {} in order, each once",
+                    regions[i].name,
+                    r.name
+                );
+            }
+        }
+    }
+    // Operators see the links and the mirror lag.
+    let status = regions[0].daemons[0].admin_get("/status", None)?.json()?;
+    let links = status["links"].as_array().context("links in /status")?;
+    assert_eq!(links.len(), 2, "{status}");
+    let mirror = status["mirror"].as_array().context("mirror in /status")?;
+    assert_eq!(mirror.len(), 2 * PARTITIONS as usize, "{status}");
+    regions.clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_then_healed_loses_and_duplicates_nothing() -> Result<()> {
+    let dir = TestDir::new("fed-cut")?;
+    // tokyo reaches seoul through a relay we can cut.
+    let seoul_port = free_udp_port()?;
+    let relay = WanRelay::start(
+        "127.0.0.1:0".parse()?,
+        SocketAddr::from(([127, 0, 0, 1], seoul_port)),
+        WanProfile::with_delay(Duration::from_millis(5)),
+    )
+    .await?;
+    let mut via = HashMap::new();
+    via.insert(("tokyo".to_owned(), "seoul".to_owned()), relay.local_addr());
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("cut", &["seoul", "tokyo"], &path, &via)?;
+        r[0].quic_port = seoul_port;
+        let fixed = r[0].cfg.clone().set("federation", "listen", format!("127.0.0.1:{seoul_port}"));
+        r[0].cfg = fixed;
+        start_daemons(&mut r, 1)?;
+        Ok(r)
+    })
+    .await??;
+    let mut watcher = WsClient::connect(&regions[1].ws(0, "watcher")).await?;
+    watcher.sub("siege", None, T).await?;
+    let url = regions[0].ws(0, "herald");
+    let mut herald = WsClient::connect(&url).await?;
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        if i == 100 {
+            relay.cut();
+        }
+        if i == 200 {
+            // Keep the link down for 10+ s in all.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            relay.heal();
+        }
+        let a = herald.publish("siege", json!({"text": format!("wave {i}")}), T).await?;
+        acked.push(a["offset"].as_i64().unwrap_or(-1));
+        if i < 200 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let got = collect(&mut watcher, "siege", acked.len(), Duration::from_secs(90)).await?;
+    assert_eq!(by_origin(&got).get("seoul"), Some(&acked));
+    watcher.expect_silence(Duration::from_millis(500)).await?;
+    assert!(relay.dropped() > 0, "the cut dropped packets");
+    regions.clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_task_owner_killed_another_daemon_takes_over() -> Result<()> {
+    let dir = TestDir::new("fed-kill")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("kill", &["seoul", "tokyo"], &path, &HashMap::new())?;
+        start_daemons(&mut r, 2)?;
+        Ok(r)
+    })
+    .await??;
+    let mut watcher = WsClient::connect(&regions[1].ws(1, "watcher")).await?;
+    watcher.sub("vault", None, T).await?;
+    let mut herald = WsClient::connect(&regions[0].ws(0, "herald")).await?;
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        if i == 60 {
+            // Kill whichever tokyo daemon runs the mirror task of vault's partition... both
+            // may; killing daemon 0 covers either case: its tasks move to daemon 1.
+            regions[1].daemons[0].kill9()?;
+        }
+        let a = herald.publish("vault", json!({"text": format!("coin {i}")}), T).await?;
+        acked.push(a["offset"].as_i64().unwrap_or(-1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = collect(&mut watcher, "vault", acked.len(), Duration::from_secs(90)).await?;
+    assert_eq!(by_origin(&got).get("seoul"), Some(&acked));
+    watcher.expect_silence(Duration::from_millis(500)).await?;
+    regions.clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_kafka_restarted_mid_stream() -> Result<()> {
+    let dir = TestDir::new("fed-kafka")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("kafka-restart", &["seoul", "tokyo"], &path, &HashMap::new())?;
+        start_daemons(&mut r, 1)?;
+        Ok(r)
+    })
+    .await??;
+    let mut watcher = WsClient::connect(&regions[1].ws(0, "watcher")).await?;
+    watcher.sub("forge", None, T).await?;
+    let url = regions[0].ws(0, "smith");
+    let mut acked = publish_n(&url, "forge", 50, "before").await?;
+    let mut seoul = regions.remove(0);
+    seoul.kafka = tokio::task::spawn_blocking(move || {
+        let mut k = seoul.kafka;
+        k.stop()?;
+        k.restart()?;
+        anyhow::Ok(k)
+    })
+    .await??;
+    // After the broker is back, publishing resumes (retry until acked) and mirroring follows.
+    let mut smith = WsClient::connect(&url).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0;
+    while acked.len() < 100 {
+        let f = smith.publish_result("forge", json!({"text": format!("after {i}")}), T).await?;
+        if f["op"] == "ack" {
+            acked.push(f["offset"].as_i64().unwrap_or(-1));
+            i += 1;
+        } else {
+            anyhow::ensure!(Instant::now() < deadline, "no ack within 60 s of the restart: {f}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let got = collect(&mut watcher, "forge", 100, Duration::from_secs(90)).await?;
+    assert_eq!(by_origin(&got).get("seoul"), Some(&acked));
+    drop(seoul);
+    regions.clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn player_resumes_in_another_region_with_its_cursor() -> Result<()> {
+    let dir = TestDir::new("fed-resume")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("resume", &["seoul", "tokyo"], &path, &HashMap::new())?;
+        start_daemons(&mut r, 1)?;
+        Ok(r)
+    })
+    .await??;
+    // Messages from both regions in one room.
+    let s_url = regions[0].ws(0, "sage");
+    let t_url = regions[1].ws(0, "ronin");
+    let mut player = WsClient::connect(&regions[0].ws(0, "player")).await?;
+    player.sub("dojo", None, T).await?;
+    publish_n(&s_url, "dojo", 20, "seoul").await?;
+    publish_n(&t_url, "dojo", 20, "tokyo").await?;
+    let first = collect(&mut player, "dojo", 40, Duration::from_secs(60)).await?;
+    let mut cursor = serde_json::Map::new();
+    for (origin, offs) in by_origin(&first) {
+        cursor.insert(origin, json!(offs.last().copied().unwrap_or(-1)));
+    }
+    player.close().await;
+    // While the player is away, both regions keep talking.
+    let s_more = publish_n(&s_url, "dojo", 15, "seoul-late").await?;
+    let t_more = publish_n(&t_url, "dojo", 15, "tokyo-late").await?;
+    // The player moves to tokyo and resumes with the cursor it had in seoul.
+    let mut moved = WsClient::connect(&regions[1].ws(0, "player")).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = moved.sub("dojo", Some(Value::Object(cursor.clone())), T).await?;
+        let got: Vec<Value> = s.messages().into_iter().cloned().collect();
+        let origins = by_origin(&got);
+        // tokyo may still be mirroring seoul's last messages: retry until it holds them.
+        if origins.get("seoul") == Some(&s_more) {
+            assert_eq!(origins.get("tokyo"), Some(&t_more), "tokyo's own messages, exactly the missed ones");
+            assert!(s.frames.iter().all(|f| f["op"] == "msg"), "no gap: {:?}", s.frames);
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "tokyo never held seoul's late messages: {origins:?}");
+        moved.unsub("dojo").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    regions.clear();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_a_foreign_ca_or_the_wrong_region_are_refused() -> Result<()> {
+    let dir = TestDir::new("fed-refuse")?;
+    let path = dir.path().to_owned();
+    let (mut regions, rogue_dir) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("refuse", &["seoul", "tokyo"], &path, &HashMap::new())?;
+        // A second federation CA issues its own "tokyo": seoul must refuse it.
+        let rogue = path.join("rogue");
+        std::fs::create_dir_all(&rogue)?;
+        make_certs(&rogue, &["tokyo"])?;
+        let rogue_cert = rogue.join("tokyo.crt");
+        let rogue_key = rogue.join("tokyo.key");
+        r[1].cfg = r[1]
+            .cfg
+            .clone()
+            .set("federation", "cert", rogue_cert.display().to_string())
+            .set("federation", "key", rogue_key.display().to_string());
+        // tokyo's daemon trusts the real CA, so it starts; its certificate is the rogue one.
+        start_daemons(&mut r, 1).ok();
+        Ok((r, rogue))
+    })
+    .await??;
+    let _ = rogue_dir;
+    let seoul = &regions[0];
+    let mut herald = WsClient::connect(&seoul.ws(0, "herald")).await?;
+    herald.publish("gate", json!({"text": "secret"}), T).await?;
+    // Nothing crosses: seoul refuses the rogue tokyo and says so in its log.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = seoul.daemons[0].log();
+        if log.contains("refused") || log.contains("not signed by the federation CA") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "seoul did not log the refusal:\n{}", seoul.daemons[0].log_tail(40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if let Some(tokyo) = regions[1].daemons.first() {
+        let status = tokyo.admin_get("/status", None)?.json()?;
+        let mirrored: i64 = status["mirror"]
+            .as_array()
+            .map(|ts| ts.iter().filter_map(|t| t["records_mirrored"].as_i64()).sum())
+            .unwrap_or(0);
+        assert_eq!(mirrored, 0, "{status}");
+    }
+    regions.clear();
+    Ok(())
+}
