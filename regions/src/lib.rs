@@ -20,6 +20,7 @@
 pub mod certs;
 pub mod endpoint;
 pub mod error;
+pub mod mirror;
 pub mod relay;
 pub mod tls;
 pub mod topology;

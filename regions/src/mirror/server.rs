@@ -1,0 +1,617 @@
+//! [`MirrorServer`]: the origin side of mirroring. Accepts links from peer regions (already
+//! authenticated by the [`RegionEndpoint`]) and serves every bidirectional stream they open
+//! with one [`MirrorServe`] session: one stream per mirrored partition.
+//!
+//! Per stream, one task:
+//!
+//! - bytes from the [`quinn::RecvStream`] go through a [`FrameDecoder`] into the session
+//!   (the peer region is the certificate's, so a `Hello` naming another is refused);
+//! - on `Subscribe`, a reader task opens the [`OriginLog`] at the asked offset and reads
+//!   batches of up to `max_batch_bytes` into a channel of one: besides the batch being
+//!   written, at most two wait (one in the channel, one in the reader's hands);
+//! - each batch goes to [`MirrorServe::queue_records`] and the frames it makes are written
+//!   with `write_all`. Awaiting the write *is* the backpressure: when the receiver's QUIC
+//!   window is full the write waits, the channel fills, and the reader stops reading.
+//! - heartbeats and the dead-peer check come from the session's timers; a write that makes
+//!   no progress for `write_stall_timeout` abandons the stream.
+//!
+//! A failure on the origin side (retention passed the offset, unknown partition, Kafka
+//! down) becomes an `Error` frame with the matching code, then the stream is finished; the
+//! receiver retries with backoff. Nothing is kept between streams: any daemon of the
+//! origin region serves any partition.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use dtfed_proto::link::session::DEFAULT_MAX_BATCH_BYTES;
+use dtfed_proto::link::{
+    encode, FrameDecoder, LinkErrorCode, LinkTimers, MirrorServe, ServeConfig, ServeEvent,
+};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, trace, warn, Instrument, Span};
+
+use super::log::{LogError, OriginBatch, OriginLog};
+use super::STREAM_ABANDONED;
+use crate::endpoint::{PeerConnection, RegionEndpoint};
+
+/// Bytes read from a stream at a time (the receiver only sends small frames).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Numbers of a [`MirrorServer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorServerConfig {
+    /// Heartbeat and dead-peer timers of each stream's session.
+    pub timers: LinkTimers,
+    /// Bytes read from the log per batch, and budget of one `Batch` frame (256 KiB).
+    pub max_batch_bytes: usize,
+    /// A write that makes no progress for this long means the receiver stopped reading:
+    /// the stream is abandoned (30 s, the session's idle timeout).
+    pub write_stall_timeout: Duration,
+    /// On shutdown, how long streams get to send their `Error` frame before the
+    /// connections are closed (2 s).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for MirrorServerConfig {
+    fn default() -> Self {
+        let timers = LinkTimers::default();
+        MirrorServerConfig {
+            timers,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            write_stall_timeout: timers.idle_timeout,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One stream being served, for ops (`dtfed status` on the origin side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedStream {
+    /// The receiving region.
+    pub peer: String,
+    /// The partition, once subscribed.
+    pub partition: Option<i32>,
+    /// Where the receiver asked to start.
+    pub from_offset: Option<i64>,
+    /// One past the last record sent.
+    pub sent_next_offset: Option<i64>,
+    /// What the receiver last reported durably written (`Progress`).
+    pub receiver_next_offset: Option<i64>,
+    /// The partition's high watermark at the last read.
+    pub high_watermark: Option<i64>,
+}
+
+/// A handle on what a [`MirrorServer`] is serving; stays valid after `run` took the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerStatus {
+    streams: Arc<Mutex<HashMap<u64, ServedStream>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl ServerStatus {
+    /// Every stream being served, by peer then partition.
+    pub fn streams(&self) -> Vec<ServedStream> {
+        let mut out: Vec<ServedStream> = self
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (&a.peer, a.partition).cmp(&(&b.peer, b.partition)));
+        out
+    }
+
+    fn register(&self, peer: &str) -> StreamSlot {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                ServedStream {
+                    peer: peer.to_owned(),
+                    partition: None,
+                    from_offset: None,
+                    sent_next_offset: None,
+                    receiver_next_offset: None,
+                    high_watermark: None,
+                },
+            );
+        StreamSlot {
+            status: self.clone(),
+            id,
+        }
+    }
+}
+
+/// A stream's entry in [`ServerStatus`], removed on drop.
+struct StreamSlot {
+    status: ServerStatus,
+    id: u64,
+}
+
+impl StreamSlot {
+    fn update(&self, f: impl FnOnce(&mut ServedStream)) {
+        if let Some(s) = self
+            .status
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.id)
+        {
+            f(s);
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.status
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// The origin side of mirroring: serves this region's local topic to peer regions.
+pub struct MirrorServer {
+    endpoint: Arc<RegionEndpoint>,
+    log: Arc<dyn OriginLog>,
+    config: MirrorServerConfig,
+    status: ServerStatus,
+}
+
+impl std::fmt::Debug for MirrorServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorServer")
+            .field("region", &self.endpoint.region())
+            .field("topic", &self.log.topic())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every connection and stream task of a server shares.
+struct Shared {
+    local_region: String,
+    log: Arc<dyn OriginLog>,
+    config: MirrorServerConfig,
+    status: ServerStatus,
+}
+
+impl MirrorServer {
+    /// A server of `log` (the local topic) on `endpoint`, with default numbers.
+    pub fn new(endpoint: Arc<RegionEndpoint>, log: Arc<dyn OriginLog>) -> MirrorServer {
+        MirrorServer {
+            endpoint,
+            log,
+            config: MirrorServerConfig::default(),
+            status: ServerStatus::default(),
+        }
+    }
+
+    /// Replaces the numbers.
+    pub fn with_config(mut self, config: MirrorServerConfig) -> MirrorServer {
+        self.config = config;
+        self
+    }
+
+    /// A handle on the streams being served.
+    pub fn status(&self) -> ServerStatus {
+        self.status.clone()
+    }
+
+    /// Accepts links and serves their streams until `shutdown` is cancelled or the
+    /// endpoint is closed. On shutdown every stream gets an `Error { Unavailable }` (so
+    /// receivers retry at once, elsewhere if they can), then every accepted connection is
+    /// closed with a reason. The endpoint itself is left open (the mirror client shares it).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let shared = Arc::new(Shared {
+            local_region: self.endpoint.region().to_owned(),
+            log: self.log.clone(),
+            config: self.config.clone(),
+            status: self.status.clone(),
+        });
+        let span = info_span!("mirror_server", origin = %shared.local_region);
+        async {
+            info!(topic = %shared.log.topic(), "mirror server up");
+            // Cancelled on shutdown and when the endpoint closes: stops every connection.
+            let stop = shutdown.child_token();
+            let mut connections = JoinSet::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    Some(done) = connections.join_next(), if !connections.is_empty() => {
+                        if let Err(e) = done {
+                            if e.is_panic() {
+                                error!(error = %e, "mirror link task panicked");
+                            }
+                        }
+                    }
+                    accepted = self.endpoint.accept() => match accepted {
+                        None => {
+                            info!("region endpoint closed");
+                            break;
+                        }
+                        // The endpoint logged the refusal already.
+                        Some(Err(e)) => debug!(error = %e, "incoming link not set up"),
+                        Some(Ok(peer)) => {
+                            let task = serve_connection(shared.clone(), peer, stop.child_token());
+                            connections.spawn(task);
+                        }
+                    },
+                }
+            }
+            stop.cancel();
+            let grace = shared.config.shutdown_grace + Duration::from_secs(1);
+            let drained = timeout(grace, async {
+                while connections.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                warn!(
+                    remaining = connections.len(),
+                    "mirror links did not stop in time; aborting them"
+                );
+                connections.shutdown().await;
+            }
+            info!("mirror server stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+/// Serves one accepted link: one task per bidirectional stream the peer opens.
+async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: CancellationToken) {
+    let region = peer.region().to_owned();
+    let span = info_span!(
+        "mirror_link",
+        origin = %shared.local_region,
+        peer = %region,
+        addr = %peer.remote_address(),
+    );
+    async {
+        info!("serving mirror link");
+        let mut streams = JoinSet::new();
+        let lost = loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break None,
+                Some(done) = streams.join_next(), if !streams.is_empty() => {
+                    if let Err(e) = done {
+                        if e.is_panic() {
+                            error!(error = %e, "mirror stream task panicked");
+                        }
+                    }
+                }
+                bi = peer.connection().accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let stream_span = info_span!(
+                            "mirror_serve",
+                            origin = %shared.local_region,
+                            peer = %region,
+                            partition = tracing::field::Empty,
+                        );
+                        let server = StreamServer::new(shared.clone(), &region, send, recv);
+                        streams.spawn(server.run(cancel.child_token()).instrument(stream_span));
+                    }
+                    Err(e) => break Some(e),
+                },
+            }
+        };
+        match lost {
+            Some(reason) => {
+                info!(reason = %reason, "mirror link closed");
+                streams.shutdown().await;
+            }
+            None => {
+                // The streams saw the cancellation too: let them say goodbye, then close.
+                let grace = shared.config.shutdown_grace;
+                let drained = timeout(grace, async {
+                    while streams.join_next().await.is_some() {}
+                })
+                .await;
+                if drained.is_err() {
+                    streams.shutdown().await;
+                }
+                peer.close("mirror server shutting down");
+                info!("mirror link closed (shutdown)");
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Why a stream was abandoned without a clean finish.
+type Abandon = String;
+
+/// One stream: a [`MirrorServe`] session between a QUIC stream and the origin log.
+struct StreamServer {
+    shared: Arc<Shared>,
+    session: MirrorServe,
+    epoch: Instant,
+    send: SendStream,
+    recv: RecvStream,
+    recv_open: bool,
+    decoder: FrameDecoder,
+    /// Encoded frames waiting to be written.
+    out: Vec<u8>,
+    /// The log reader of the subscription (at most one), aborted on drop.
+    reader: JoinSet<()>,
+    batches: Option<mpsc::Receiver<Result<OriginBatch, LogError>>>,
+    slot: StreamSlot,
+}
+
+impl StreamServer {
+    fn new(shared: Arc<Shared>, peer: &str, send: SendStream, recv: RecvStream) -> StreamServer {
+        let cfg = ServeConfig {
+            local_region: shared.local_region.clone(),
+            topic: shared.log.topic().to_owned(),
+            peer_region: Some(peer.to_owned()),
+            max_batch_bytes: shared.config.max_batch_bytes,
+            timers: shared.config.timers,
+        };
+        let slot = shared.status.register(peer);
+        StreamServer {
+            session: MirrorServe::new(cfg, Duration::ZERO),
+            epoch: Instant::now(),
+            send,
+            recv,
+            recv_open: true,
+            decoder: FrameDecoder::new(),
+            out: Vec::new(),
+            reader: JoinSet::new(),
+            batches: None,
+            slot,
+            shared,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        debug!("mirror stream opened");
+        loop {
+            self.handle_events();
+            if let Err(why) = self.flush(&cancel).await {
+                debug!(reason = %why, "mirror stream abandoned");
+                let _ = self.send.reset(STREAM_ABANDONED);
+                let _ = self.recv.stop(STREAM_ABANDONED);
+                return;
+            }
+            if self.session.is_closed() || !self.recv_open {
+                let _ = self.send.finish();
+                if cancel.is_cancelled() {
+                    // Let the peer receive the goodbye before the connection closes.
+                    let _ = timeout(self.shared.config.shutdown_grace, self.send.stopped()).await;
+                }
+                debug!("mirror stream finished");
+                return;
+            }
+            let deadline = self
+                .session
+                .poll_timeout()
+                .map_or_else(Instant::now, |t| self.epoch + t);
+            // Reading before the timer: after a long write, what the receiver sent in the
+            // meantime must count before the dead-peer check does.
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    self.session.close(
+                        LinkErrorCode::Unavailable,
+                        "the origin daemon is shutting down",
+                    );
+                }
+                read = self.recv.read(&mut buf) => match read {
+                    Ok(Some(n)) => self.on_bytes(buf.get(..n).unwrap_or_default()),
+                    Ok(None) => {
+                        debug!("receiver finished its side of the stream");
+                        self.recv_open = false;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "mirror stream read failed");
+                        let _ = self.send.reset(STREAM_ABANDONED);
+                        return;
+                    }
+                },
+                () = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.session.handle_timeout(now);
+                }
+                batch = next_batch(&mut self.batches) => match batch {
+                    Some(batch) => self.on_batch(batch),
+                    // The reader ended; it always sends its error first.
+                    None => self.batches = None,
+                },
+            }
+        }
+    }
+
+    fn on_bytes(&mut self, bytes: &[u8]) {
+        self.decoder.extend(bytes);
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let now = self.now();
+                    if let Err(e) = self.session.handle_frame(now, frame) {
+                        if e != dtfed_proto::link::SessionError::Closed {
+                            warn!(error = %e, "refusing the receiver's frame; ending the stream");
+                        }
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, "undecodable input from the receiver; ending the stream");
+                    self.session
+                        .close(LinkErrorCode::ProtocolViolation, e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_events(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ServeEvent::Subscribe {
+                    topic,
+                    partition,
+                    from_offset,
+                } => {
+                    Span::current().record("partition", partition);
+                    info!(topic = %topic, from_offset, "serving partition");
+                    self.slot.update(|s| {
+                        s.partition = Some(partition);
+                        s.from_offset = Some(from_offset);
+                    });
+                    let (tx, rx) = mpsc::channel(1);
+                    let log = self.shared.log.clone();
+                    let max_bytes = self.shared.config.max_batch_bytes;
+                    self.reader.spawn(
+                        read_origin(log, partition, from_offset, max_bytes, tx)
+                            .instrument(Span::current()),
+                    );
+                    self.batches = Some(rx);
+                }
+                ServeEvent::Progress { next_offset } => {
+                    trace!(next_offset, "receiver progress");
+                    self.slot
+                        .update(|s| s.receiver_next_offset = Some(next_offset));
+                }
+                ServeEvent::PeerError { code, message } => {
+                    if code == LinkErrorCode::Unavailable {
+                        debug!(code = %code, message = %message, "receiver ended the stream");
+                    } else {
+                        info!(code = %code, message = %message, "receiver ended the stream");
+                    }
+                }
+                ServeEvent::PeerSilent => {
+                    warn!("receiver silent too long; ending the stream");
+                }
+            }
+        }
+    }
+
+    fn on_batch(&mut self, batch: Result<OriginBatch, LogError>) {
+        match batch {
+            Ok(batch) => {
+                let next = batch.records.last().map(|r| r.offset.saturating_add(1));
+                let hw = batch.high_watermark;
+                self.slot.update(|s| {
+                    s.high_watermark = Some(hw);
+                    if next.is_some() {
+                        s.sent_next_offset = next;
+                    }
+                });
+                match self.session.queue_records(batch.records, hw) {
+                    Ok(()) | Err(dtfed_proto::link::SessionError::Closed) => {}
+                    Err(e) => error!(error = %e, "cannot serve the partition"),
+                }
+            }
+            Err(e) => {
+                let code = match &e {
+                    LogError::OffsetOutOfRange { earliest } => LinkErrorCode::OffsetOutOfRange {
+                        earliest: *earliest,
+                    },
+                    LogError::UnknownPartition(_) => LinkErrorCode::UnknownPartition,
+                    LogError::Unavailable(_) => LinkErrorCode::Unavailable,
+                    LogError::Other(_) => LinkErrorCode::Internal,
+                };
+                warn!(error = %e, code = %code, "cannot read the local topic; ending the stream");
+                self.batches = None;
+                self.session.close(code, e.to_string());
+            }
+        }
+    }
+
+    /// Writes everything the session has to send. Awaiting the write is the backpressure.
+    async fn flush(&mut self, cancel: &CancellationToken) -> Result<(), Abandon> {
+        while let Some(frame) = self.session.poll_transmit() {
+            // The session bounds every frame; failing here is a bug, and skipping the frame
+            // would lose records silently: abandon the stream instead.
+            encode(&frame, &mut self.out).map_err(|e| {
+                error!(error = %e, frame = frame.kind(), "cannot encode a frame");
+                format!("cannot encode a {} frame: {e}", frame.kind())
+            })?;
+        }
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let closing = cancel.is_cancelled();
+        let limit = if closing {
+            self.shared.config.shutdown_grace
+        } else {
+            self.shared.config.write_stall_timeout
+        };
+        let result = tokio::select! {
+            r = self.send.write_all(&self.out) => r.map_err(|e| format!("write failed: {e}")),
+            () = sleep(limit) => {
+                if !closing {
+                    warn!(stalled_for = ?limit, "receiver is not reading; abandoning the stream");
+                }
+                Err(format!("no write progress for {limit:?}"))
+            }
+            () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
+        };
+        self.out.clear();
+        result
+    }
+}
+
+/// The next batch from the reader task, or never if there is none.
+async fn next_batch(
+    batches: &mut Option<mpsc::Receiver<Result<OriginBatch, LogError>>>,
+) -> Option<Result<OriginBatch, LogError>> {
+    match batches {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads `partition` from `from_offset` into `tx` until the stream goes away; sends the
+/// first error, then stops.
+async fn read_origin(
+    log: Arc<dyn OriginLog>,
+    partition: i32,
+    from_offset: i64,
+    max_bytes: usize,
+    tx: mpsc::Sender<Result<OriginBatch, LogError>>,
+) {
+    let opened = async {
+        let partitions = log.partitions().await?;
+        if partition >= partitions {
+            return Err(LogError::UnknownPartition(partition));
+        }
+        log.open(partition, from_offset).await
+    }
+    .await;
+    let mut reader = match opened {
+        Ok(reader) => reader,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    loop {
+        let batch = reader.next_batch(max_bytes).await;
+        let failed = batch.is_err();
+        if tx.send(batch).await.is_err() || failed {
+            return;
+        }
+    }
+}

@@ -1,0 +1,898 @@
+//! Mirror server and client over real QUIC links with mutual TLS on loopback, with in-memory
+//! origin and mirror logs: steady state, link cuts, crashes, failing appends, retention gaps,
+//! WAN delay, pause/resume, and a second origin daemon taking over.
+
+mod common;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{identity, init_tracing, loopback};
+use dtfed_proto::link::{LinkRecord, LinkTimers};
+use dtfed_proto::record::{HEADER_FROM, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
+use dtfed_regions::mirror::{
+    MemoryMirrorLog, MemoryOriginLog, MirrorClient, MirrorClientConfig, MirrorError, MirrorGap,
+    MirrorLog, MirrorServer, MirrorServerConfig, MirrorTaskState, MirroredRecord, ServerStatus,
+};
+use dtfed_regions::{FederationCa, LinkTuning, PeerRegion, RegionEndpoint, WanProfile, WanRelay};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+const TOPIC: &str = "dtfed.local";
+const ORIGIN: &str = "seoul";
+const LOCAL: &str = "tokyo";
+/// Generous: the machine may be loaded.
+const WAIT: Duration = Duration::from_secs(180);
+
+// ----------------------------------------------------------------------------------------
+// Fixtures
+// ----------------------------------------------------------------------------------------
+
+/// Short QUIC timers so that a cut of a few seconds kills the connection.
+fn quick_tuning() -> LinkTuning {
+    LinkTuning {
+        keep_alive_interval: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(1500),
+        handshake_timeout: Duration::from_secs(10),
+        ..LinkTuning::default()
+    }
+}
+
+fn quick_timers() -> LinkTimers {
+    LinkTimers {
+        heartbeat_interval: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(5),
+    }
+}
+
+fn bind(ca: &FederationCa, region: &str, peer: &str, tuning: &LinkTuning) -> Arc<RegionEndpoint> {
+    Arc::new(
+        RegionEndpoint::bind_with(
+            loopback(),
+            identity(ca, region),
+            vec![peer.to_owned()],
+            tuning.clone(),
+        )
+        .expect("bind"),
+    )
+}
+
+/// One origin daemon: an endpoint and a mirror server on the shared origin log.
+struct OriginDaemon {
+    endpoint: Arc<RegionEndpoint>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    status: ServerStatus,
+}
+
+impl OriginDaemon {
+    fn start(
+        ca: &FederationCa,
+        log: &MemoryOriginLog,
+        tuning: &LinkTuning,
+        config: MirrorServerConfig,
+    ) -> OriginDaemon {
+        let endpoint = bind(ca, ORIGIN, LOCAL, tuning);
+        let server = MirrorServer::new(endpoint.clone(), Arc::new(log.clone())).with_config(config);
+        let status = server.status();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        OriginDaemon {
+            endpoint,
+            stop,
+            task,
+            status,
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.endpoint.local_addr().expect("addr").to_string()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("server stops")
+            .expect("server task");
+        self.endpoint.close();
+    }
+}
+
+/// The receiving region: an endpoint and a mirror client writing to `mirror`.
+fn receiver(
+    ca: &FederationCa,
+    mirror: &MemoryMirrorLog,
+    addrs: Vec<String>,
+    tuning: &LinkTuning,
+    config: MirrorClientConfig,
+) -> (Arc<RegionEndpoint>, MirrorClient) {
+    let endpoint = bind(ca, LOCAL, ORIGIN, tuning);
+    let peers = vec![PeerRegion {
+        name: ORIGIN.to_owned(),
+        addrs,
+        partitions: None,
+        topic: None,
+    }];
+    let client =
+        MirrorClient::with_config(endpoint.clone(), Arc::new(mirror.clone()), peers, config);
+    (endpoint, client)
+}
+
+fn client_config() -> MirrorClientConfig {
+    MirrorClientConfig {
+        timers: quick_timers(),
+        ..MirrorClientConfig::default()
+    }
+}
+
+fn server_config() -> MirrorServerConfig {
+    MirrorServerConfig {
+        timers: quick_timers(),
+        ..MirrorServerConfig::default()
+    }
+}
+
+/// Runs partition tasks `parts` of `client` until `stop`.
+fn run_partitions(
+    client: &MirrorClient,
+    parts: Range<i32>,
+    stop: &CancellationToken,
+) -> JoinSet<Result<(), MirrorError>> {
+    let mut set = JoinSet::new();
+    for p in parts {
+        let client = client.clone();
+        let stop = stop.clone();
+        set.spawn(async move { client.run_partition(ORIGIN, TOPIC, p, stop).await });
+    }
+    set
+}
+
+async fn stop_partitions(stop: &CancellationToken, mut set: JoinSet<Result<(), MirrorError>>) {
+    stop.cancel();
+    tokio::time::timeout(WAIT, async {
+        while let Some(done) = set.join_next().await {
+            done.expect("task").expect("partition task ran");
+        }
+    })
+    .await
+    .expect("partition tasks stop");
+}
+
+/// A chat-like record at `offset`: a room key, a JSON-ish value of varying size, the
+/// origin's headers, and sometimes a stale `dtfed-origin-offset` the mirror must replace.
+fn record(rng: &mut StdRng, offset: i64) -> LinkRecord {
+    let room = rng.random_range(0..20);
+    let player = rng.random_range(0..50);
+    let len = rng.random_range(10..400);
+    let body: String = (0..len)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect();
+    let mut headers = vec![
+        (HEADER_ORIGIN.to_owned(), ORIGIN.as_bytes().to_vec()),
+        (
+            HEADER_FROM.to_owned(),
+            format!("player-{player}").into_bytes(),
+        ),
+    ];
+    if rng.random_bool(0.1) {
+        headers.push((HEADER_ORIGIN_OFFSET.to_owned(), b"999999".to_vec()));
+    }
+    LinkRecord {
+        offset,
+        timestamp_ms: 1_700_000_000_000 + offset,
+        key: format!("room-{room}").into_bytes(),
+        headers,
+        value: format!(r#"{{"from":"player-{player}","ts":{offset},"body":"{body}"}}"#)
+            .into_bytes(),
+    }
+}
+
+/// Appends `n` records to `partition`, offsets advancing by 1 to 3 (sparse, as when a
+/// partition carries transaction markers or compaction holes).
+fn fill(log: &MemoryOriginLog, rng: &mut StdRng, partition: i32, n: usize) {
+    for _ in 0..n {
+        let offset = log.high_watermark(partition).expect("partition") + rng.random_range(0..3);
+        let r = record(rng, offset);
+        log.push(partition, r).expect("push");
+    }
+}
+
+/// Keeps appending to every partition in `parts`: `per_partition` records each, in small
+/// bursts, over roughly `over`.
+fn spawn_appender(
+    log: &MemoryOriginLog,
+    parts: Range<i32>,
+    per_partition: usize,
+    over: Duration,
+    seed: u64,
+) -> tokio::task::JoinHandle<()> {
+    let log = log.clone();
+    tokio::spawn(async move {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let burst = 10;
+        let rounds = per_partition.div_ceil(burst);
+        let pause = over / u32::try_from(rounds.max(1)).unwrap_or(1);
+        let mut left = per_partition;
+        while left > 0 {
+            let n = burst.min(left);
+            for p in parts.clone() {
+                fill(&log, &mut rng, p, n);
+            }
+            left -= n;
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// Keeps appending a burst of 10 records to every partition in `parts` every 10 ms until
+/// `stop` is cancelled; returns how many bursts it appended.
+fn spawn_live_appender(
+    log: &MemoryOriginLog,
+    parts: Range<i32>,
+    stop: CancellationToken,
+    seed: u64,
+) -> tokio::task::JoinHandle<usize> {
+    let log = log.clone();
+    tokio::spawn(async move {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut bursts = 0;
+        while !stop.is_cancelled() {
+            for p in parts.clone() {
+                fill(&log, &mut rng, p, 10);
+            }
+            bursts += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bursts
+    })
+}
+
+fn origin_offsets(records: &[MirroredRecord]) -> Vec<i64> {
+    records
+        .iter()
+        .map(|r| r.origin_offset().expect("origin offset header"))
+        .collect()
+}
+
+/// No duplicates, in order: origin offsets strictly increase along the mirror partition,
+/// and mirror offsets are dense.
+fn assert_strictly_increasing(mirror: &MemoryMirrorLog, partition: i32) {
+    let records = mirror.records(ORIGIN, partition);
+    let offsets = origin_offsets(&records);
+    for w in offsets.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "partition {partition}: origin offset {} followed by {} (duplicate or reorder)",
+            w[0],
+            w[1]
+        );
+    }
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r.offset, i as i64, "mirror offsets are dense");
+    }
+}
+
+/// The mirror partition holds exactly `want` (origin records), as mirrored.
+fn assert_mirror_equals(mirror: &MemoryMirrorLog, partition: i32, want: &[LinkRecord]) {
+    assert_strictly_increasing(mirror, partition);
+    let got = mirror.records(ORIGIN, partition);
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "partition {partition}: mirror has {} records, origin {}",
+        got.len(),
+        want.len()
+    );
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.origin_offset(), Some(w.offset), "partition {partition}");
+        assert_eq!(g.origin_timestamp_ms(), Some(w.timestamp_ms));
+        assert_eq!(g.timestamp_ms, w.timestamp_ms);
+        assert_eq!(g.key, w.key);
+        assert_eq!(g.value, w.value);
+        assert_eq!(g.headers, w.mirror_headers());
+    }
+}
+
+/// The mirror holds the origin's last record (offsets only grow along a mirror partition,
+/// which the assertions check).
+fn caught_up(origin: &MemoryOriginLog, mirror: &MemoryMirrorLog, partition: i32) -> bool {
+    let want = origin.records(partition).last().map(|r| r.offset);
+    let got = mirror
+        .records(ORIGIN, partition)
+        .last()
+        .and_then(MirroredRecord::origin_offset);
+    want.is_some() && got == want
+}
+
+/// Polls `cond` until it holds; panics after [`WAIT`].
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_caught_up(origin: &MemoryOriginLog, mirror: &MemoryMirrorLog, parts: Range<i32>) {
+    wait_until("the mirror to catch up", || {
+        parts.clone().all(|p| caught_up(origin, mirror, p))
+    })
+    .await;
+}
+
+// ----------------------------------------------------------------------------------------
+// Tests
+// ----------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_mirrors_every_partition_exactly() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(1);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 1_000);
+    }
+    // Default timers: exactly one stream per partition is asserted below.
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, MirrorServerConfig::default());
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        MirrorClientConfig::default(),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    // Half was there before; the other half arrives live.
+    let appender = spawn_appender(&origin, 0..4, 1_000, Duration::from_secs(2), 2);
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..4).await;
+
+    for p in 0..4 {
+        let want = origin.records(p);
+        assert_eq!(want.len(), 2_000);
+        assert_mirror_equals(&mirror, p, &want);
+    }
+    // Ops view: streaming, no lag, one link, the origin saw our progress.
+    wait_until("statuses to settle", || {
+        let status = client.status();
+        status.len() == 4
+            && status.iter().all(|s| {
+                s.state == MirrorTaskState::Streaming
+                    && s.lag_records == Some(0)
+                    && s.mirrored_offset == origin.records(s.partition).last().map(|r| r.offset)
+            })
+    })
+    .await;
+    for s in client.status() {
+        let last = origin
+            .records(s.partition)
+            .last()
+            .cloned()
+            .expect("records");
+        assert_eq!(s.last_record_ts_ms, Some(last.timestamp_ms));
+        assert_eq!(s.lag_ms(last.timestamp_ms + 10_000), Some(0));
+        assert_eq!(s.gaps, 0);
+        assert_eq!(s.streams_opened, 1, "{s:?}");
+        assert_eq!(s.records_mirrored, 2_000);
+    }
+    let links = client.links();
+    assert_eq!(links.len(), 1);
+    assert!(links[0].connected && links[0].connects == 1, "{links:?}");
+    assert_eq!(
+        links[0].addr,
+        Some(daemon.endpoint.local_addr().expect("addr"))
+    );
+    assert!(links[0].rtt_ms.is_some());
+    wait_until("the origin to see progress on every stream", || {
+        let streams = daemon.status.streams();
+        streams.len() == 4
+            && streams.iter().all(|s| {
+                let p = s.partition.expect("subscribed");
+                let next = origin.high_watermark(p).expect("hw");
+                s.peer == LOCAL && s.receiver_next_offset == Some(next)
+            })
+    })
+    .await;
+    // A second task for a running partition is refused.
+    assert_eq!(
+        client
+            .run_partition(ORIGIN, TOPIC, 0, CancellationToken::new())
+            .await,
+        Err(MirrorError::AlreadyRunning {
+            origin: ORIGIN.into(),
+            partition: 0
+        })
+    );
+    assert!(matches!(
+        client
+            .run_partition("paris", TOPIC, 0, CancellationToken::new())
+            .await,
+        Err(MirrorError::UnknownPeer(_))
+    ));
+
+    stop_partitions(&stop, tasks).await;
+    assert!(client.status().is_empty());
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_cut_converges_without_duplicates() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = quick_tuning();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(3);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 500);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let relay = WanRelay::start(
+        loopback(),
+        daemon.endpoint.local_addr().expect("addr"),
+        WanProfile::with_delay(Duration::from_millis(2)),
+    )
+    .await
+    .expect("relay");
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![relay.local_addr().to_string()],
+        &tuning,
+        client_config(),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    wait_caught_up(&origin, &mirror, 0..4).await;
+
+    // The origin keeps appending through a 3 s cut (twice the QUIC idle timeout: the
+    // connection dies on both sides), and after it.
+    let appending = CancellationToken::new();
+    let appender = spawn_live_appender(&origin, 0..4, appending.clone(), 4);
+    let before_cut = mirror.len(ORIGIN, 0);
+    wait_until("live records to be mirrored", || {
+        mirror.len(ORIGIN, 0) >= before_cut + 100
+    })
+    .await;
+    relay.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.heal();
+    let after_heal = origin.records(0).len();
+    wait_until("records appended after the cut to be mirrored", || {
+        mirror.len(ORIGIN, 0) >= after_heal + 100
+    })
+    .await;
+    appending.cancel();
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..4).await;
+
+    for p in 0..4 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    let links = client.links();
+    assert!(
+        links[0].connects >= 2,
+        "the link was redialled after the cut: {links:?}"
+    );
+    assert!(relay.stats().dropped_cut > 0);
+    println!(
+        "cut: {} packets dropped, {} link connects, streams opened {:?}",
+        relay.stats().dropped_cut,
+        links[0].connects,
+        client
+            .status()
+            .iter()
+            .map(|s| s.streams_opened)
+            .collect::<Vec<_>>()
+    );
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_and_restart_resumes_from_the_tail() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(5);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 200);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let appending = CancellationToken::new();
+    let appender = spawn_live_appender(&origin, 0..4, appending.clone(), 6);
+
+    // First incarnation: partitions 0-1 shut down by their token, 2-3 aborted outright,
+    // while the origin keeps appending.
+    let (local_a, client_a) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_a = CancellationToken::new();
+    let graceful = run_partitions(&client_a, 0..2, &stop_a);
+    let mut hard = run_partitions(&client_a, 2..4, &CancellationToken::new());
+    wait_until("mirroring to be under way", || {
+        (0..4).all(|p| mirror.len(ORIGIN, p) >= 400)
+    })
+    .await;
+    hard.abort_all();
+    while hard.join_next().await.is_some() {}
+    stop_partitions(&stop_a, graceful).await;
+    client_a.close("crash");
+    local_a.close();
+    let at_crash: Vec<usize> = (0..4).map(|p| mirror.len(ORIGIN, p)).collect();
+
+    // Second incarnation: a new process, same mirror topic.
+    let (local_b, client_b) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_b = CancellationToken::new();
+    let tasks = run_partitions(&client_b, 0..4, &stop_b);
+    wait_until("the new client to resume from the tails", || {
+        let status = client_b.status();
+        status.len() == 4 && status.iter().all(|s| s.records_mirrored >= 100)
+    })
+    .await;
+    appending.cancel();
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..4).await;
+    for p in 0..4 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    let total: u64 = client_b.status().iter().map(|s| s.records_mirrored).sum();
+    let expected: usize = (0..4)
+        .map(|p| origin.records(p).len() - at_crash[p as usize])
+        .sum();
+    assert_eq!(
+        total, expected as u64,
+        "the new client wrote exactly the rest"
+    );
+
+    stop_partitions(&stop_b, tasks).await;
+    client_b.close("test over");
+    daemon.stop().await;
+    local_b.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_mirror_appends_are_retried_from_the_tail() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(7);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 2_000);
+    }
+    // Small batches, so there are many appends to fail.
+    let daemon = OriginDaemon::start(
+        &ca,
+        &origin,
+        &tuning,
+        MirrorServerConfig {
+            max_batch_bytes: 8 * 1024,
+            ..server_config()
+        },
+    );
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+
+    // The mirror topic is down at first: tasks back off on the tail read.
+    mirror.set_unavailable(true);
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    wait_until("tasks to back off", || {
+        let status = client.status();
+        status.len() == 4
+            && status
+                .iter()
+                .all(|s| matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains("tail")))
+    })
+    .await;
+    mirror.fail_next_appends(3);
+    mirror.fail_next_appends_partially(3);
+    mirror.set_unavailable(false);
+
+    wait_caught_up(&origin, &mirror, 0..4).await;
+    for p in 0..4 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    assert_eq!(mirror.failed_appends(), 6);
+    let retried: u64 = client
+        .status()
+        .iter()
+        .map(|s| s.streams_opened.saturating_sub(1))
+        .sum();
+    assert!(
+        retried >= 6,
+        "every failed append ends its stream: {retried}"
+    );
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_past_the_tail_is_reported_as_a_gap() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 2);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    for p in 0..2 {
+        fill(&origin, &mut rng, p, 1_000);
+    }
+    // Partition 0: nothing mirrored yet, the origin dropped everything below 400.
+    origin.set_earliest(0, 400).expect("retention");
+    // Partition 1: the first 100 records mirrored earlier, then the origin dropped below 600.
+    let early = origin.records(1)[..100].to_vec();
+    let tail = early.last().expect("records").offset;
+    mirror.append(ORIGIN, 1, &early).await.expect("append");
+    origin.set_earliest(1, 600).expect("retention");
+
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    // Live records after the gap arrive too.
+    let appender = spawn_appender(&origin, 0..2, 200, Duration::from_millis(500), 10);
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..2).await;
+
+    assert_mirror_equals(&mirror, 0, &origin.records(0));
+    let mut want = early.clone();
+    want.extend(origin.records(1));
+    assert_mirror_equals(&mirror, 1, &want);
+    let mut gaps = mirror.gaps();
+    gaps.sort_by_key(|g| g.partition);
+    assert_eq!(
+        gaps,
+        [
+            MirrorGap {
+                origin: ORIGIN.into(),
+                partition: 0,
+                from: 0,
+                to: 399
+            },
+            MirrorGap {
+                origin: ORIGIN.into(),
+                partition: 1,
+                from: tail + 1,
+                to: 599
+            },
+        ]
+    );
+    let status = client.status();
+    assert_eq!(status[0].gaps, 1);
+    assert_eq!(status[0].last_gap, Some((0, 399)));
+    assert_eq!(status[1].gaps, 1);
+    assert_eq!(status[1].last_gap, Some((tail + 1, 599)));
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_20k_records_through_a_35ms_link() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(11);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 5_000);
+    }
+    let bytes: usize = (0..4)
+        .flat_map(|p| origin.records(p))
+        .map(|r| r.value.len() + r.key.len())
+        .sum();
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let relay = WanRelay::start(
+        loopback(),
+        daemon.endpoint.local_addr().expect("addr"),
+        WanProfile::with_delay(Duration::from_millis(35)),
+    )
+    .await
+    .expect("relay");
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![relay.local_addr().to_string()],
+        &tuning,
+        client_config(),
+    );
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    wait_caught_up(&origin, &mirror, 0..4).await;
+    let took = started.elapsed();
+    for p in 0..4 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    let rtt = client.links()[0].rtt_ms;
+    println!(
+        "35 ms one way (rtt {rtt:?} ms): 20000 records ({:.1} MB of keys+values) in {took:?}: \
+         {:.0} records/s, including the QUIC+TLS handshake",
+        bytes as f64 / 1e6,
+        20_000.0 / took.as_secs_f64()
+    );
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_closes_streams_and_resume_catches_up() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 2);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(13);
+    for p in 0..2 {
+        fill(&origin, &mut rng, p, 300);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    wait_caught_up(&origin, &mirror, 0..2).await;
+
+    assert!(client.pause_peer(ORIGIN));
+    assert!(!client.pause_peer("paris"));
+    wait_until("tasks to pause and the origin to stop serving", || {
+        client
+            .status()
+            .iter()
+            .all(|s| s.state == MirrorTaskState::Paused)
+            && daemon.status.streams().is_empty()
+    })
+    .await;
+    assert!(client.links()[0].paused);
+    let before: Vec<usize> = (0..2).map(|p| mirror.len(ORIGIN, p)).collect();
+    for p in 0..2 {
+        fill(&origin, &mut rng, p, 100);
+    }
+    // A negative check needs a little time to be meaningful.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paused: Vec<usize> = (0..2).map(|p| mirror.len(ORIGIN, p)).collect();
+    assert_eq!(before, paused, "nothing mirrored while paused");
+
+    assert!(client.resume_peer(ORIGIN));
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    for p in 0..2 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_origin_daemon_takes_over_when_one_stops() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = quick_tuning();
+    let origin = MemoryOriginLog::new(TOPIC, 2);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(15);
+    for p in 0..2 {
+        fill(&origin, &mut rng, p, 300);
+    }
+    // Two daemons of the origin region, one log (one Kafka cluster).
+    let first = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let second = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![first.addr(), second.addr()],
+        &tuning,
+        client_config(),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    let serving = client.links()[0].addr.expect("connected");
+    let (gone, remaining) = if serving == first.endpoint.local_addr().expect("addr") {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let appender = spawn_appender(&origin, 0..2, 500, Duration::from_secs(2), 16);
+    gone.stop().await;
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    for p in 0..2 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    let link = &client.links()[0];
+    assert_eq!(
+        link.addr,
+        Some(remaining.endpoint.local_addr().expect("addr")),
+        "{link:?}"
+    );
+    assert!(link.connects >= 2);
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    remaining.stop().await;
+    local.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_log_behind_the_mirror_is_retried_not_written() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 1);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(17);
+    fill(&origin, &mut rng, 0, 100);
+    // The mirror already holds origin offset 1000: the origin lost data, or was recreated.
+    let ahead = record(&mut rng, 1_000);
+    mirror
+        .append(ORIGIN, 0, std::slice::from_ref(&ahead))
+        .await
+        .expect("append");
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        MirrorClientConfig {
+            backoff_max: Duration::from_millis(500),
+            ..client_config()
+        },
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..1, &stop);
+    wait_until("the task to report the origin behind", || {
+        client.status().iter().any(|s| {
+            matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains("ends before offset 1001"))
+        })
+    })
+    .await;
+    assert_eq!(mirror.len(ORIGIN, 0), 1, "nothing written");
+    assert!(mirror.gaps().is_empty(), "not a gap");
+
+    // Once the origin's log passes the mirror's tail, mirroring goes on from there.
+    while origin.high_watermark(0).expect("hw") <= 1_001 {
+        fill(&origin, &mut rng, 0, 50);
+    }
+    fill(&origin, &mut rng, 0, 50);
+    wait_caught_up(&origin, &mirror, 0..1).await;
+    let mut want = vec![ahead];
+    want.extend(origin.records(0).into_iter().filter(|r| r.offset > 1_000));
+    assert_mirror_equals(&mirror, 0, &want);
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
