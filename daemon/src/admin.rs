@@ -1,14 +1,16 @@
 //! The operator's HTTP surface (loopback by default): `/healthz` (the process is up),
-//! `/readyz` (Kafka group joined, bus reachable, not draining), `/metrics` (Prometheus) and
-//! `/status` (JSON, what `dtfed status` prints).
+//! `/readyz` (Kafka groups joined, bus reachable, not draining), `/metrics` (Prometheus),
+//! `/status` (JSON, what `dtfed status` prints), and for failover drills
+//! `POST /peers/<region>/pause` and `POST /peers/<region>/resume` (bearer `admin.token`;
+//! disabled when no token is set).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::fanout::{FanoutOwner, FanoutStatus};
+use crate::federation::{Federation, LinkView, MirrorView};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 
@@ -31,6 +34,7 @@ pub struct AdminState {
     pub draining: CancellationToken,
     /// Bearer token for endpoints that change state; empty disables them.
     pub admin_token: String,
+    pub federation: Option<Arc<Federation>>,
 }
 
 /// `/status` as JSON.
@@ -42,6 +46,10 @@ pub struct Status {
     pub clients: usize,
     pub rooms: usize,
     pub fanout: FanoutStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<LinkView>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Vec<MirrorView>>,
 }
 
 impl AdminState {
@@ -60,6 +68,8 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, stop: Cancella
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/peers/{region}/pause", post(pause_peer))
+        .route("/peers/{region}/resume", post(resume_peer))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -76,6 +86,9 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     }
     if !s.fanout_status().joined {
         problems.push("fan-out group not joined yet".to_owned());
+    }
+    if s.federation.as_ref().is_some_and(|f| !f.joined()) {
+        problems.push("mirror task group not joined yet".to_owned());
     }
     match tokio::time::timeout(Duration::from_secs(2), s.bus.ping()).await {
         Ok(Ok(())) => {}
@@ -112,5 +125,69 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         clients: s.gateway.connections(),
         rooms: s.gateway.rooms.room_count(),
         fanout: s.fanout_status(),
+        links: s.federation.as_ref().map(|f| f.links()),
+        mirror: s.federation.as_ref().map(|f| f.mirror()),
     })
+}
+
+/// Why a state-changing request is refused.
+enum Denied {
+    NoToken,
+    BadToken,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::NoToken => (
+                StatusCode::FORBIDDEN,
+                "admin.token is not set: state-changing endpoints are disabled\n",
+            )
+                .into_response(),
+            Denied::BadToken => (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response(),
+        }
+    }
+}
+
+fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
+    if s.admin_token.is_empty() {
+        return Err(Denied::NoToken);
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time: the token guards failover drills.
+    let ok = given.is_some_and(|g| {
+        g.len() == s.admin_token.len() && g.bytes().zip(s.admin_token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Denied::BadToken)
+    }
+}
+
+async fn pause_peer(State(s): State<Arc<AdminState>>, Path(region): Path<String>, headers: HeaderMap) -> Response {
+    peer_switch(&s, &region, &headers, true)
+}
+
+async fn resume_peer(State(s): State<Arc<AdminState>>, Path(region): Path<String>, headers: HeaderMap) -> Response {
+    peer_switch(&s, &region, &headers, false)
+}
+
+fn peer_switch(s: &AdminState, region: &str, headers: &HeaderMap, pause: bool) -> Response {
+    if let Err(denied) = authorized(s, headers) {
+        return denied.into_response();
+    }
+    let Some(f) = &s.federation else {
+        return (StatusCode::NOT_FOUND, "this daemon is not federated\n").into_response();
+    };
+    let known = if pause { f.pause_peer(region) } else { f.resume_peer(region) };
+    if !known {
+        return (StatusCode::NOT_FOUND, format!("no peer region {region}\n")).into_response();
+    }
+    let what = if pause { "paused" } else { "resumed" };
+    tracing::warn!(peer = region, "peer link {what} by an operator");
+    (StatusCode::OK, format!("{region} {what}\n")).into_response()
 }

@@ -105,8 +105,6 @@ pub struct KafkaConfig {
     pub publish_timeout_ms: u64,
     pub fanout_group: String,
     pub session_timeout_ms: u64,
-    /// Mirror topics are `<mirror_topic_prefix><origin region>`.
-    pub mirror_topic_prefix: String,
 }
 
 impl Default for KafkaConfig {
@@ -119,7 +117,6 @@ impl Default for KafkaConfig {
             publish_timeout_ms: 5_000,
             fanout_group: "dtfed-fanout".into(),
             session_timeout_ms: 6_000,
-            mirror_topic_prefix: "dtfed.mirror.".into(),
         }
     }
 }
@@ -127,11 +124,6 @@ impl Default for KafkaConfig {
 impl KafkaConfig {
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
-    }
-
-    /// The mirror topic holding `origin`'s messages in this region.
-    pub fn mirror_topic(&self, origin: &str) -> String {
-        format!("{}{origin}", self.mirror_topic_prefix)
     }
 }
 
@@ -288,9 +280,6 @@ impl Config {
                 "kafka.publish_timeout_ms = {}: must be at least 100",
                 k.publish_timeout_ms
             ));
-        }
-        if !valid_topic(&k.mirror_topic("x")) || k.mirror_topic_prefix.is_empty() {
-            errs.push(format!("kafka.mirror_topic_prefix {:?}: must be non-empty [A-Za-z0-9._-]", k.mirror_topic_prefix));
         }
         if k.fanout_group.is_empty() {
             errs.push("kafka.fanout_group must not be empty".into());

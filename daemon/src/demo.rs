@@ -1,7 +1,9 @@
 //! `dtfed demo`: regions with no outside services, in one process. librdkafka's mock cluster
 //! keeps the real Kafka code path (idempotent producer, consumer group, replay); the
-//! in-process bus stands in for Redis unless `--redis` is given. Prints one line per region,
-//! `region <name> ws://<addr>/ws`, and serves a chat page at `http://<addr>/`.
+//! in-process bus stands in for Redis unless `--redis` is given. With more than one region
+//! (the default is `seoul,tokyo,frankfurt`), the regions are federated over real QUIC links
+//! on loopback with mutual TLS, from a federation CA made on the fly. Prints one line per
+//! region, `region <name> ws://<addr>/ws`, and serves a chat page at `http://<addr>/`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,13 +17,16 @@ use crate::config::{Config, HistoryConfig, KafkaConfig, RedisConfig};
 use crate::kafka::MockKafka;
 use crate::node::{Node, NodeOptions};
 
+/// Partitions of every demo region's local topic.
+const DEMO_PARTITIONS: i32 = 4;
+
 /// The chat page served at `/` in the demo.
 pub const CHAT_PAGE: &str = include_str!("demo/chat.html");
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     /// Regions to run, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "seoul")]
+    #[arg(long, value_delimiter = ',', default_value = "seoul,tokyo,frankfurt")]
     pub regions: Vec<String>,
     /// Client port of the first region; the next regions take the ports after it (0: any).
     #[arg(long, default_value_t = 8080)]
@@ -37,7 +42,7 @@ pub struct DemoArgs {
 impl Default for DemoArgs {
     fn default() -> Self {
         DemoArgs {
-            regions: vec!["seoul".into()],
+            regions: vec!["seoul".into(), "tokyo".into(), "frankfurt".into()],
             port: 8080,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             redis: None,
@@ -48,6 +53,11 @@ impl Default for DemoArgs {
 /// Runs the demo until SIGINT or SIGTERM.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut running = Vec::new();
+    let federation = if args.regions.len() > 1 {
+        Some(DemoFederation::make(&args.regions)?)
+    } else {
+        None
+    };
     for (i, region) in args.regions.iter().enumerate() {
         let mock =
             MockKafka::start(1).with_context(|| format!("starting the mock Kafka of {region}"))?;
@@ -62,6 +72,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             SocketAddr::new(args.bind, port),
             args.redis.as_deref(),
         );
+        let mut cfg = cfg;
+        if let Some(f) = &federation {
+            cfg.federation = Some(f.config_for(region));
+        }
         let errs = cfg.validate();
         anyhow::ensure!(
             errs.is_empty(),
@@ -96,7 +110,56 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         node.shutdown(Duration::from_secs(5)).await;
         drop(mock);
     }
+    if let Some(f) = federation {
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
     Ok(())
+}
+
+/// Certificates and QUIC ports of a demo federation, made on the fly.
+struct DemoFederation {
+    dir: std::path::PathBuf,
+    ports: Vec<(String, u16)>,
+}
+
+impl DemoFederation {
+    fn make(regions: &[String]) -> anyhow::Result<DemoFederation> {
+        let dir = std::env::temp_dir().join(format!("dtfed-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        dtfed_regions::certs_init(&dir, true).context("making the demo federation CA")?;
+        let mut ports = Vec::new();
+        for r in regions {
+            dtfed_regions::certs_issue(&dir, r, true).with_context(|| format!("certificate for {r}"))?;
+            // A free UDP port on loopback for the region's QUIC endpoint.
+            let port = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|s| s.local_addr())
+                .context("picking a QUIC port")?
+                .port();
+            ports.push((r.clone(), port));
+        }
+        Ok(DemoFederation { dir, ports })
+    }
+
+    fn config_for(&self, region: &str) -> dtfed_regions::FederationConfig {
+        let port = self.ports.iter().find(|(r, _)| r == region).map_or(0, |(_, p)| *p);
+        dtfed_regions::FederationConfig {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            ca_cert: self.dir.join("ca.crt"),
+            cert: self.dir.join(format!("{region}.crt")),
+            key: self.dir.join(format!("{region}.key")),
+            peers: self
+                .ports
+                .iter()
+                .filter(|(r, _)| r != region)
+                .map(|(r, p)| dtfed_regions::PeerRegion {
+                    name: r.clone(),
+                    addrs: vec![format!("127.0.0.1:{p}")],
+                    partitions: Some(DEMO_PARTITIONS),
+                    topic: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option<&str>) -> Config {
@@ -113,7 +176,7 @@ fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option
         },
         kafka: KafkaConfig {
             brokers: mock.bootstrap(),
-            partitions: 4,
+            partitions: DEMO_PARTITIONS,
             session_timeout_ms: 6_000,
             ..Default::default()
         },

@@ -2,12 +2,14 @@
 //! nothing.
 //!
 //! Start: bind the client and admin listeners (so a port clash fails fast), make sure the
-//! local topic exists, connect the bus, start the Kafka appender and replay reader, join the
+//! local topic exists, start federation (QUIC endpoint, mirror server, mirror topics, mirror
+//! task group) when configured, connect the bus, start the Kafka appender and replay reader, join the
 //! fan-out group, start the room dispatcher, then serve.
 //!
 //! Shutdown (SIGTERM): stop accepting connections; let every session finish its in-flight
 //! publishes (acked or refused, never dropped) and close with 1001; flush the producer; stop
-//! the fan-out owner, which drains, commits and leaves the group so its partitions move at
+//! federation (mirror tasks finish the append in hand, then the mirror server, then the QUIC
+//! endpoint); stop the fan-out owner, which drains, commits and leaves the group so its partitions move at
 //! once; stop the dispatcher and the bus; stop the admin server last, so `/readyz` reports
 //! not-ready while the daemon drains.
 
@@ -26,6 +28,9 @@ use crate::bus::redis::RedisBus;
 use crate::bus::{Bus, BusEvents};
 use crate::config::Config;
 use crate::fanout::FanoutOwner;
+use crate::federation::Federation;
+use crate::mirror_log::MirrorRoomReader;
+use crate::gateway::resume::MirrorReplay;
 use crate::gateway::{self, Gateway};
 use crate::kafka;
 use crate::metrics::Metrics;
@@ -46,7 +51,10 @@ pub struct Node {
     pub region: String,
     pub client_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The QUIC federation listener, when federated.
+    pub federation_addr: Option<SocketAddr>,
     gateway: Arc<Gateway>,
+    federation: Option<Arc<Federation>>,
     appender: Arc<KafkaAppender>,
     fanout: Arc<Mutex<Option<FanoutOwner>>>,
     /// Stops the gateway accepting.
@@ -97,12 +105,31 @@ impl Node {
                 .context("starting the Kafka replay reader")?,
         );
 
+        let federation = match &cfg.federation {
+            Some(fed) => Some(Arc::new(
+                Federation::start(&cfg, fed, &node, partitions).await.context("starting federation")?,
+            )),
+            None => None,
+        };
+        let mut fanout_topics = vec![cfg.kafka.local_topic.clone()];
+        if let Some(f) = &federation {
+            fanout_topics.extend(f.mirror_topics.iter().cloned());
+        }
+        let mirror_replay = match &federation {
+            Some(f) => Some(Arc::new(MirrorReplay {
+                reader: MirrorRoomReader::with_node(&cfg.kafka, &region, &node)
+                    .context("starting the mirror replay reader")?,
+                origins: f.origins.clone(),
+            })),
+            None => None,
+        };
+
         let stop_pipeline = CancellationToken::new();
         let fanout = FanoutOwner::start(
             &cfg.kafka,
             &region,
             &node,
-            vec![cfg.kafka.local_topic.clone()],
+            fanout_topics,
             bus.clone(),
             metrics.clone(),
             stop_pipeline.child_token(),
@@ -120,6 +147,7 @@ impl Node {
             rooms,
             appender.clone(),
             replay,
+            mirror_replay,
             metrics.clone(),
             opts.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
@@ -144,6 +172,7 @@ impl Node {
             bus,
             fanout: fanout.clone(),
             draining: stop_accepting.clone(),
+            federation: federation.clone(),
             admin_token: cfg.admin.token.clone(),
         });
         let admin_task = tokio::spawn(admin::serve(state, admin_listener, stop_admin.clone()));
@@ -153,7 +182,9 @@ impl Node {
             region,
             client_addr,
             admin_addr,
+            federation_addr: federation.as_ref().map(|f| f.local_addr),
             gateway,
+            federation,
             appender,
             fanout,
             stop_accepting,
@@ -179,6 +210,9 @@ impl Node {
             tokio::task::spawn_blocking(move || appender.flush(Duration::from_secs(5))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!("producer flush incomplete");
+        }
+        if let Some(f) = &self.federation {
+            f.shutdown().await;
         }
         let owner = self.fanout.lock().ok().and_then(|mut f| f.take());
         self.stop_pipeline.cancel();

@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::replay::RoomLogReader;
 use crate::rooms::LocalRooms;
 use auth::Authenticator;
+use resume::MirrorReplay;
 
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_POLICY: u16 = 1008;
@@ -48,6 +49,8 @@ pub struct Gateway {
     pub rooms: Arc<LocalRooms>,
     pub appender: Arc<KafkaAppender>,
     pub replay: Arc<RoomLogReader>,
+    /// Replays other regions' messages from this region's mirror topics (federated only).
+    pub mirror_replay: Option<Arc<MirrorReplay>>,
     pub metrics: Arc<Metrics>,
     /// Serve the chat page at `/` (demo).
     pub chat_page: bool,
@@ -68,6 +71,7 @@ impl Gateway {
         rooms: Arc<LocalRooms>,
         appender: Arc<KafkaAppender>,
         replay: Arc<RoomLogReader>,
+        mirror_replay: Option<Arc<MirrorReplay>>,
         metrics: Arc<Metrics>,
         chat_page: bool,
         drain_timeout: Duration,
@@ -79,6 +83,7 @@ impl Gateway {
             rooms,
             appender,
             replay,
+            mirror_replay,
             metrics,
             chat_page,
             drain_timeout,

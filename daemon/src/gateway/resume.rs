@@ -17,6 +17,14 @@ use dtfed_proto::{Cursor, MsgFrame, RoomId, ServerFrame};
 
 use super::Gateway;
 use crate::bus::BusError;
+use crate::mirror_log::MirrorRoomReader;
+
+/// Reads other regions' messages from this region's mirror topics.
+pub struct MirrorReplay {
+    pub reader: MirrorRoomReader,
+    /// Origin region → partition count of its local topic (= its mirror topic here).
+    pub origins: std::collections::BTreeMap<String, i32>,
+}
 
 /// Everything of `room` after `cursor` as frames to send in order, advancing `cursor` past
 /// what it returns. An origin
@@ -54,40 +62,47 @@ pub async fn replay(
         if !hole {
             continue;
         }
-        if origin == &gw.region {
-            match gw.replay.read_room(room, after, before).await {
-                Ok(read) => {
-                    let mut prev = after;
-                    if let Some(a) = after {
-                        if a + 1 < read.earliest {
-                            frames.push(ServerFrame::Gap {
-                                room: room.clone(),
-                                origin: origin.clone(),
-                                from: a + 1,
-                                to: read.earliest - 1,
-                            });
-                            prev = None;
-                        }
-                    }
-                    for rec in read.records {
-                        if cursor.has_seen(origin, rec.offset) {
-                            continue;
-                        }
-                        let msg = rec.to_msg(prev);
-                        prev = Some(rec.offset);
-                        cursor.advance(origin, rec.offset);
-                        frames.push(ServerFrame::Msg(msg));
+        let read = if origin == &gw.region {
+            Some(gw.replay.read_room(room, after, before).await)
+        } else {
+            match &gw.mirror_replay {
+                Some(mirror) => match mirror.origins.get(origin) {
+                    Some(&partitions) => Some(mirror.reader.read_room(origin, room, partitions, after, before).await),
+                    None => None,
+                },
+                None => None,
+            }
+        };
+        match read {
+            Some(Ok(read)) => {
+                let mut prev = after;
+                if let Some(a) = after {
+                    if a + 1 < read.earliest {
+                        frames.push(ServerFrame::Gap {
+                            room: room.clone(),
+                            origin: origin.clone(),
+                            from: a + 1,
+                            to: read.earliest - 1,
+                        });
+                        prev = None;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(%room, origin, error = %e, "replay from Kafka failed; telling the player");
-                    frames.push(gap(room, origin, after, before));
+                for rec in read.records {
+                    if cursor.has_seen(origin, rec.offset) {
+                        continue;
+                    }
+                    let msg = rec.to_msg(prev);
+                    prev = Some(rec.offset);
+                    cursor.advance(origin, rec.offset);
+                    frames.push(ServerFrame::Msg(msg));
                 }
             }
-        } else {
-            // Messages of another origin older than the hot history are served from the
-            // mirror topic once federation lands; until then they are named, not skipped.
-            frames.push(gap(room, origin, after, before));
+            Some(Err(e)) => {
+                tracing::warn!(%room, origin, error = %e, "replay from Kafka failed; telling the player");
+                frames.push(gap(room, origin, after, before));
+            }
+            // An origin this region does not mirror: named, not skipped.
+            None => frames.push(gap(room, origin, after, before)),
         }
     }
 

@@ -1,0 +1,220 @@
+//! This daemon's part in federation, assembled: the QUIC endpoint (mutual TLS), the mirror
+//! server that lets peer regions pull this region's local topic, and the mirror client that
+//! pulls every peer's partitions into `<mirror_topic_prefix><origin>`, with the partition
+//! tasks shared among the region's daemons through a consumer group ([`MirrorTasks`]).
+//!
+//! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
+//! owner reads a true tail), then the mirror server, then close the endpoint.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
+use dtfed_regions::mirror::server::MirrorServer;
+use dtfed_regions::{FederationConfig, RegionEndpoint, RegionIdentity};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::mirror_log::{ensure_mirror_topic, KafkaMirrorLog, KafkaOriginLog};
+use crate::mirror_tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
+
+/// A peer link, for `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkView {
+    pub region: String,
+    pub state: &'static str,
+    pub rtt_ms: Option<u64>,
+    pub addr: Option<String>,
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+/// A mirror task this daemon runs, for `/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct MirrorView {
+    pub origin: String,
+    pub partition: i32,
+    pub state: String,
+    pub mirrored_offset: Option<i64>,
+    pub origin_high_watermark: Option<i64>,
+    pub lag_records: Option<i64>,
+    pub lag_seconds: Option<f64>,
+    pub gaps: u64,
+    pub records_mirrored: u64,
+}
+
+/// Federation of one daemon.
+pub struct Federation {
+    endpoint: Arc<RegionEndpoint>,
+    client: MirrorClient,
+    tasks: Mutex<Option<MirrorTasks>>,
+    server_stop: CancellationToken,
+    server_task: Mutex<Option<JoinHandle<()>>>,
+    /// Peer region → partition count of its local topic (= of its mirror topic here).
+    pub origins: BTreeMap<String, i32>,
+    /// The mirror topics this region's fan-out owners must also consume.
+    pub mirror_topics: Vec<String>,
+    pub local_addr: std::net::SocketAddr,
+}
+
+struct ClientRunner(MirrorClient);
+
+#[async_trait]
+impl MirrorTaskRunner for ClientRunner {
+    async fn run(&self, origin: String, origin_topic: String, partition: i32, stop: CancellationToken) {
+        if let Err(e) = self.0.run_partition(&origin, &origin_topic, partition, stop).await {
+            tracing::error!(%origin, partition, error = %e, "mirror task could not start");
+        }
+    }
+}
+
+impl Federation {
+    pub async fn start(cfg: &Config, fed: &FederationConfig, node: &str, local_partitions: i32) -> anyhow::Result<Federation> {
+        let region = &cfg.region;
+        let identity = RegionIdentity::load(region, fed).context("loading this region's certificate and key")?;
+        let endpoint = Arc::new(
+            RegionEndpoint::bind(fed.listen, identity, fed.allowed_peers())
+                .with_context(|| format!("binding the federation listener {}", fed.listen))?,
+        );
+        let local_addr = endpoint.local_addr().context("federation listener address")?;
+
+        let origin_log = KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
+            .context("starting the mirror server's Kafka reader")?;
+        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
+        let server_stop = CancellationToken::new();
+        let server_task = tokio::spawn(server.run(server_stop.clone()));
+
+        let mut origins = BTreeMap::new();
+        let mut topics = Vec::new();
+        for peer in &fed.peers {
+            let partitions = peer.partitions.unwrap_or(local_partitions);
+            let mirror_topic = ensure_mirror_topic(&cfg.kafka, &peer.name, partitions)
+                .await
+                .with_context(|| format!("preparing the mirror topic of {}", peer.name))?;
+            origins.insert(peer.name.clone(), partitions);
+            topics.push(MirrorTopic {
+                origin: peer.name.clone(),
+                mirror_topic,
+                origin_topic: peer.topic.clone().unwrap_or_else(|| "dtfed.local".to_owned()),
+            });
+        }
+        let mirror_log =
+            KafkaMirrorLog::with_node(&cfg.kafka, region, node).context("starting the mirror producer")?;
+        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), fed.peers.clone());
+        let mirror_topics = topics.iter().map(|t| t.mirror_topic.clone()).collect();
+        let tasks = if topics.is_empty() {
+            None
+        } else {
+            Some(
+                MirrorTasks::start(
+                    &cfg.kafka,
+                    region,
+                    node,
+                    format!("{}.{region}.mirror", cfg.kafka.fanout_group),
+                    topics,
+                    Arc::new(ClientRunner(client.clone())),
+                    CancellationToken::new(),
+                )
+                .context("joining the mirror task group")?,
+            )
+        };
+        tracing::info!(%region, federation = %local_addr, peers = fed.peers.len(), "federation started");
+        Ok(Federation {
+            endpoint,
+            client,
+            tasks: Mutex::new(tasks),
+            server_stop,
+            server_task: Mutex::new(Some(server_task)),
+            origins,
+            mirror_topics,
+            local_addr,
+        })
+    }
+
+    pub fn links(&self) -> Vec<LinkView> {
+        self.client
+            .links()
+            .into_iter()
+            .map(|l| LinkView {
+                state: if l.paused {
+                    "paused"
+                } else if l.connected {
+                    "connected"
+                } else {
+                    "down"
+                },
+                region: l.region,
+                rtt_ms: l.rtt_ms,
+                addr: l.addr.map(|a| a.to_string()),
+                connects: l.connects,
+                last_error: l.last_error,
+            })
+            .collect()
+    }
+
+    pub fn mirror(&self) -> Vec<MirrorView> {
+        let now = now_ms();
+        self.client
+            .status()
+            .into_iter()
+            .map(|t| MirrorView {
+                lag_seconds: t.lag_ms(now).map(|ms| ms as f64 / 1000.0),
+                state: match &t.state {
+                    MirrorTaskState::Connecting => "connecting".to_owned(),
+                    MirrorTaskState::Streaming => "streaming".to_owned(),
+                    MirrorTaskState::Backoff(why) => format!("backoff: {why}"),
+                    MirrorTaskState::Paused => "paused".to_owned(),
+                },
+                origin: t.origin,
+                partition: t.partition,
+                mirrored_offset: t.mirrored_offset,
+                origin_high_watermark: t.origin_high_watermark,
+                lag_records: t.lag_records,
+                gaps: t.gaps,
+                records_mirrored: t.records_mirrored,
+            })
+            .collect()
+    }
+
+    /// True when the mirror task group was joined (or there is nothing to mirror).
+    pub fn joined(&self) -> bool {
+        self.tasks
+            .lock()
+            .ok()
+            .map(|t| t.as_ref().is_none_or(|t| t.status().joined))
+            .unwrap_or(false)
+    }
+
+    pub fn pause_peer(&self, region: &str) -> bool {
+        self.client.pause_peer(region)
+    }
+
+    pub fn resume_peer(&self, region: &str) -> bool {
+        self.client.resume_peer(region)
+    }
+
+    pub async fn shutdown(&self) {
+        let tasks = self.tasks.lock().ok().and_then(|mut t| t.take());
+        if let Some(tasks) = tasks {
+            tasks.join().await;
+        }
+        self.server_stop.cancel();
+        let server = self.server_task.lock().ok().and_then(|mut t| t.take());
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        self.client.close("region daemon shutting down");
+        self.endpoint.close();
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
