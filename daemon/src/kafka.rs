@@ -152,6 +152,9 @@ pub fn default_node_name() -> String {
 }
 
 /// Error codes after which creating the topic again cannot succeed.
+/// How long `InvalidReplicationFactor` counts as "the broker is still registering".
+const REPLICATION_FACTOR_GRACE: Duration = Duration::from_secs(10);
+
 fn permanent_create_error(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
@@ -273,7 +276,13 @@ async fn ensure_with(
                 Ok(results) => match results.into_iter().next() {
                     Some(Ok(_)) => tracing::info!(topic, partitions, "created Kafka topic"),
                     Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {}
-                    Some(Err((_, code))) if permanent_create_error(code) => {
+                    // A broker that has just started is not registered yet and answers
+                    // InvalidReplicationFactor for a moment: retry that one for a while.
+                    Some(Err((_, code)))
+                        if permanent_create_error(code)
+                            && !(code == RDKafkaErrorCode::InvalidReplicationFactor
+                                && started.elapsed() < REPLICATION_FACTOR_GRACE) =>
+                    {
                         return Err(KafkaSetupError::Topic {
                             topic: topic.to_owned(),
                             detail: format!(

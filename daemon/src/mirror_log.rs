@@ -115,6 +115,49 @@ fn is_unknown_partition(e: &KafkaError) -> bool {
     )
 }
 
+/// Errors of a watermark query that a leader election or a broker restart causes: asking
+/// again shortly succeeds.
+fn is_retriable_query_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::ReplicaNotAvailable
+                | RDKafkaErrorCode::BrokerNotAvailable
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::FencedLeaderEpoch
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+                | RDKafkaErrorCode::OffsetNotAvailable
+                | RDKafkaErrorCode::KafkaStorageError
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
+}
+
+/// `query(timeout)` (a watermark query), asked again after errors
+/// [`is_retriable_query_error`] accepts, until `deadline`. Blocking.
+fn query_until(
+    deadline: Instant,
+    query: impl Fn(Duration) -> Result<(i64, i64), KafkaError>,
+) -> Result<(i64, i64), KafkaError> {
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match query(left.clamp(Duration::from_millis(100), METADATA_TIMEOUT)) {
+            Err(e) if is_retriable_query_error(&e) && Instant::now() + backoff < deadline => {
+                tracing::debug!(error = %e, "watermark query failed; asking again");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Consumer errors librdkafka recovers from by itself (a dropped idle connection, a name
 /// that did not resolve this time): reading just goes on.
 fn is_transient_consumer_error(e: &KafkaError) -> bool {
@@ -382,15 +425,17 @@ async fn watermarks(meta: &Arc<Meta>, topic: &str, partition: i32) -> Result<(i6
     let meta = Arc::clone(meta);
     let t = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        meta.inner()
-            .fetch_watermarks(&t, partition, METADATA_TIMEOUT)
-            .map_err(|e| {
-                if is_unknown_partition(&e) {
-                    LogError::UnknownPartition(partition)
-                } else {
-                    LogError::Unavailable(format!("watermarks of {t}/{partition}: {e}"))
-                }
-            })
+        let deadline = Instant::now() + METADATA_TIMEOUT;
+        query_until(deadline, |timeout| {
+            meta.inner().fetch_watermarks(&t, partition, timeout)
+        })
+        .map_err(|e| {
+            if is_unknown_partition(&e) {
+                LogError::UnknownPartition(partition)
+            } else {
+                LogError::Unavailable(format!("watermarks of {t}/{partition}: {e}"))
+            }
+        })
     })
     .await
     .map_err(|e| LogError::Other(format!("watermark task failed: {e}")))?
@@ -837,10 +882,12 @@ impl PartitionReads<'_> {
     }
 
     fn watermarks(&self) -> Result<(i64, i64), ReadError> {
-        let timeout = self.left()?.min(METADATA_TIMEOUT);
-        self.consumer
-            .fetch_watermarks(self.topic, self.partition, timeout)
-            .map_err(|e| self.kafka_err("watermarks of", &e))
+        self.left()?;
+        query_until(self.deadline, |timeout| {
+            self.consumer
+                .fetch_watermarks(self.topic, self.partition, timeout)
+        })
+        .map_err(|e| self.kafka_err("watermarks of", &e))
     }
 
     fn corrupt(&self, offset: i64) -> ReadError {

@@ -16,6 +16,10 @@ use dtfed_tests::{ConfigBuilder, DtfedProcess, KafkaBroker, RedisServer, TestDir
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(20);
+
+/// Each test runs several Kafka brokers and daemons: on a 2-core machine they run one at a
+/// time, whatever `--test-threads` says, so that timings stay those of one scenario.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PARTITIONS: i64 = 4;
 
 fn free_udp_port() -> Result<u16> {
@@ -45,7 +49,8 @@ struct Region {
     /// Kept for the region's lifetime; stopped by its drop.
     _redis: RedisServer,
     cfg: ConfigBuilder,
-    quic_port: u16,
+    /// One QUIC port per daemon of the region.
+    quic_ports: Vec<u16>,
     daemons: Vec<DtfedProcess>,
 }
 
@@ -56,9 +61,16 @@ impl Region {
 }
 
 /// Starts the Kafka brokers and Redis servers of `names`, makes certificates, and returns
-/// the regions with their configs (peers pointing at each other, or at `via` when given:
-/// `via[(receiver, origin)]` is the address `receiver` dials to reach `origin`).
-fn federation(test: &str, names: &[&str], certs: &Path, via: &HashMap<(String, String), SocketAddr>) -> Result<Vec<Region>> {
+/// the regions with their configs for `daemons` daemons each (peers pointing at each
+/// other's daemons, or at `via` when given: `via[(receiver, origin)]` is the address
+/// `receiver` dials to reach `origin`).
+fn federation(
+    test: &str,
+    names: &[&str],
+    certs: &Path,
+    via: &HashMap<(String, String), SocketAddr>,
+    daemons: usize,
+) -> Result<Vec<Region>> {
     make_certs(certs, names)?;
     let base = ConfigBuilder::new(test, names[0]);
     let mut regions: Vec<Region> = std::thread::scope(|s| {
@@ -85,7 +97,7 @@ fn federation(test: &str, names: &[&str], certs: &Path, via: &HashMap<(String, S
                 .set("client", "publish_burst", 100_000)
                 .set("kafka", "session_timeout_ms", 4000)
                 .admin_token("drill-token"),
-            quic_port: free_udp_port()?,
+            quic_ports: (0..daemons).map(|_| free_udp_port()).collect::<Result<_>>()?,
             name,
             kafka,
             _redis: redis,
@@ -93,27 +105,28 @@ fn federation(test: &str, names: &[&str], certs: &Path, via: &HashMap<(String, S
         })
     })
     .collect::<Result<_>>()?;
-    let plan: Vec<(String, u16, String)> = regions
+    let plan: Vec<(String, Vec<u16>, String)> = regions
         .iter()
-        .map(|r| (r.name.clone(), r.quic_port, r.cfg.local_topic()))
+        .map(|r| (r.name.clone(), r.quic_ports.clone(), r.cfg.local_topic()))
         .collect();
     for r in &mut regions {
         let mut fed = format!(
             "[federation]\nlisten = \"127.0.0.1:{}\"\nca_cert = \"{dir}/ca.crt\"\ncert = \"{dir}/{n}.crt\"\nkey = \"{dir}/{n}.key\"\n",
-            r.quic_port,
+            r.quic_ports[0],
             dir = certs.display(),
             n = r.name
         );
-        for (peer, port, topic) in &plan {
+        for (peer, ports, topic) in &plan {
             if peer == &r.name {
                 continue;
             }
-            let addr = via
-                .get(&(r.name.clone(), peer.clone()))
-                .copied()
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], *port)));
+            let addrs: Vec<String> = match via.get(&(r.name.clone(), peer.clone())) {
+                Some(a) => vec![format!("\"{a}\"")],
+                None => ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect(),
+            };
             fed.push_str(&format!(
-                "[[federation.peers]]\nname = \"{peer}\"\naddrs = [\"{addr}\"]\ntopic = \"{topic}\"\npartitions = {PARTITIONS}\n"
+                "[[federation.peers]]\nname = \"{peer}\"\naddrs = [{}]\ntopic = \"{topic}\"\npartitions = {PARTITIONS}\n",
+                addrs.join(", ")
             ));
         }
         r.cfg = r.cfg.clone().merge_toml(&fed);
@@ -121,12 +134,21 @@ fn federation(test: &str, names: &[&str], certs: &Path, via: &HashMap<(String, S
     Ok(regions)
 }
 
-/// Starts `n` daemons in each region (in parallel: each waits for its readiness).
-fn start_daemons(regions: &mut [Region], n: usize) -> Result<()> {
+/// Starts the daemons of each region (in parallel: each waits for its readiness).
+fn start_daemons(regions: &mut [Region]) -> Result<()> {
     std::thread::scope(|s| {
         let handles: Vec<_> = regions
             .iter()
-            .flat_map(|r| (0..n).map(move |i| (r.name.clone(), r.cfg.clone().node(&format!("{}-{i}", r.name)))))
+            .flat_map(|r| {
+                r.quic_ports.iter().enumerate().map(move |(i, port)| {
+                    let cfg = r
+                        .cfg
+                        .clone()
+                        .node(&format!("{}-{i}", r.name))
+                        .set("federation", "listen", format!("127.0.0.1:{port}"));
+                    (r.name.clone(), cfg)
+                })
+            })
             .map(|(name, cfg)| s.spawn(move || DtfedProcess::start(&cfg.build()).map(|d| (name, d))))
             .collect();
         for h in handles {
@@ -185,12 +207,13 @@ async fn publish_n(url: &str, room: &str, n: usize, tag: &str) -> Result<Vec<i64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_regions_mirror_every_room_in_order() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-three")?;
     let names = ["seoul", "tokyo", "frankfurt"];
     let path: PathBuf = dir.path().to_owned();
     let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("three", &names, &path, &HashMap::new())?;
-        start_daemons(&mut r, 1)?;
+        let mut r = federation("three", &names, &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
         Ok(r)
     })
     .await??;
@@ -260,6 +283,7 @@ async fn three_regions_mirror_every_room_in_order() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_cut_then_healed_loses_and_duplicates_nothing() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-cut")?;
     // tokyo reaches seoul through a relay we can cut.
     let seoul_port = free_udp_port()?;
@@ -273,11 +297,9 @@ async fn link_cut_then_healed_loses_and_duplicates_nothing() -> Result<()> {
     via.insert(("tokyo".to_owned(), "seoul".to_owned()), relay.local_addr());
     let path = dir.path().to_owned();
     let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("cut", &["seoul", "tokyo"], &path, &via)?;
-        r[0].quic_port = seoul_port;
-        let fixed = r[0].cfg.clone().set("federation", "listen", format!("127.0.0.1:{seoul_port}"));
-        r[0].cfg = fixed;
-        start_daemons(&mut r, 1)?;
+        let mut r = federation("cut", &["seoul", "tokyo"], &path, &via, 1)?;
+        r[0].quic_ports = vec![seoul_port];
+        start_daemons(&mut r)?;
         Ok(r)
     })
     .await??;
@@ -311,11 +333,12 @@ async fn link_cut_then_healed_loses_and_duplicates_nothing() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_task_owner_killed_another_daemon_takes_over() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-kill")?;
     let path = dir.path().to_owned();
     let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("kill", &["seoul", "tokyo"], &path, &HashMap::new())?;
-        start_daemons(&mut r, 2)?;
+        let mut r = federation("kill", &["seoul", "tokyo"], &path, &HashMap::new(), 2)?;
+        start_daemons(&mut r)?;
         Ok(r)
     })
     .await??;
@@ -342,11 +365,12 @@ async fn mirror_task_owner_killed_another_daemon_takes_over() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_kafka_restarted_mid_stream() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-kafka")?;
     let path = dir.path().to_owned();
     let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("kafka-restart", &["seoul", "tokyo"], &path, &HashMap::new())?;
-        start_daemons(&mut r, 1)?;
+        let mut r = federation("kafka-restart", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
         Ok(r)
     })
     .await??;
@@ -385,11 +409,12 @@ async fn origin_kafka_restarted_mid_stream() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn player_resumes_in_another_region_with_its_cursor() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-resume")?;
     let path = dir.path().to_owned();
     let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("resume", &["seoul", "tokyo"], &path, &HashMap::new())?;
-        start_daemons(&mut r, 1)?;
+        let mut r = federation("resume", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
         Ok(r)
     })
     .await??;
@@ -432,48 +457,86 @@ async fn player_resumes_in_another_region_with_its_cursor() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_with_a_foreign_ca_or_the_wrong_region_are_refused() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new("fed-refuse")?;
     let path = dir.path().to_owned();
-    let (mut regions, rogue_dir) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("refuse", &["seoul", "tokyo"], &path, &HashMap::new())?;
-        // A second federation CA issues its own "tokyo": seoul must refuse it.
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("refuse", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        // A second federation CA makes its own "tokyo": a region that trusts that CA starts,
+        // but seoul, trusting the real one, must refuse it.
         let rogue = path.join("rogue");
         std::fs::create_dir_all(&rogue)?;
         make_certs(&rogue, &["tokyo"])?;
-        let rogue_cert = rogue.join("tokyo.crt");
-        let rogue_key = rogue.join("tokyo.key");
         r[1].cfg = r[1]
             .cfg
             .clone()
-            .set("federation", "cert", rogue_cert.display().to_string())
-            .set("federation", "key", rogue_key.display().to_string());
-        // tokyo's daemon trusts the real CA, so it starts; its certificate is the rogue one.
-        start_daemons(&mut r, 1).ok();
-        Ok((r, rogue))
+            .set("federation", "ca_cert", rogue.join("ca.crt").display().to_string())
+            .set("federation", "cert", rogue.join("tokyo.crt").display().to_string())
+            .set("federation", "key", rogue.join("tokyo.key").display().to_string());
+        // "osaka" has a genuine certificate from the real CA, but seoul does not list it as
+        // a peer: refused too.
+        let bin = DtfedProcess::binary()?;
+        let out = Command::new(bin)
+            .args(["certs", "issue", "--dir", path.to_str().context("utf-8")?, "--region", "osaka"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let seoul_port = r[0].quic_ports[0];
+        let seoul_topic = r[0].cfg.local_topic();
+        let osaka_cfg = r[1]
+            .cfg
+            .for_region("osaka")
+            .unset("federation", "peers")
+            .set("federation", "ca_cert", path.join("ca.crt").display().to_string())
+            .set("federation", "cert", path.join("osaka.crt").display().to_string())
+            .set("federation", "key", path.join("osaka.key").display().to_string())
+            .merge_toml(&format!(
+                "[[federation.peers]]\nname = \"seoul\"\naddrs = [\"127.0.0.1:{seoul_port}\"]\ntopic = \"{seoul_topic}\"\npartitions = {PARTITIONS}\n"
+            ));
+        let osaka_port = free_udp_port()?;
+        r.push(Region {
+            name: "osaka".into(),
+            kafka: KafkaBroker::start()?,
+            _redis: RedisServer::start()?,
+            cfg: osaka_cfg,
+            quic_ports: vec![osaka_port],
+            daemons: Vec::new(),
+        });
+        let osaka_kafka = r[2].kafka.bootstrap();
+        r[2].cfg = r[2].cfg.clone().kafka(&osaka_kafka).redis(&r[2]._redis.url());
+        start_daemons(&mut r)?;
+        Ok(r)
     })
     .await??;
-    let _ = rogue_dir;
     let seoul = &regions[0];
-    let mut herald = WsClient::connect(&seoul.ws(0, "herald")).await?;
-    herald.publish("gate", json!({"text": "secret"}), T).await?;
-    // Nothing crosses: seoul refuses the rogue tokyo and says so in its log.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut guard = WsClient::connect(&seoul.ws(0, "guard")).await?;
+    guard.sub("gate", None, T).await?;
+    for (i, r) in regions.iter().enumerate().skip(1) {
+        let mut spy = WsClient::connect(&r.ws(0, "spy")).await?;
+        spy.publish("gate", json!({"text": format!("let me in ({i})")}), T).await?;
+    }
+    // seoul says why, for each of them, and nothing of theirs reaches its players.
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let log = seoul.daemons[0].log();
-        if log.contains("refused") || log.contains("not signed by the federation CA") {
+        let foreign_ca = log.contains("not signed by the federation CA");
+        let wrong_region = log.contains("names region osaka, which is not an allowed peer");
+        if foreign_ca && wrong_region {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "seoul did not log the refusal:\n{}", seoul.daemons[0].log_tail(40));
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "seoul did not log both refusals (foreign CA: {foreign_ca}, osaka: {wrong_region}):\n{}",
+            seoul.daemons[0].log_tail(40)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    if let Some(tokyo) = regions[1].daemons.first() {
-        let status = tokyo.admin_get("/status", None)?.json()?;
-        let mirrored: i64 = status["mirror"]
-            .as_array()
-            .map(|ts| ts.iter().filter_map(|t| t["records_mirrored"].as_i64()).sum())
-            .unwrap_or(0);
-        assert_eq!(mirrored, 0, "{status}");
-    }
+    guard.expect_silence(Duration::from_secs(2)).await?;
+    let status = seoul.daemons[0].admin_get("/status", None)?.json()?;
+    let mirrored: i64 = status["mirror"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["records_mirrored"].as_i64()).sum())
+        .unwrap_or(0);
+    assert_eq!(mirrored, 0, "{status}");
     regions.clear();
     Ok(())
 }
