@@ -117,20 +117,30 @@ write_log4j_config() {
 EOF
 }
 
+fetched() {
+    local jsa
+    jsa=$(cds_archive)
+    [[ -f $MARKER && -d $LIB && (-f $jsa || -f $jsa.failed) ]]
+}
+
 do_fetch() {
-    if [[ -f $MARKER && -d $LIB ]]; then
-        return 0
-    fi
-    command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install -y maven)"
     command -v java >/dev/null || die "java not found: install a JDK 17 (apt-get install -y openjdk-17-jdk-headless)"
+    fetched && return 0
     mkdir -p "$KAFKA_HOME"
     # Several tests or scripts may fetch at once: one fetch, the others wait for it.
     exec 9>"$KAFKA_HOME/.fetch.lock"
     flock 9
-    if [[ -f $MARKER && -d $LIB ]]; then
+    if fetched; then
         exec 9>&-
         return 0
     fi
+    if [[ -f $MARKER && -d $LIB ]]; then
+        # Jars there, but no archive for this JVM (it was upgraded): just make one.
+        make_cds_archive
+        exec 9>&-
+        return 0
+    fi
+    command -v mvn >/dev/null || die "mvn not found: install Maven (apt-get install -y maven)"
     log "fetching Kafka $KAFKA_VERSION and its runtime dependencies from Maven Central into $LIB"
     local t0 work
     t0=$(date +%s)
@@ -144,7 +154,7 @@ do_fetch() {
     fi
     [[ -f $work/lib/kafka_2.13-$KAFKA_VERSION.jar ]] || die "Maven ran but kafka_2.13-$KAFKA_VERSION.jar is missing in $work/lib"
     write_log4j_config "$work/lib/log4j2.xml"
-    rm -rf "$LIB"
+    rm -rf "$LIB" "$KAFKA_HOME"/kafka-cds-*.jsa*
     mv "$work/lib" "$LIB"
     rm -rf "$work"
     log "fetched $(find "$LIB" -name '*.jar' | wc -l) jars in $(($(date +%s) - t0)) s"
@@ -272,6 +282,10 @@ transaction.state.log.num.partitions=4
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# After a crash (SIGKILL) the restarted broker must wait for its old registration's
+# session to expire before it can register again: 9 s by default, 2 s here.
+broker.session.timeout.ms=2000
+broker.heartbeat.interval.ms=500
 # classic group protocol: let clients ask for short sessions (fast owner hand-over)
 group.min.session.timeout.ms=1000
 # KIP-848 consumer group protocol: sessions and heartbeats are set by the broker

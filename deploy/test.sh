@@ -91,7 +91,8 @@ done
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 log "build: cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
-log "test: cargo test ${scope[*]+"${scope[*]}"} ${cargo_args[*]+"${cargo_args[*]}"} -- ${threads[*]+"${threads[*]}"} ${bin_args[*]+"${bin_args[*]}"}"
-cargo test "${scope[@]+"${scope[@]}"}" "${cargo_args[@]+"${cargo_args[@]}"}" -- \
+# --no-fail-fast: every test binary runs, so one run shows every failure.
+log "test: cargo test --no-fail-fast ${scope[*]+"${scope[*]}"} ${cargo_args[*]+"${cargo_args[*]}"} -- ${threads[*]+"${threads[*]}"} ${bin_args[*]+"${bin_args[*]}"}"
+cargo test --no-fail-fast "${scope[@]+"${scope[@]}"}" "${cargo_args[@]+"${cargo_args[@]}"}" -- \
     "${threads[@]+"${threads[@]}"}" "${bin_args[@]+"${bin_args[@]}"}"
 log "done in $((SECONDS - t0)) s"

@@ -144,7 +144,9 @@ impl IntoResponse for Denied {
                 "admin.token is not set: state-changing endpoints are disabled\n",
             )
                 .into_response(),
-            Denied::BadToken => (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response(),
+            Denied::BadToken => {
+                (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response()
+            }
         }
     }
 }
@@ -159,7 +161,11 @@ fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compare in constant time: the token guards failover drills.
     let ok = given.is_some_and(|g| {
-        g.len() == s.admin_token.len() && g.bytes().zip(s.admin_token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        g.len() == s.admin_token.len()
+            && g.bytes()
+                .zip(s.admin_token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     });
     if ok {
         Ok(())
@@ -168,11 +174,19 @@ fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
     }
 }
 
-async fn pause_peer(State(s): State<Arc<AdminState>>, Path(region): Path<String>, headers: HeaderMap) -> Response {
+async fn pause_peer(
+    State(s): State<Arc<AdminState>>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     peer_switch(&s, &region, &headers, true)
 }
 
-async fn resume_peer(State(s): State<Arc<AdminState>>, Path(region): Path<String>, headers: HeaderMap) -> Response {
+async fn resume_peer(
+    State(s): State<Arc<AdminState>>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     peer_switch(&s, &region, &headers, false)
 }
 
@@ -183,7 +197,11 @@ fn peer_switch(s: &AdminState, region: &str, headers: &HeaderMap, pause: bool) -
     let Some(f) = &s.federation else {
         return (StatusCode::NOT_FOUND, "this daemon is not federated\n").into_response();
     };
-    let known = if pause { f.pause_peer(region) } else { f.resume_peer(region) };
+    let known = if pause {
+        f.pause_peer(region)
+    } else {
+        f.resume_peer(region)
+    };
     if !known {
         return (StatusCode::NOT_FOUND, format!("no peer region {region}\n")).into_response();
     }

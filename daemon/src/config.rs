@@ -320,7 +320,10 @@ impl Config {
             errs.extend(f.validate(&self.region));
             let clash = f.listen == self.client.listen || f.listen == self.admin.listen;
             if clash && f.listen.port() != 0 {
-                errs.push(format!("federation.listen {} clashes with another listener", f.listen));
+                errs.push(format!(
+                    "federation.listen {} clashes with another listener",
+                    f.listen
+                ));
             }
         }
         errs

@@ -129,7 +129,8 @@ impl DemoFederation {
         dtfed_regions::certs_init(&dir, true).context("making the demo federation CA")?;
         let mut ports = Vec::new();
         for r in regions {
-            dtfed_regions::certs_issue(&dir, r, true).with_context(|| format!("certificate for {r}"))?;
+            dtfed_regions::certs_issue(&dir, r, true)
+                .with_context(|| format!("certificate for {r}"))?;
             // A free UDP port on loopback for the region's QUIC endpoint.
             let port = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
                 .and_then(|s| s.local_addr())
@@ -141,7 +142,11 @@ impl DemoFederation {
     }
 
     fn config_for(&self, region: &str) -> dtfed_regions::FederationConfig {
-        let port = self.ports.iter().find(|(r, _)| r == region).map_or(0, |(_, p)| *p);
+        let port = self
+            .ports
+            .iter()
+            .find(|(r, _)| r == region)
+            .map_or(0, |(_, p)| *p);
         dtfed_regions::FederationConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             ca_cert: self.dir.join("ca.crt"),

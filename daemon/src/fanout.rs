@@ -480,17 +480,19 @@ impl Run {
                 let owned = self.shared.owned();
                 for (topic, partition, offset, item) in batch {
                     if owned.contains_key(&(topic.clone(), partition)) {
-                        groups.entry((topic, partition)).or_default().push((offset, item));
+                        groups
+                            .entry((topic, partition))
+                            .or_default()
+                            .push((offset, item));
                     }
                 }
             }
             let this = &self;
-            let done = futures::future::join_all(
-                groups
-                    .iter()
-                    .map(|((topic, partition), items)| this.apply_partition(topic, *partition, items)),
-            )
-            .await;
+            let done =
+                futures::future::join_all(groups.iter().map(|((topic, partition), items)| {
+                    this.apply_partition(topic, *partition, items)
+                }))
+                .await;
             let mut stopped = false;
             for (((topic, partition), _), (last, stop)) in groups.iter().zip(done) {
                 stopped |= stop;
@@ -511,7 +513,12 @@ impl Run {
 
     /// Applies one partition's records of a batch in offset order. Returns the last offset
     /// handled (applied, or skipped as poison) and whether shutdown stopped it early.
-    async fn apply_partition(&self, topic: &str, partition: i32, items: &[(i64, Item)]) -> (Option<i64>, bool) {
+    async fn apply_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        items: &[(i64, Item)],
+    ) -> (Option<i64>, bool) {
         let mut last = None;
         for (offset, item) in items {
             match item {

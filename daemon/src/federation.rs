@@ -65,25 +65,44 @@ struct ClientRunner(MirrorClient);
 
 #[async_trait]
 impl MirrorTaskRunner for ClientRunner {
-    async fn run(&self, origin: String, origin_topic: String, partition: i32, stop: CancellationToken) {
-        if let Err(e) = self.0.run_partition(&origin, &origin_topic, partition, stop).await {
+    async fn run(
+        &self,
+        origin: String,
+        origin_topic: String,
+        partition: i32,
+        stop: CancellationToken,
+    ) {
+        if let Err(e) = self
+            .0
+            .run_partition(&origin, &origin_topic, partition, stop)
+            .await
+        {
             tracing::error!(%origin, partition, error = %e, "mirror task could not start");
         }
     }
 }
 
 impl Federation {
-    pub async fn start(cfg: &Config, fed: &FederationConfig, node: &str, local_partitions: i32) -> anyhow::Result<Federation> {
+    pub async fn start(
+        cfg: &Config,
+        fed: &FederationConfig,
+        node: &str,
+        local_partitions: i32,
+    ) -> anyhow::Result<Federation> {
         let region = &cfg.region;
-        let identity = RegionIdentity::load(region, fed).context("loading this region's certificate and key")?;
+        let identity = RegionIdentity::load(region, fed)
+            .context("loading this region's certificate and key")?;
         let endpoint = Arc::new(
             RegionEndpoint::bind(fed.listen, identity, fed.allowed_peers())
                 .with_context(|| format!("binding the federation listener {}", fed.listen))?,
         );
-        let local_addr = endpoint.local_addr().context("federation listener address")?;
+        let local_addr = endpoint
+            .local_addr()
+            .context("federation listener address")?;
 
-        let origin_log = KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
-            .context("starting the mirror server's Kafka reader")?;
+        let origin_log =
+            KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
+                .context("starting the mirror server's Kafka reader")?;
         let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
@@ -99,11 +118,14 @@ impl Federation {
             topics.push(MirrorTopic {
                 origin: peer.name.clone(),
                 mirror_topic,
-                origin_topic: peer.topic.clone().unwrap_or_else(|| "dtfed.local".to_owned()),
+                origin_topic: peer
+                    .topic
+                    .clone()
+                    .unwrap_or_else(|| "dtfed.local".to_owned()),
             });
         }
-        let mirror_log =
-            KafkaMirrorLog::with_node(&cfg.kafka, region, node).context("starting the mirror producer")?;
+        let mirror_log = KafkaMirrorLog::with_node(&cfg.kafka, region, node)
+            .context("starting the mirror producer")?;
         let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), fed.peers.clone());
         let mirror_topics = topics.iter().map(|t| t.mirror_topic.clone()).collect();
         let tasks = if topics.is_empty() {

@@ -91,7 +91,9 @@ fn main() -> ExitCode {
     if let Command::Certs(certs) = &command {
         let written = match certs {
             CertsCommand::Init { dir, force } => dtfed_regions::certs_init(dir, *force),
-            CertsCommand::Issue { dir, region, force } => dtfed_regions::certs_issue(dir, region, *force),
+            CertsCommand::Issue { dir, region, force } => {
+                dtfed_regions::certs_issue(dir, region, *force)
+            }
         };
         return match written {
             Ok(paths) => {

@@ -29,11 +29,11 @@ use crate::bus::{Bus, BusEvents};
 use crate::config::Config;
 use crate::fanout::FanoutOwner;
 use crate::federation::Federation;
-use crate::mirror_log::MirrorRoomReader;
 use crate::gateway::resume::MirrorReplay;
 use crate::gateway::{self, Gateway};
 use crate::kafka;
 use crate::metrics::Metrics;
+use crate::mirror_log::MirrorRoomReader;
 use crate::replay::RoomLogReader;
 use crate::rooms::LocalRooms;
 
@@ -98,7 +98,8 @@ impl Node {
             }
         };
         let appender = Arc::new(
-            KafkaAppender::with_node(&cfg.kafka, &region, &node).context("starting the Kafka producer")?,
+            KafkaAppender::with_node(&cfg.kafka, &region, &node)
+                .context("starting the Kafka producer")?,
         );
         let replay = Arc::new(
             RoomLogReader::with_node(&cfg.kafka, &region, &node, partitions)
@@ -107,7 +108,9 @@ impl Node {
 
         let federation = match &cfg.federation {
             Some(fed) => Some(Arc::new(
-                Federation::start(&cfg, fed, &node, partitions).await.context("starting federation")?,
+                Federation::start(&cfg, fed, &node, partitions)
+                    .await
+                    .context("starting federation")?,
             )),
             None => None,
         };

@@ -24,18 +24,26 @@ pub async fn fetch(admin: &str, path: &str) -> anyhow::Result<Value> {
     if hostport.contains('/') || admin.starts_with("https://") {
         bail!("--admin takes http://host:port (the admin listener is plain HTTP on loopback)");
     }
-    let mut stream = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(&hostport))
-        .await
-        .with_context(|| format!("connecting to {hostport}: timed out"))?
-        .with_context(|| format!("connecting to {hostport}"))?;
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&hostport),
+    )
+    .await
+    .with_context(|| format!("connecting to {hostport}: timed out"))?
+    .with_context(|| format!("connecting to {hostport}"))?;
     let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut buf))
-        .await
-        .context("reading /status: timed out")??;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut buf),
+    )
+    .await
+    .context("reading /status: timed out")??;
     let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
     if !head.starts_with("HTTP/1.1 200") {
         bail!("{path}: {}", head.lines().next().unwrap_or(""));
     }
@@ -55,7 +63,11 @@ fn render(s: &Value) -> String {
         str_of(&s["node"]),
         str_of(&s["clients"]),
         str_of(&s["rooms"]),
-        if s["draining"] == Value::Bool(true) { "  DRAINING" } else { "" }
+        if s["draining"] == Value::Bool(true) {
+            "  DRAINING"
+        } else {
+            ""
+        }
     ));
     if let Some(links) = s["links"].as_array() {
         out.push_str("\nlinks\n  peer            state        rtt_ms  addr\n");
@@ -88,7 +100,10 @@ fn render(s: &Value) -> String {
     match s["fanout"]["partitions"].as_array() {
         Some(ps) if !ps.is_empty() => {
             for p in ps {
-                let lag = p["high_watermark"].as_i64().zip(p["position"].as_i64()).map(|(h, q)| (h - q).max(0));
+                let lag = p["high_watermark"]
+                    .as_i64()
+                    .zip(p["position"].as_i64())
+                    .map(|(h, q)| (h - q).max(0));
                 out.push_str(&format!(
                     "  {:<40} p{:<3} position {:<10} end {:<10} lag {}\n",
                     str_of(&p["topic"]),

@@ -55,9 +55,14 @@ async fn demo_federates_three_regions_and_stops_on_sigint() -> Result<()> {
     // The regions' links and fan-out groups settle in a few seconds: publish until tokyo
     // delivers seoul's message.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let ack = jun.publish("tavern", json!({"text": "a round for everyone"}), t).await?;
+    let ack = jun
+        .publish("tavern", json!({"text": "a round for everyone"}), t)
+        .await?;
     let got = loop {
-        match hana.recv_until(|f| f["op"] == "msg", Duration::from_secs(5)).await {
+        match hana
+            .recv_until(|f| f["op"] == "msg", Duration::from_secs(5))
+            .await
+        {
             Ok(f) => break f,
             Err(e) => anyhow::ensure!(Instant::now() < deadline, "tokyo never delivered: {e:#}"),
         }
@@ -68,7 +73,9 @@ async fn demo_federates_three_regions_and_stops_on_sigint() -> Result<()> {
     assert_eq!(got["body"]["text"], "a round for everyone");
 
     let pid = i32::try_from(demo.0.id())?;
-    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()?;
     assert!(status.success());
     let started = Instant::now();
     loop {
@@ -76,7 +83,10 @@ async fn demo_federates_three_regions_and_stops_on_sigint() -> Result<()> {
             assert!(status.success(), "demo exited with {status}");
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "demo did not stop within 30 s of SIGINT");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "demo did not stop within 30 s of SIGINT"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())

@@ -24,6 +24,7 @@ fn cluster_id(broker: &KafkaBroker) -> String {
 
 #[test]
 fn kafka_and_redis_start_restart_and_die_on_drop() {
+    let t = Instant::now();
     let (kafka, redis) = std::thread::scope(|s| {
         let k = s.spawn(KafkaBroker::start);
         let r = s.spawn(RedisServer::start);
@@ -31,6 +32,7 @@ fn kafka_and_redis_start_restart_and_die_on_drop() {
     });
     let mut kafka = kafka.expect("start Kafka");
     let mut redis = redis.expect("start Redis");
+    eprintln!("Kafka and Redis started in {:?}", t.elapsed());
 
     let kafka_addr = util::loopback(kafka.port());
     assert!(util::port_open(kafka_addr), "Kafka port not open");
@@ -58,7 +60,9 @@ fn kafka_and_redis_start_restart_and_die_on_drop() {
     kafka.kill().unwrap();
     assert!(wait_pid_gone(pid2, GONE), "Kafka not dead after kill()");
     assert!(kafka.pid().is_none() && !kafka.is_running());
+    let t = Instant::now();
     kafka.restart().expect("restart Kafka after SIGKILL");
+    eprintln!("Kafka restart after SIGKILL took {:?}", t.elapsed());
     assert!(util::port_open(kafka_addr));
     assert_eq!(cluster_id(&kafka), id);
 
@@ -75,8 +79,10 @@ fn kafka_and_redis_start_restart_and_die_on_drop() {
     // Drop kills by PID and removes the directories.
     let (kpid, kdir) = (kafka.pid().unwrap(), kafka.dir().to_path_buf());
     let (rpid, rdir) = (redis.pid().unwrap(), redis.dir().to_path_buf());
+    let t = Instant::now();
     drop(kafka);
     drop(redis);
+    eprintln!("drop took {:?}", t.elapsed());
     assert!(
         wait_pid_gone(kpid, GONE),
         "Kafka pid {kpid} alive after drop"

@@ -67,7 +67,12 @@ pub async fn replay(
         } else {
             match &gw.mirror_replay {
                 Some(mirror) => match mirror.origins.get(origin) {
-                    Some(&partitions) => Some(mirror.reader.read_room(origin, room, partitions, after, before).await),
+                    Some(&partitions) => Some(
+                        mirror
+                            .reader
+                            .read_room(origin, room, partitions, after, before)
+                            .await,
+                    ),
                     None => None,
                 },
                 None => None,
