@@ -613,3 +613,54 @@ async fn peers_with_a_foreign_ca_or_the_wrong_region_are_refused() -> Result<()>
     regions.clear();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fed-pause")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("pause", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
+        Ok(r)
+    })
+    .await??;
+    let tokyo_admin = regions[1].daemons[0].admin_addr();
+    let post = |path: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        dtfed_tests::http_request(tokyo_admin, "POST", path, &headers, b"")
+    };
+    // Without the admin token, nothing changes.
+    assert_eq!(post("/peers/seoul/pause", None)?.status, 401);
+    assert_eq!(post("/peers/seoul/pause", Some("wrong"))?.status, 401);
+    assert_eq!(
+        post("/peers/atlantis/pause", Some("drill-token"))?.status,
+        404
+    );
+
+    let mut watcher = WsClient::connect(&regions[1].ws(0, "watcher")).await?;
+    watcher.sub("keep", None, T).await?;
+    let url = regions[0].ws(0, "herald");
+    let first = publish_n(&url, "keep", 5, "before").await?;
+    collect(&mut watcher, "keep", 5, Duration::from_secs(60)).await?;
+
+    assert_eq!(post("/peers/seoul/pause", Some("drill-token"))?.status, 200);
+    let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
+    assert_eq!(status["links"][0]["state"], "paused", "{status}");
+    let during = publish_n(&url, "keep", 5, "paused").await?;
+    watcher.expect_silence(Duration::from_secs(3)).await?;
+
+    assert_eq!(
+        post("/peers/seoul/resume", Some("drill-token"))?.status,
+        200
+    );
+    let got = collect(&mut watcher, "keep", 5, Duration::from_secs(60)).await?;
+    assert_eq!(by_origin(&got).get("seoul"), Some(&during));
+    assert!(first.last() < during.first());
+    regions.clear();
+    Ok(())
+}
