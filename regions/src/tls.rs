@@ -118,7 +118,13 @@ impl LinkTuning {
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams))
             // The link uses streams only.
-            .datagram_receive_buffer_size(None);
+            .datagram_receive_buffer_size(None)
+            // BBR paces by measured bandwidth and RTT instead of backing off on every loss:
+            // on long links (hundreds of ms) Cubic's window grows one packet per RTT and a
+            // catch-up after a cut crawls.
+            .congestion_controller_factory(std::sync::Arc::new(
+                quinn::congestion::BbrConfig::default(),
+            ));
         Ok(t)
     }
 }

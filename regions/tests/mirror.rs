@@ -699,8 +699,18 @@ async fn mirrors_20k_records_through_a_35ms_link() {
     let origin = MemoryOriginLog::new(TOPIC, 4);
     let mirror = MemoryMirrorLog::new();
     let mut rng = StdRng::seed_from_u64(11);
+    // Experiments: DTFED_MIRROR_TEST_DELAY_MS and DTFED_MIRROR_TEST_RECORDS change the link
+    // and the load (default 35 ms, 5,000 records per partition).
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let delay_ms = env("DTFED_MIRROR_TEST_DELAY_MS", 35);
+    let per_partition = env("DTFED_MIRROR_TEST_RECORDS", 5_000) as usize;
     for p in 0..4 {
-        fill(&origin, &mut rng, p, 5_000);
+        fill(&origin, &mut rng, p, per_partition);
     }
     let bytes: usize = (0..4)
         .flat_map(|p| origin.records(p))
@@ -710,7 +720,13 @@ async fn mirrors_20k_records_through_a_35ms_link() {
     let relay = WanRelay::start(
         loopback(),
         daemon.endpoint.local_addr().expect("addr"),
-        WanProfile::with_delay(Duration::from_millis(35)),
+        WanProfile {
+            limit: env(
+                "DTFED_MIRROR_TEST_RELAY_LIMIT",
+                WanProfile::default().limit as u64,
+            ) as usize,
+            ..WanProfile::with_delay(Duration::from_millis(delay_ms))
+        },
     )
     .await
     .expect("relay");
@@ -730,11 +746,12 @@ async fn mirrors_20k_records_through_a_35ms_link() {
         assert_mirror_equals(&mirror, p, &origin.records(p));
     }
     let rtt = client.links()[0].rtt_ms;
+    let total = 4 * per_partition;
     println!(
-        "35 ms one way (rtt {rtt:?} ms): 20000 records ({:.1} MB of keys+values) in {took:?}: \
+        "{delay_ms} ms one way (rtt {rtt:?} ms): {total} records ({:.1} MB of keys+values) in {took:?}: \
          {:.0} records/s, including the QUIC+TLS handshake",
         bytes as f64 / 1e6,
-        20_000.0 / took.as_secs_f64()
+        total as f64 / took.as_secs_f64()
     );
 
     stop_partitions(&stop, tasks).await;
