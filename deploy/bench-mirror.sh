@@ -22,7 +22,8 @@
 #            subscribers have everything and deliveries are live again: catch-up rate =
 #            backlog / catch-up seconds, as a multiple of the ingest rate; goal ≥ 5×.
 #
-# Between runs it waits until tokyo's mirror lag is 0. Prints markdown tables (also in
+# Before each run it waits until tokyo has mirrored every record seoul holds, and after it
+# logs the relay's packet counters (`stats`). Prints markdown tables (also in
 # target/bench/mirror-results.md; raw JSON lines in target/bench/mirror-results.jsonl; logs
 # under .dtfed/bench-mirror/, every run's own summary in runs.log there). Everything it
 # started is stopped on exit, by PID.
@@ -36,7 +37,8 @@
 #   BENCH_PUBLISH_LIMIT [100000] client.publish_rate_per_sec and _burst of both regions
 #   BENCH_CATCHUP_DELAYS [= delays]   BENCH_CATCHUP_RATE [= rate]   BENCH_CUT_SECS [60]
 #   BENCH_CATCHUP_PRECUT [10 s, at most the duration] steady window before the cut
-#   BENCH_CATCHUP_SUBSCRIBERS [= rooms]   BENCH_CATCHUP_MAX [300 s] give up after the heal
+#   BENCH_CATCHUP_SUBSCRIBERS [= rooms]
+#   BENCH_CATCHUP_MAX [5 x cut + 30 s] give up this long after the heal if not live again
 #   BENCH_NO_BUILD=1  use the binaries already in target/release
 #
 # Exit status: 0 when every run passed the bench's correctness checks (no order
@@ -65,7 +67,8 @@ CATCHUP_DELAYS=${BENCH_CATCHUP_DELAYS:-$DELAYS}
 CATCHUP_RATE=${BENCH_CATCHUP_RATE:-$RATE}
 CUT_SECS=${BENCH_CUT_SECS:-60}
 CATCHUP_SUBSCRIBERS=${BENCH_CATCHUP_SUBSCRIBERS:-$ROOMS}
-CATCHUP_MAX=${BENCH_CATCHUP_MAX:-300}
+# The goal (catch-up >= 5x ingest) means caught up within cut/5 s: 5 x cut + 30 s is ample.
+CATCHUP_MAX=${BENCH_CATCHUP_MAX:-$(awk "BEGIN { print int(5 * $CUT_SECS + 30) }")}
 if [[ -n ${BENCH_CATCHUP_PRECUT:-} ]]; then
     CATCHUP_PRECUT=$BENCH_CATCHUP_PRECUT
 elif awk "BEGIN { exit !($DURATION < 10) }" 2>/dev/null; then
@@ -362,22 +365,41 @@ while :; do
 done
 log "link tokyo → seoul up, $tasks mirror tasks of seoul in tokyo"
 
-# Mirror lag of seoul's partitions in tokyo (Σ lag_records; "" when unknown).
-tokyo_lag() {
-    status "$TOKYO_ADMIN" | jq -r '[.mirror // [] | .[] | select(.origin == "seoul") | .lag_records]
-        | if length == 0 or any(. == null) then "" else add end' 2>/dev/null || true
+# Records of seoul's local topic (Σ high watermarks, from seoul's fan-out owner, refreshed
+# every second) and how many of them tokyo has mirrored (Σ mirrored_offset + 1: origin
+# offsets are dense). "" when unknown.
+seoul_end() {
+    status "$SEOUL_ADMIN" | jq -r '[.fanout.partitions // [] | .[] | select(.topic == "dtfed.local")
+        | .high_watermark] | if length == 0 or any(. == null or . < 0) then "" else add end' 2>/dev/null || true
 }
-# Wait (up to 180 s) until tokyo has mirrored everything of seoul.
+tokyo_mirrored() {
+    status "$TOKYO_ADMIN" | jq -r '[.mirror // [] | .[] | select(.origin == "seoul")
+        | ((.mirrored_offset // -1) + 1)] | if length == 0 then "" else add end' 2>/dev/null || true
+}
+# Wait (up to 300 s) until tokyo has mirrored everything seoul holds, so a run never starts
+# with the previous one's records still on the way (its baseline would be wrong). tokyo's
+# own lag_records is no help here: it is relative to the high watermark seoul last
+# reported over the link, so it reads 0 while records are still coming.
 wait_mirror_idle() {
-    local deadline=$((SECONDS + 180)) lag
+    local deadline=$((SECONDS + 300)) said=$((SECONDS + 10)) want have
     while :; do
-        lag=$(tokyo_lag)
-        [[ $lag == 0 ]] && return 0
+        want=$(seoul_end)
+        have=$(tokyo_mirrored)
+        if [[ -n $want && -n $have ]] && ((have >= want)); then
+            sleep 1.5 # one more statistics interval: the high watermark may have been stale
+            want=$(seoul_end)
+            have=$(tokyo_mirrored)
+            [[ -n $want && -n $have ]] && ((have >= want)) && return 0
+        fi
         if ((SECONDS >= deadline)); then
-            log "warning: tokyo's mirror lag is still '${lag:-unknown}' records after 180 s"
+            log "warning: tokyo has mirrored ${have:-?} of seoul's ${want:-?} records after 300 s; going on"
             return 0
         fi
-        sleep 1
+        if ((SECONDS >= said)); then
+            log "waiting for tokyo to mirror the previous run: ${have:-?} of ${want:-?} records"
+            said=$((SECONDS + 10))
+        fi
+        sleep 0.5
     done
 }
 
@@ -425,6 +447,8 @@ bench() { # label, args...
         log "run $label FAILED (see above)"
         FAILED=1
     fi
+    # The relay's packet counters so far (drops would show here).
+    relay_cmd stats
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -463,8 +487,13 @@ ELAPSED=$((SECONDS - T0))
         "one clock. Paced: $RATE msg/s, $SUBSCRIBERS subscribers, ${WARMUP} s warm-up +" \
         "${DURATION} s. Max: $MAX_INFLIGHT publishes in flight per publisher, $MAX_SUBSCRIBERS" \
         "subscribers, ${MAX_DURATION} s. Catch-up: R = $CATCHUP_RATE msg/s, cut ${CUT_SECS} s," \
-        "$CATCHUP_SUBSCRIBERS subscribers. *mirror rec/s*: tokyo's \`/status\` mirror offsets;" \
-        "*mirror MB/s*: growth of \`dtfed.mirror.seoul\` segments in tokyo's Kafka."
+        "$CATCHUP_SUBSCRIBERS subscribers. *mirror rec/s*: tokyo's \`/status\` mirror offsets" \
+        "(sampled every 100 ms); *mirror MB/s*: growth of \`dtfed.mirror.seoul\` segments in" \
+        "tokyo's Kafka; *mirror behind*: records seoul acked that tokyo has not mirrored yet." \
+        "Catch-up: *backlog delivered* = heal → every message sent before the heal delivered in" \
+        "tokyo (its rate is the goal's catch-up rate); *live again* = heal → no undelivered" \
+        "message older than 1.5 × the pre-cut p99.9 for 1 s; *link back* = heal → the first" \
+        "record mirrored after it."
     echo
     "$BIN/dtfed-bench" --report "$RESULTS" --mirror
 } | tee "$REPORT"
