@@ -183,21 +183,29 @@ impl Federation {
         self.client
             .status()
             .into_iter()
-            .map(|t| MirrorView {
-                lag_seconds: t.lag_ms(now).map(|ms| ms as f64 / 1000.0),
-                state: match &t.state {
-                    MirrorTaskState::Connecting => "connecting".to_owned(),
-                    MirrorTaskState::Streaming => "streaming".to_owned(),
-                    MirrorTaskState::Backoff(why) => format!("backoff: {why}"),
-                    MirrorTaskState::Paused => "paused".to_owned(),
-                },
-                origin: t.origin,
-                partition: t.partition,
-                mirrored_offset: t.mirrored_offset,
-                origin_high_watermark: t.origin_high_watermark,
-                lag_records: t.lag_records,
-                gaps: t.gaps,
-                records_mirrored: t.records_mirrored,
+            .map(|t| {
+                // The lag is measured against the origin's last reported end of log: only
+                // while the stream is up is that current. Otherwise say "unknown", never 0.
+                let streaming = t.state == MirrorTaskState::Streaming;
+                MirrorView {
+                    lag_seconds: t
+                        .lag_ms(now)
+                        .filter(|_| streaming)
+                        .map(|ms| ms as f64 / 1000.0),
+                    state: match &t.state {
+                        MirrorTaskState::Connecting => "connecting".to_owned(),
+                        MirrorTaskState::Streaming => "streaming".to_owned(),
+                        MirrorTaskState::Backoff(why) => format!("backoff: {why}"),
+                        MirrorTaskState::Paused => "paused".to_owned(),
+                    },
+                    origin: t.origin,
+                    partition: t.partition,
+                    mirrored_offset: t.mirrored_offset,
+                    origin_high_watermark: t.origin_high_watermark,
+                    lag_records: t.lag_records.filter(|_| streaming),
+                    gaps: t.gaps,
+                    records_mirrored: t.records_mirrored,
+                }
             })
             .collect()
     }

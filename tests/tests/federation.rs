@@ -651,6 +651,24 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     assert_eq!(post("/peers/seoul/pause", Some("drill-token"))?.status, 200);
     let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
     assert_eq!(status["links"][0]["state"], "paused", "{status}");
+    // While paused, mirror lag is unknown (null), never a reassuring 0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
+        let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
+        if !tasks.is_empty()
+            && tasks
+                .iter()
+                .all(|t| t["state"] == "paused" && t["lag_records"].is_null())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "mirror tasks not shown paused with unknown lag: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let during = publish_n(&url, "keep", 5, "paused").await?;
     watcher.expect_silence(Duration::from_secs(3)).await?;
 
