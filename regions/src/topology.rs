@@ -19,13 +19,9 @@ use serde::{Deserialize, Serialize};
 /// Longest region name.
 pub const MAX_REGION_NAME_LEN: usize = 32;
 
-/// Whether `name` is a valid region name: 1 to 32 characters of `[a-z0-9-]`.
-pub fn valid_region_name(name: &str) -> bool {
-    (1..=MAX_REGION_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+/// Whether `name` is a valid region name: 1 to 32 characters of `[a-z0-9-]` (the rule
+/// lives with the wire types, since link `Hello` frames carry region names).
+pub use dtfed_proto::room::valid_region_name;
 
 /// The federation section of a region's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
