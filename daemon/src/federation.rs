@@ -1,6 +1,6 @@
 //! This daemon's part in federation, assembled: the QUIC endpoint (mutual TLS), the mirror
 //! server that lets peer regions pull this region's local topic, and the mirror client that
-//! pulls every peer's partitions into `<mirror_topic_prefix><origin>`, with the partition
+//! pulls every peer's partitions into `dtfed.mirror.<origin>`, with the partition
 //! tasks shared among the region's daemons through a consumer group ([`MirrorTasks`]).
 //!
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
