@@ -7,10 +7,21 @@
 #   deploy/kafka.sh fetch
 #       Resolve the jars into $DTFED_CACHE/kafka-<ver>/lib (default cache ~/.cache/dtfed).
 #       Idempotent: a marker file records a completed fetch; a second run is instant.
-#   deploy/kafka.sh run   --port P [--controller-port C] --dir D [--heap 256m]
+#   deploy/kafka.sh run   --port P [--controller-port C] --dir D [--profile test|production]
+#                         [--heap SIZE]
 #       Fetch if needed, write D/server.properties, format D/data once (never again: a
 #       restart with the same dir keeps the data), then exec the broker in the foreground
-#       (the caller's PID is the broker's JVM). Logs go to D/server.log.
+#       (the caller's PID is the broker's JVM). Logs go to D/server.log; the profile and
+#       the JVM flags used are written to D/profile.
+#
+#       --profile (default $DTFED_KAFKA_PROFILE, else test) says how the JVM runs:
+#       test        fast start for tests: C1 JIT only, Serial GC, 256 MB heap, log cleaner
+#                   dedupe buffer 16 MB. Cheap on a small machine, but young-GC pauses of
+#                   a few ms every fraction of a second under load: never benchmark on it.
+#       production  how a broker serving players runs: C2 JIT, G1 with a 5 ms pause goal,
+#                   1 GB heap pre-touched, explicit GC off, Kafka's default cleaner buffer.
+#                   Benchmarks and deploy/region.sh use it (docs/BENCHMARKS.md).
+#       --heap overrides the profile's heap size.
 #   deploy/kafka.sh start ...same args as run...
 #       run in the background (nohup), PID in D/kafka.pid; wait until the broker has logged
 #       "Kafka Server started" and its port accepts TCP (timeout $DTFED_KAFKA_START_TIMEOUT,
@@ -43,7 +54,7 @@ die() {
 log() { echo "kafka.sh: $*" >&2; }
 
 usage() {
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
 }
 
@@ -229,7 +240,8 @@ make_cds_archive() {
 PORT=""
 CPORT=""
 DIR=""
-HEAP=256m
+HEAP=""
+PROFILE=${DTFED_KAFKA_PROFILE:-test}
 
 parse_args() {
     while (($#)); do
@@ -238,6 +250,7 @@ parse_args() {
         --controller-port) CPORT=${2:?--controller-port needs a value}; shift 2 ;;
         --dir) DIR=${2:?--dir needs a value}; shift 2 ;;
         --heap) HEAP=${2:?--heap needs a value}; shift 2 ;;
+        --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
         -h | --help) usage 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
         esac
@@ -249,6 +262,11 @@ need_port_dir() {
     [[ -n $DIR ]] || die "--dir is required"
     [[ $PORT =~ ^[0-9]+$ ]] || die "--port must be a number, got '$PORT'"
     [[ -n $CPORT ]] || CPORT=$((PORT + 1))
+    case $PROFILE in
+    test) [[ -n $HEAP ]] || HEAP=256m ;;
+    production) [[ -n $HEAP ]] || HEAP=1g ;;
+    *) die "--profile must be test or production, got '$PROFILE'" ;;
+    esac
     [[ $CPORT =~ ^[0-9]+$ ]] || die "--controller-port must be a number, got '$CPORT'"
     mkdir -p "$DIR"
     DIR=$(cd "$DIR" && pwd)
@@ -299,6 +317,11 @@ num.io.threads=4
 num.recovery.threads.per.data.dir=1
 background.threads=4
 EOF
+    if [[ $PROFILE == test ]]; then
+        # The cleaner (it compacts __consumer_offsets) takes a 128 MB dedupe buffer by
+        # default: half of the test heap. 16 MB is plenty for test-sized topics.
+        echo "log.cleaner.dedupe.buffer.size=16777216" >>"$DIR/server.properties"
+    fi
 }
 
 random_cluster_id() {
@@ -312,10 +335,22 @@ random_cluster_id() {
     printf '%s' "$id"
 }
 
+# The JVM flags of the profile (see the header), into JVM_PROFILE_OPTS. Tools (the storage
+# formatter) always run with the test flags: they start, work a second and exit.
+profile_opts() { # main class
+    case $PROFILE:$1 in
+    production:kafka.Kafka)
+        JVM_PROFILE_OPTS=("-Xms$HEAP" "-Xmx$HEAP" -XX:+AlwaysPreTouch -XX:+UseG1GC
+            -XX:MaxGCPauseMillis=5 -XX:InitiatingHeapOccupancyPercent=35
+            -XX:+DisableExplicitGC)
+        ;;
+    *) JVM_PROFILE_OPTS=(-Xms128m "-Xmx${HEAP:-256m}" -XX:+UseSerialGC -XX:TieredStopAtLevel=1) ;;
+    esac
+}
+
 java_cmd() {
-    # $1 = main class; rest = args. Flags chosen for a fast start on a small machine:
-    # C1 only, serial GC, class data sharing, small heap.
-    # $DTFED_KAFKA_JVM_OPTS is appended (e.g. "-XX:TieredStopAtLevel=4" for benchmarks).
+    # $1 = main class; rest = args. The profile's flags (see the header), class data
+    # sharing, then $DTFED_KAFKA_JVM_OPTS, appended so that it overrides the profile.
     local main=$1 jsa cds=()
     shift
     jsa=$(cds_archive)
@@ -326,7 +361,8 @@ java_cmd() {
     fi
     local extra=()
     read -r -a extra <<<"${DTFED_KAFKA_JVM_OPTS:-}"
-    JAVA_CMD=(java -Xms128m "-Xmx$HEAP" -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto
+    profile_opts "$main"
+    JAVA_CMD=(java "${JVM_PROFILE_OPTS[@]}" -Xshare:auto
         "${cds[@]}" -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
         -Dkafka.logs.dir="$DIR" -Dlog4j2.configurationFile="$LIB/log4j2.xml"
         "${extra[@]}" -cp "$(classpath)" "$main" "$@")
@@ -348,6 +384,12 @@ do_run() {
         fi
     fi
     java_cmd kafka.Kafka "$DIR/server.properties"
+    {
+        echo "profile=$PROFILE"
+        echo "heap=$HEAP"
+        echo "jvm_opts=${JVM_PROFILE_OPTS[*]} ${DTFED_KAFKA_JVM_OPTS:-}"
+        echo "jvm=$(java -version 2>&1 | head -n 1)"
+    } >"$DIR/profile"
     exec "${JAVA_CMD[@]}"
 }
 
@@ -381,6 +423,7 @@ do_start() {
     t0=$(date +%s%N)
     [[ -f $DIR/server.log ]] && offset=$(stat -c %s "$DIR/server.log")
     nohup bash "$0" run --port "$PORT" --controller-port "$CPORT" --dir "$DIR" --heap "$HEAP" \
+        --profile "$PROFILE" \
         >>"$DIR/kafka.out" 2>&1 </dev/null &
     pid=$!
     echo "$pid" >"$pidfile"

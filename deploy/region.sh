@@ -11,6 +11,9 @@
 #
 #   Kafka P (controller P+1), Redis P+2, daemon i: client P+10*i, admin P+10*i+1
 #
+# Kafka runs with the production profile (deploy/kafka.sh: C2, G1, 1 GB heap) unless
+# $DTFED_KAFKA_PROFILE says otherwise.
+#
 # The dtfed binary is $DTFED_BIN, else target/release/dtfed, else target/debug/dtfed
 # (built with cargo if none exists; --release builds and uses the release one).
 # `start` is idempotent (running parts are left alone, Kafka data is kept); `stop` stops
@@ -215,7 +218,8 @@ do_start() {
     bin=$(dtfed_bin)
     [[ -x $bin ]] || die "no dtfed binary at $bin"
     bash "$DEPLOY/redis.sh" start --port "$((BASE + 2))" --dir "$DIR/redis"
-    bash "$DEPLOY/kafka.sh" start --port "$BASE" --controller-port "$((BASE + 1))" --dir "$DIR/kafka"
+    bash "$DEPLOY/kafka.sh" start --port "$BASE" --controller-port "$((BASE + 1))" --dir "$DIR/kafka" \
+        --profile "${DTFED_KAFKA_PROFILE:-production}"
     local i
     for ((i = 1; i <= DAEMONS; i++)); do
         start_daemon "$i" "$bin"
