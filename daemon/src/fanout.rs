@@ -8,7 +8,10 @@
 //! At least once into the bus, in partition order, nothing skipped: an offset is stored for
 //! commit (`enable.auto.offset.store=false`, `store_offset` by hand) only after the bus
 //! accepted the record, and a bus error is retried with backoff until it succeeds or the
-//! daemon shuts down. A new owner resumes from the last committed offset and may apply a
+//! daemon shuts down. Every record that is ready (up to [`MAX_BATCH`]) goes to the bus in
+//! one [`Bus::apply_batch`] call, one Redis round trip for the whole batch: per record, the
+//! round trips of a busy region add up to milliseconds on every message's delivery. A failed
+//! batch is retried whole (what was applied is skipped the second time). A new owner resumes from the last committed offset and may apply a
 //! few records again; [`Bus::apply`] is idempotent per (room, origin, offset), so players
 //! see no duplicates. The only records skipped are poison records (no room key, a key that
 //! is not a room id, a value that is not a [`LogValue`], a mirror record without its origin
@@ -90,7 +93,7 @@ pub enum FanoutError {
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Records taken from the consumer in one go (all that is ready, up to this many) and
-/// applied with the partitions side by side.
+/// applied in one bus call.
 const MAX_BATCH: usize = 512;
 /// How long a bus apply in progress may still run after shutdown was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -487,62 +490,50 @@ impl Run {
                     }
                 }
             }
-            let this = &self;
-            let done =
-                futures::future::join_all(groups.iter().map(|((topic, partition), items)| {
-                    this.apply_partition(topic, *partition, items)
-                }))
-                .await;
-            let mut stopped = false;
-            for (((topic, partition), _), (last, stop)) in groups.iter().zip(done) {
-                stopped |= stop;
-                let Some(offset) = last else { continue };
-                if let Err(e) = self.consumer.store_offset(topic, *partition, offset) {
+            // Poison records are stepped over; the rest go to the bus in one call, each
+            // partition's records in offset order (a room lives on one partition per topic,
+            // so that is each room's order too).
+            let mut records = Vec::new();
+            let mut last_of: Vec<((String, i32), i64)> = Vec::with_capacity(groups.len());
+            for ((topic, partition), items) in groups {
+                let Some(&(last, _)) = items.last() else {
+                    continue;
+                };
+                for (offset, item) in items {
+                    match item {
+                        Item::Poison(why) => {
+                            tracing::warn!(
+                                region = %self.region,
+                                topic,
+                                partition,
+                                offset,
+                                reason = %why,
+                                "fan-out: skipping a record that is not a chat message"
+                            );
+                            self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Item::Record(rec) => records.push(rec),
+                    }
+                }
+                last_of.push(((topic, partition), last));
+            }
+            if !records.is_empty() {
+                let span =
+                    tracing::info_span!("fanout", region = %self.region, records = records.len());
+                if !self.apply(&records).instrument(span).await {
+                    break; // Shutdown while the bus was failing: nothing more stored.
+                }
+            }
+            for ((topic, partition), offset) in last_of {
+                if let Err(e) = self.consumer.store_offset(&topic, partition, offset) {
                     // The partition was revoked meanwhile (max.poll.interval exceeded while
                     // the bus was down): the next owner re-applies it, which the bus tolerates.
                     tracing::debug!(region = %self.region, topic, partition, offset, error = %e, "fan-out: offset not stored");
                 }
-                self.shared.advanced(topic, *partition, offset);
-            }
-            if stopped {
-                break; // Shutdown while the bus was failing: nothing more stored.
+                self.shared.advanced(&topic, partition, offset);
             }
         }
         self.close().await;
-    }
-
-    /// Applies one partition's records of a batch in offset order. Returns the last offset
-    /// handled (applied, or skipped as poison) and whether shutdown stopped it early.
-    async fn apply_partition(
-        &self,
-        topic: &str,
-        partition: i32,
-        items: &[(i64, Item)],
-    ) -> (Option<i64>, bool) {
-        let mut last = None;
-        for (offset, item) in items {
-            match item {
-                Item::Poison(why) => {
-                    tracing::warn!(
-                        region = %self.region,
-                        topic,
-                        partition,
-                        offset,
-                        reason = %why,
-                        "fan-out: skipping a record that is not a chat message"
-                    );
-                    self.shared.skipped.fetch_add(1, Ordering::Relaxed);
-                }
-                Item::Record(rec) => {
-                    let span = tracing::info_span!("fanout", region = %self.region, topic = %topic, partition);
-                    if !self.apply(rec, *offset).instrument(span).await {
-                        return (last, true);
-                    }
-                }
-            }
-            last = Some(*offset);
-        }
-        (last, false)
     }
 
     /// Swaps the consumer for a new one subscribed to the same topics; false if that
@@ -580,19 +571,29 @@ impl Run {
     }
 
     fn decode(&self, m: &BorrowedMessage<'_>) -> Item {
+        if m.topic() == self.local_topic {
+            if let Some(ts) = m.timestamp().to_millis() {
+                let delay_ms = now_ms().saturating_sub(ts).max(0);
+                self.shared
+                    .metrics
+                    .hop_fanout_fetch
+                    .observe(delay_ms as f64 / 1000.0);
+            }
+        }
         match decode_record(m, &self.local_topic, &self.region) {
             Ok(r) => Item::Record(r),
             Err(why) => Item::Poison(why),
         }
     }
 
-    /// Applies `rec` until the bus takes it; false if shutdown came first.
-    async fn apply(&self, rec: &LogRecord, offset: i64) -> bool {
+    /// Applies `records` until the bus takes them all; false if shutdown came first.
+    async fn apply(&self, records: &[LogRecord]) -> bool {
         let mut backoff = RETRY_FIRST;
         let mut failures: u64 = 0;
         loop {
+            let started = std::time::Instant::now();
             let attempt = tokio::select! {
-                r = self.bus.apply(rec) => r,
+                r = self.bus.apply_batch(records) => r,
                 _ = async {
                     self.shutdown.cancelled().await;
                     tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -600,20 +601,29 @@ impl Run {
             };
             match attempt {
                 Ok(published) => {
+                    let metrics = &self.shared.metrics;
+                    metrics
+                        .hop_bus_apply
+                        .observe(started.elapsed().as_secs_f64());
                     if failures > 0 {
-                        tracing::info!(offset, failures, "bus apply succeeded after retries");
+                        tracing::info!(
+                            records = records.len(),
+                            failures,
+                            "bus apply succeeded after retries"
+                        );
                     }
-                    if published.is_some() {
-                        self.shared.metrics.fanout_applied.inc();
-                    }
+                    let n = published.iter().filter(|p| p.is_some()).count();
+                    metrics.fanout_applied.inc_by(n as u64);
                     return true;
                 }
                 Err(e) => {
                     failures += 1;
                     if failures <= 3 || failures % 30 == 0 {
+                        let first = records.first();
                         tracing::warn!(
-                            offset,
-                            room = %rec.room,
+                            records = records.len(),
+                            first_room = %first.map(|r| r.room.as_str()).unwrap_or("-"),
+                            first_offset = first.map(|r| r.offset).unwrap_or(-1),
                             error = %e,
                             failures,
                             retry_in = ?backoff,
@@ -657,6 +667,13 @@ impl Run {
             tracing::error!(error = %e, "fan-out: closing the consumer failed");
         }
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {

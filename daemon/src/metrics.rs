@@ -1,4 +1,19 @@
 //! Prometheus metrics, as typed fields: every event the daemon counts has one place here.
+//!
+//! # Where a message's time goes (the `hop_*` histograms)
+//!
+//! One message, in one region, and the histogram that times each step of it:
+//!
+//! | step | histogram | clock |
+//! | --- | --- | --- |
+//! | `pub` frame read → Kafka acknowledged it → `ack` queued | `publish_latency_seconds` | monotonic, µs |
+//! | produced (Kafka record timestamp) → the fan-out owner holds it | `hop_fanout_fetch_seconds` | wall, ms: only meaningful from ~2 ms up |
+//! | the fan-out owner's bus step (one Redis round trip per batch) | `hop_bus_apply_seconds` | monotonic, µs |
+//! | published by the player (`ts`) → the gateway's dispatcher has it from the bus | `hop_publish_to_gateway_seconds` | wall, ms |
+//! | the dispatcher queued it for a session → the session fed it to the socket (flushed in the same turn) | `hop_session_write_seconds` | monotonic, µs |
+//!
+//! `dtfed-bench --metrics <admin>/metrics` reads them before and after its measured window
+//! and prints each step's p50/p99 beside its own end-to-end figures.
 
 use dtfed_proto::ErrorCode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -48,6 +63,19 @@ pub struct Metrics {
     pub backfilled: Counter,
     /// Rooms with at least one local subscriber.
     pub rooms_subscribed: Gauge,
+    /// Per-hop latency of the in-region path; see the module docs.
+    pub hop_fanout_fetch: Histogram,
+    pub hop_bus_apply: Histogram,
+    pub hop_publish_to_gateway: Histogram,
+    pub hop_session_write: Histogram,
+}
+
+/// Buckets of the latency histograms, seconds: fine below 25 ms, where the targets are.
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 impl Metrics {
@@ -64,9 +92,7 @@ impl Metrics {
             connections: Gauge::default(),
             frames_in: Counter::default(),
             frames_out: Counter::default(),
-            publish_latency: Histogram::new([
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            publish_latency: latency_buckets(),
             errors: Family::default(),
             closes: Family::default(),
             fanout_applied: Counter::default(),
@@ -74,6 +100,10 @@ impl Metrics {
             bus_resyncs: Counter::default(),
             backfilled: Counter::default(),
             rooms_subscribed: Gauge::default(),
+            hop_fanout_fetch: latency_buckets(),
+            hop_bus_apply: latency_buckets(),
+            hop_publish_to_gateway: latency_buckets(),
+            hop_session_write: latency_buckets(),
             registry: Registry::default(),
         };
         root.register(
@@ -122,6 +152,26 @@ impl Metrics {
             "rooms_subscribed",
             "Rooms with at least one local subscriber",
             m.rooms_subscribed.clone(),
+        );
+        root.register(
+            "hop_fanout_fetch_seconds",
+            "Kafka record timestamp to the fan-out owner holding the record (ms clock)",
+            m.hop_fanout_fetch.clone(),
+        );
+        root.register(
+            "hop_bus_apply_seconds",
+            "Duration of the fan-out owner's bus step for a batch, per record",
+            m.hop_bus_apply.clone(),
+        );
+        root.register(
+            "hop_publish_to_gateway_seconds",
+            "Message ts to the gateway's dispatcher receiving it from the bus (ms clock)",
+            m.hop_publish_to_gateway.clone(),
+        );
+        root.register(
+            "hop_session_write_seconds",
+            "Dispatcher queueing a live message to the session writing it to the socket",
+            m.hop_session_write.clone(),
         );
         Metrics {
             registry: root,

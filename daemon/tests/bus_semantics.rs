@@ -313,6 +313,149 @@ async fn bus_redis_semantics() {
     semantics(&bus, &mut events).await;
 }
 
+/// `apply_batch`: several rooms and origins interleaved, a record repeated within the batch,
+/// a room with more records than one script call takes; then the same batch again.
+async fn batch_semantics<B: Bus>(bus: &B, events: &mut BusEvents) {
+    let now = now_ms();
+    for r in ["b1", "b2", "b3"] {
+        bus.subscribe(&room(r)).await.unwrap();
+    }
+    let mut batch = vec![
+        rec("b1", "seoul", 1, now, "1"),
+        rec("b2", "seoul", 5, now, "2"),
+        rec("b1", "seoul", 2, now, "3"),
+        rec("b1", "tokyo", 7, now, "4"),
+        rec("b2", "seoul", 6, now, "5"),
+        rec("b1", "seoul", 2, now, "3"),
+    ];
+    // 150 records of one room: more than one script call's worth.
+    batch.extend((10..160).map(|o| rec("b3", "seoul", o, now, "6")));
+    let out = bus.apply_batch(&batch).await.unwrap();
+    assert_eq!(out.len(), batch.len());
+    let prevs: Vec<Option<Option<i64>>> = out.iter().map(|m| m.as_ref().map(|m| m.prev)).collect();
+    assert_eq!(
+        &prevs[..6],
+        &[
+            Some(None),
+            Some(None),
+            Some(Some(1)),
+            Some(None),
+            Some(Some(5)),
+            None // the repeat of b1 seoul 2 within the batch
+        ]
+    );
+    for (k, o) in (10..160).enumerate() {
+        let expect = if o == 10 { None } else { Some(o - 1) };
+        assert_eq!(prevs[6 + k], Some(expect), "b3 offset {o}");
+    }
+    // Live delivery: every applied record once, each room in its order.
+    let mut seen: std::collections::BTreeMap<String, Vec<(String, i64)>> = Default::default();
+    for _ in 0..(5 + 150) {
+        let m = next_msg(events).await;
+        seen.entry(m.room.to_string())
+            .or_default()
+            .push((m.origin.clone(), m.offset));
+    }
+    assert_quiet(events).await;
+    assert_eq!(
+        seen["b1"],
+        vec![
+            ("seoul".into(), 1),
+            ("seoul".into(), 2),
+            ("tokyo".into(), 7)
+        ]
+    );
+    assert_eq!(seen["b2"], vec![("seoul".into(), 5), ("seoul".into(), 6)]);
+    assert_eq!(
+        seen["b3"],
+        (10..160)
+            .map(|o| ("seoul".to_owned(), o))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        offsets(&bus.history(&room("b1")).await.unwrap()),
+        vec![
+            ("seoul".into(), 1, None),
+            ("seoul".into(), 2, Some(1)),
+            ("tokyo".into(), 7, None)
+        ]
+    );
+    // History keeps the last 5 of b3 (max_messages), tails the last offset.
+    assert_eq!(
+        offsets(&bus.history(&room("b3")).await.unwrap())
+            .iter()
+            .map(|(_, o, _)| *o)
+            .collect::<Vec<_>>(),
+        vec![155, 156, 157, 158, 159]
+    );
+    assert_eq!(
+        bus.tails(&room("b3")).await.unwrap().get("seoul"),
+        Some(159)
+    );
+    // The same batch again (a new owner replaying): nothing applied, nothing published.
+    let again = bus.apply_batch(&batch).await.unwrap();
+    assert!(again.iter().all(Option::is_none));
+    assert_quiet(events).await;
+    assert!(bus.apply_batch(&[]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bus_memory_batch_semantics() {
+    let (bus, mut events) = MemoryBus::new(&history_cfg());
+    batch_semantics(&bus, &mut events).await;
+}
+
+#[tokio::test]
+async fn bus_redis_batch_semantics() {
+    let server = RedisServer::start();
+    let (bus, mut events) = RedisBus::connect(&redis_cfg(&server), &history_cfg())
+        .await
+        .unwrap();
+    batch_semantics(&bus, &mut events).await;
+}
+
+/// A room whose script fails (its tails hash holds garbage) fails the batch, and takes no
+/// other room down with it: the other rooms are applied, and a retry of the whole batch
+/// applies nothing twice.
+#[tokio::test]
+async fn bus_redis_batch_failure_stays_in_its_room() {
+    let server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, mut events) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:{{bad}}:t", cfg.key_prefix))
+        .arg("seoul")
+        .arg("not-a-number")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    bus.subscribe(&room("good")).await.unwrap();
+    let now = now_ms();
+    let batch = vec![
+        rec("good", "seoul", 1, now, "1"),
+        rec("bad", "seoul", 1, now, "1"),
+        rec("good", "seoul", 2, now, "1"),
+    ];
+    assert!(bus.apply_batch(&batch).await.is_err());
+    assert_eq!(next_msg(&mut events).await.offset, 1);
+    assert_eq!(next_msg(&mut events).await.offset, 2);
+    assert!(bus.history(&room("bad")).await.unwrap().is_empty());
+    // The operator repairs the room; the retried batch applies only what was missing.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}:{{bad}}:t", cfg.key_prefix))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let out = bus.apply_batch(&batch).await.unwrap();
+    assert_eq!(
+        out.iter().map(Option::is_some).collect::<Vec<_>>(),
+        vec![false, true, false]
+    );
+    assert_quiet(&mut events).await;
+}
+
 /// Several gateways of one region: shared history and tails, own subscriptions and events.
 async fn two_gateways<B: Bus>(a: &B, ea: &mut BusEvents, b: &B, eb: &mut BusEvents) {
     let now = now_ms();

@@ -53,6 +53,24 @@ pub trait Bus: Send + Sync + 'static {
     /// as published (with `prev`), or `None` when the record was applied before (replay).
     async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError>;
 
+    /// Applies several records as [`Bus::apply`] would, one after the other, and returns
+    /// their results in the same order. This is the fan-out owner's hot path: an
+    /// implementation should make it one round trip (Redis: one pipeline).
+    ///
+    /// Contract: the records of one room (of one origin) must be given in offset order, and
+    /// they are applied in that order. On `Err` nothing is said about which records were
+    /// applied, except that **for each room, what was applied is a prefix** of that room's
+    /// records in `recs`: never a later record without the earlier ones (an applied later
+    /// record would make the bus skip the earlier one forever). The caller retries the whole
+    /// batch; records applied the first time are skipped as already applied.
+    async fn apply_batch(&self, recs: &[LogRecord]) -> Result<Vec<Option<MsgFrame>>, BusError> {
+        let mut out = Vec::with_capacity(recs.len());
+        for rec in recs {
+            out.push(self.apply(rec).await?);
+        }
+        Ok(out)
+    }
+
     /// The room's hot history, oldest first.
     async fn history(&self, room: &RoomId) -> Result<Vec<MsgFrame>, BusError>;
 
