@@ -25,6 +25,8 @@ pub type SessionId = u64;
 pub struct LiveMsg {
     pub frame: Arc<MsgFrame>,
     pub text: Utf8Bytes,
+    /// When the dispatcher queued it (for `hop_session_write_seconds`).
+    pub queued: std::time::Instant,
 }
 
 /// What the dispatcher puts in a session's outbound queue.
@@ -133,9 +135,11 @@ impl LocalRooms {
 
     /// Hands bus events to sessions until `events` ends or `shutdown` fires.
     pub async fn dispatch(self: Arc<Self>, mut events: BusEvents, shutdown: CancellationToken) {
+        let stop = shutdown.cancelled();
+        tokio::pin!(stop);
         loop {
             let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = &mut stop => return,
                 ev = events.recv() => match ev {
                     Some(ev) => ev,
                     None => return,
@@ -143,11 +147,16 @@ impl LocalRooms {
             };
             match event {
                 BusEvent::Msg(frame) => {
+                    let delay_ms = now_ms().saturating_sub(frame.ts).max(0);
+                    self.metrics
+                        .hop_publish_to_gateway
+                        .observe(delay_ms as f64 / 1000.0);
                     let rooms = self.read();
                     if let Some(sessions) = rooms.get(&frame.room) {
                         let live = Arc::new(LiveMsg {
                             text: Utf8Bytes::from(frame.to_json()),
                             frame,
+                            queued: std::time::Instant::now(),
                         });
                         for sink in sessions.values() {
                             offer(sink, Outbound::Msg(live.clone()), &self.metrics);
@@ -182,6 +191,13 @@ impl LocalRooms {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn offer(sink: &SessionSink, item: Outbound, metrics: &Metrics) {

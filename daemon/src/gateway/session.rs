@@ -6,6 +6,14 @@
 //! a cursor and drops every live message at or below it, so replays after an owner change or
 //! a backfill never reach the player twice; a live message whose `prev` is beyond the cursor
 //! makes the session backfill first, so nothing is skipped either.
+//!
+//! # Writes
+//!
+//! Frames are fed into the socket's write buffer and flushed once per turn of the loop:
+//! after a live message, the session takes whatever else is already queued (up to
+//! [`WRITE_BATCH`] items, acks likewise), so a burst of a room's messages costs one
+//! `sendto` instead of one per frame. A write (feed or flush) the player does not take
+//! within [`WRITE_TIMEOUT`] closes the connection as a slow reader.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,7 +25,7 @@ use dtfed_proto::client::decode_client_frame;
 use dtfed_proto::record::LogValue;
 use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -38,6 +46,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 const MAX_IN_FLIGHT: usize = 256;
 /// A write the player does not take within this time closes the connection as a slow reader.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Queued live messages (or ready acks) written before one flush.
+const WRITE_BATCH: usize = 64;
 
 type PendingAck = Pin<Box<dyn std::future::Future<Output = AckResult> + Send>>;
 
@@ -59,13 +69,16 @@ struct Session {
     id: SessionId,
     player: Player,
     socket: WebSocket,
-    /// Rooms subscribed, with the player's cursor in each.
-    subs: HashMap<RoomId, Cursor>,
+    /// Rooms subscribed, with the player's cursor in each (at most [`MAX_SUBSCRIPTIONS`];
+    /// looked up for every live message, so with a fast seeded hash).
+    subs: HashMap<RoomId, Cursor, foldhash::fast::RandomState>,
     queue: mpsc::Sender<Outbound>,
     slow: CancellationToken,
     publishes: TokenBucket,
     frames: TokenBucket,
     pending: FuturesUnordered<PendingAck>,
+    /// Frames fed into the socket since the last flush.
+    unflushed: bool,
 }
 
 /// Runs one connection to its end.
@@ -111,10 +124,11 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         id,
         player,
         socket,
-        subs: HashMap::new(),
+        subs: HashMap::default(),
         queue,
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
+        unflushed: false,
     };
     let end = s.serve(&mut outbound).await;
     s.finish(end).await;
@@ -129,15 +143,36 @@ fn close(code: u16, reason: &'static str) -> Message {
 
 impl Session {
     async fn serve(&mut self, outbound: &mut mpsc::Receiver<Outbound>) -> Result<End, End> {
-        let closing = self.gw.closing.clone();
-        let slow = self.slow.clone();
+        let closing_token = self.gw.closing.clone();
+        let slow_token = self.slow.clone();
+        // Made once: a `cancelled()` future registers with the token (a mutex and a waiter
+        // list) when first polled, so one per turn of the loop would cost that per message.
+        let slow = slow_token.cancelled();
+        let closing = closing_token.cancelled();
+        tokio::pin!(slow, closing);
         loop {
             tokio::select! {
                 biased;
-                _ = slow.cancelled() => return Err(End::Close(CLOSE_SLOW_READER, "slow reader: outbound queue full")),
-                _ = closing.cancelled() => return Ok(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                Some(ack) = self.pending.next(), if !self.pending.is_empty() => self.acked(ack).await?,
-                Some(item) = outbound.recv() => self.live(item).await?,
+                _ = &mut slow => return Err(End::Close(CLOSE_SLOW_READER, "slow reader: outbound queue full")),
+                _ = &mut closing => return Ok(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.acked(ack).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match self.pending.next().now_or_never() {
+                            Some(Some(ack)) => self.acked(ack).await?,
+                            _ => break,
+                        }
+                    }
+                }
+                Some(item) = outbound.recv() => {
+                    self.live(item).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match outbound.try_recv() {
+                            Ok(item) => self.live(item).await?,
+                            Err(_) => break,
+                        }
+                    }
+                }
                 incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
                     None => return Ok(End::ClientClosed),
                     Some(Ok(msg)) => self.incoming(msg).await?,
@@ -153,6 +188,7 @@ impl Session {
                     }
                 },
             }
+            self.flush().await?;
         }
     }
 
@@ -191,12 +227,32 @@ impl Session {
         self.send_text(frame.to_json().into()).await
     }
 
+    /// Feeds one frame into the write buffer; [`Session::flush`] sends it.
     async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(Message::Text(text))).await {
-            Ok(Ok(())) => {
-                self.gw.metrics.frames_out.inc();
-                Ok(())
-            }
+        let fed = within_write_timeout(self.socket.feed(Message::Text(text))).await;
+        self.write_outcome(fed)?;
+        self.unflushed = true;
+        self.gw.metrics.frames_out.inc();
+        Ok(())
+    }
+
+    /// Writes what was fed since the last flush.
+    async fn flush(&mut self) -> Result<(), End> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        let flushed = within_write_timeout(self.socket.flush()).await;
+        self.write_outcome(flushed)?;
+        self.unflushed = false;
+        Ok(())
+    }
+
+    fn write_outcome(
+        &self,
+        r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), End> {
+        match r {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::ClientClosed),
             Err(_) => {
                 self.gw.metrics.closed("slow_reader");
@@ -432,7 +488,12 @@ impl Session {
                     return Ok(());
                 }
                 cursor.advance(&m.origin, m.offset);
-                self.send_text(live.text.clone()).await
+                self.send_text(live.text.clone()).await?;
+                self.gw
+                    .metrics
+                    .hop_session_write
+                    .observe(live.queued.elapsed().as_secs_f64());
+                Ok(())
             }
             Outbound::Resync(room) => self.backfill(&room).await,
         }
@@ -464,6 +525,19 @@ impl Session {
             }
         }
     }
+}
+
+/// `write` bounded by [`WRITE_TIMEOUT`]. A write that completes at once (the socket had room,
+/// the common case) costs no timer: the timer is armed only when the write has to wait.
+async fn within_write_timeout<F, T>(write: F) -> Result<T, tokio::time::error::Elapsed>
+where
+    F: std::future::Future<Output = T>,
+{
+    tokio::pin!(write);
+    if let Some(done) = (&mut write).now_or_never() {
+        return Ok(done);
+    }
+    tokio::time::timeout(WRITE_TIMEOUT, write).await
 }
 
 fn now_ms() -> i64 {
