@@ -16,9 +16,22 @@
 #   BENCH_IDLE_CONNECTIONS [10000]  (0 skips the memory runs)   BENCH_IDLE_ROOMS [1000]
 #   BENCH_KAFKA_PORT, BENCH_REDIS_PORT  (default: the first free port from 19392 / 16392)
 #   BENCH_NO_BUILD=1      use the binaries already in target/release
+#   BENCH_BROKER_WARMUP [30 s]  load dtfed (and so Kafka) this long, unrecorded, before
+#                         anything is measured: a broker just started is still compiling
+#                         its hot paths (C2) and would take a core for it mid-run
+#   BENCH_DTFED_ENV       NAME=value words put in dtfed's environment only (experiments)
+#   DTFED_KAFKA_PROFILE [production]  the broker's JVM profile (deploy/kafka.sh); it is
+#                         recorded with every result
+#
+#   BENCH_RAMP="2000 4000 ..."  ramp mode instead of one rate: each server is run at each
+#                         rate in turn (BENCH_DURATION each) until it falls behind (last
+#                         delivery > 1 s after the last publish, or delivery p99 > 100 ms);
+#                         the table then says each server's highest rate that kept up.
 #
 # Exit status: 0 when every run passed its checks (no order violations, no duplicates,
-# >= 99.9 % of expected deliveries), 1 otherwise; the table is printed either way.
+# >= 99.9 % of expected deliveries, the server did not fall behind: its last delivery came
+# at most 0.5 s after the last publish), 1 otherwise; the table is printed either way. In
+# ramp mode a server falling behind ends its ramp and is not a failure.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +45,7 @@ WARMUP=${BENCH_WARMUP:-5}
 BODY_BYTES=${BENCH_BODY_BYTES:-100}
 IDLE=${BENCH_IDLE_CONNECTIONS:-10000}
 IDLE_ROOMS=${BENCH_IDLE_ROOMS:-1000}
+KAFKA_PROFILE=${DTFED_KAFKA_PROFILE:-production}
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release
@@ -125,7 +139,7 @@ rm -rf "$WORK/kafka" "$WORK/redis"
 KAFKA_PORT=${BENCH_KAFKA_PORT:-$(free_port 19392)}
 REDIS_PORT=${BENCH_REDIS_PORT:-$(free_port 16392)}
 KAFKA_STARTED=1
-deploy/kafka.sh start --port "$KAFKA_PORT" --dir "$WORK/kafka"
+deploy/kafka.sh start --port "$KAFKA_PORT" --dir "$WORK/kafka" --profile "$KAFKA_PROFILE"
 REDIS_STARTED=1
 deploy/redis.sh start --port "$REDIS_PORT" --dir "$WORK/redis"
 KAFKA_PID=$(cat "$WORK/kafka/kafka.pid")
@@ -177,7 +191,8 @@ wait_listening() {
 start_dtfed() {
     local line deadline
     log "starting dtfed (config $CONFIG, log $WORK/dtfed.log)"
-    DTFED_LOG=${DTFED_LOG:-info} "$BIN/dtfed" run --config "$CONFIG" >"$WORK/dtfed.out" 2>>"$WORK/dtfed.log" &
+    # shellcheck disable=SC2086 # BENCH_DTFED_ENV is a list of NAME=value words
+    env ${BENCH_DTFED_ENV:-} DTFED_LOG="${DTFED_LOG:-info}" "$BIN/dtfed" run --config "$CONFIG" >"$WORK/dtfed.out" 2>>"$WORK/dtfed.log" &
     DTFED_PID=$!
     line=$(wait_listening dtfed "$DTFED_PID" "$WORK/dtfed.out" "$WORK/dtfed.log")
     echo "dtfed: $line"
@@ -232,11 +247,51 @@ bench() { # label, args...
     fi
 }
 
+BROKER="kafka profile: $(tr '\n' ' ' <"$WORK/kafka/profile" 2>/dev/null || echo unknown)"
+log "$BROKER"
+LOAD+=(--note "$BROKER")
+RELAY_RUN=(--url "ws://$RELAY_CLIENT/ws" --pid "$RELAY_PID" --infra-pid "$REDIS_PID" --infra-name redis)
+DTFED_RUN=(--url "ws://$DTFED_CLIENT/ws" --pid "$DTFED_PID" --metrics "http://$DTFED_ADMIN"
+    --infra-pid "$REDIS_PID" --infra-name redis --infra-pid "$KAFKA_PID" --infra-name kafka)
+
+BROKER_WARMUP=${BENCH_BROKER_WARMUP:-30}
+if [[ $BROKER_WARMUP != 0 ]]; then
+    log "warming the broker up: ${BROKER_WARMUP} s of load on dtfed, not recorded"
+    "$BIN/dtfed-bench" --label broker-warmup --url "ws://$DTFED_CLIENT/ws" --clients "$CLIENTS" \
+        --rooms "$ROOMS" --rate "$RATE" --duration "$BROKER_WARMUP" --warmup 1 \
+        --body-bytes "$BODY_BYTES" >/dev/null || log "(the warm-up run did not pass; going on)"
+    sleep 2
+fi
+
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-bench redis-relay --url "ws://$RELAY_CLIENT/ws" --pid "$RELAY_PID" --infra-pid "$REDIS_PID" "${LOAD[@]}"
-sleep 2
-bench dtfed --url "ws://$DTFED_CLIENT/ws" --pid "$DTFED_PID" \
-    --infra-pid "$REDIS_PID" --infra-pid "$KAFKA_PID" "${LOAD[@]}"
+RAMP_SUMMARY=""
+if [[ -n ${BENCH_RAMP:-} ]]; then
+    # ramp NAME args...: raise the rate until the server falls behind; the highest rate
+    # that kept up goes in RAMP_SUMMARY.
+    ramp() {
+        local name=$1 best=0 r
+        shift
+        for r in $BENCH_RAMP; do
+            log "ramp: $name at $r msg/s"
+            if "$BIN/dtfed-bench" --label "$name@$r" "$@" --clients "$CLIENTS" --rooms "$ROOMS" \
+                --rate "$r" --duration "$DURATION" --warmup "$WARMUP" --body-bytes "$BODY_BYTES" \
+                --max-drain 1 --max-p99-ms 100 --note "$BROKER" --json "$RESULTS"; then
+                best=$r
+            else
+                log "ramp: $name fell behind (or failed) at $r msg/s"
+                break
+            fi
+            sleep 2
+        done
+        RAMP_SUMMARY+="| $name | $best |"$'\n'
+    }
+    ramp redis-relay "${RELAY_RUN[@]}"
+    ramp dtfed "${DTFED_RUN[@]}"
+else
+    bench redis-relay "${RELAY_RUN[@]}" "${LOAD[@]}"
+    sleep 2
+    bench dtfed "${DTFED_RUN[@]}" "${LOAD[@]}"
+fi
 if ((IDLE > 0)); then
     # Fresh processes, so memory freed by the load runs (and kept by the allocator) does not
     # hide the cost of the idle connections.
@@ -265,7 +320,20 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
         "(+ Kafka for dtfed). The relay acks after PUBLISH (nothing durable); dtfed acks after" \
         "Kafka acks=all and delivers through Kafka → fan-out owner → Redis."
     echo
-    "$BIN/dtfed-bench" --report "$RESULTS" --baseline redis-relay
+    echo "Broker: $BROKER"
+    echo
+    if [[ -n $RAMP_SUMMARY ]]; then
+        echo "Ramp over $BENCH_RAMP msg/s (${DURATION} s each): the highest rate at which each server kept up"
+        echo "(last delivery ≤ 1 s after the last publish, delivery p99 ≤ 100 ms, nothing lost):"
+        echo
+        echo "| server | max msg/s kept up |"
+        echo "|---|---:|"
+        printf '%s' "$RAMP_SUMMARY"
+        echo
+        "$BIN/dtfed-bench" --report "$RESULTS"
+    else
+        "$BIN/dtfed-bench" --report "$RESULTS" --baseline redis-relay
+    fi
 } | tee "$OUT/results.md"
 log "written $OUT/results.md and $RESULTS"
 exit "$FAILED"

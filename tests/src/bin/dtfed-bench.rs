@@ -34,8 +34,14 @@
 //!    keep coming (`--drain-timeout` without progress, `--drain-max` in all), so a server that
 //!    is behind is reported as slow (`drain s`) rather than lossy.
 //! 7. Prints a table, appends a JSON line to `--json`, unsubscribes and closes every client.
-//!    Exit 1 on order violations, duplicates or deliveries < 99.9 % of expected; exit 2 when
-//!    the clients could not be set up.
+//!    Exit 1 on order violations, duplicates, deliveries < 99.9 % of expected, or a server
+//!    that **fell behind**: its last delivery came more than `--max-drain` seconds (0.5)
+//!    after the last publish, or (with `--max-p99-ms`) its delivery p99 was over that. A
+//!    server that delivers everything late is not a pass. Exit 2 when the clients could not
+//!    be set up.
+//! 8. Efficiency: deliveries per second of server CPU (`--pid`), beside the CPU of each
+//!    `--infra-pid` (Redis, Kafka). With `--metrics <admin>/metrics`, the daemon's per-hop
+//!    histograms over the measured window (see `dtfed_*` in `daemon/src/metrics.rs`).
 //!
 //! Memory run: `--idle-connections N` opens N idle subscribed connections, holds them
 //! `--idle-hold` seconds and reports the server's RSS growth per connection.
@@ -96,6 +102,9 @@
 
 // The result record is one large `json!` literal.
 #![recursion_limit = "256"]
+
+#[path = "dtfed-bench/hops.rs"]
+mod hops;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -161,6 +170,23 @@ struct Args {
     /// Infrastructure process (Redis, Kafka) whose CPU% is reported separately; repeatable.
     #[arg(long = "infra-pid")]
     infra_pids: Vec<u32>,
+    /// A name for each `--infra-pid`, in the same order (e.g. redis, kafka).
+    #[arg(long = "infra-name")]
+    infra_names: Vec<String>,
+    /// The server fell behind (a failed run) if its last delivery came more than this many
+    /// seconds after the last publish.
+    #[arg(long, default_value_t = 0.5)]
+    max_drain: f64,
+    /// The server fell behind (a failed run) if the delivery p99 was above this, ms.
+    #[arg(long)]
+    max_p99_ms: Option<f64>,
+    /// The daemon's admin URL (http://host:port): its `/metrics` per-hop latency over the
+    /// measured window.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Free text recorded with the result (e.g. the broker profile).
+    #[arg(long)]
+    note: Option<String>,
     /// Append one JSON line with the results to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -323,6 +349,9 @@ struct Counters {
     send_failures: AtomicU64,
     late_ticks: AtomicU64,
     max_tick_lag_us: AtomicU64,
+    /// When the last publish was written and the last delivery read, ns since `base`.
+    last_sent_ns: AtomicU64,
+    last_delivered_ns: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -733,16 +762,36 @@ fn cpu_pct(a: &CpuSample, b: &CpuSample, tck: f64) -> Vec<Option<f64>> {
 fn admin_hostport(url: &str) -> anyhow::Result<String> {
     let hp = url
         .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("--mirror-status {url:?}: expected http://host:port"))?
+        .ok_or_else(|| anyhow!("{url:?}: expected http://host:port"))?
         .trim_end_matches('/');
     if hp.is_empty() || hp.contains('/') || !hp.contains(':') {
-        bail!("--mirror-status {url:?}: expected http://host:port");
+        bail!("{url:?}: expected http://host:port");
     }
     Ok(hp.to_owned())
 }
 
 /// GET `path` from an admin listener, as JSON (HTTP/1.0: no chunked answer to decode).
 async fn admin_get(hostport: &str, path: &str) -> anyhow::Result<Value> {
+    let body = admin_get_text(hostport, path).await?;
+    serde_json::from_str(&body).with_context(|| format!("GET http://{hostport}{path}: not JSON"))
+}
+
+/// The daemon's `hop_*` histograms now, or `None` (said in the notes) if unreadable.
+async fn scrape_hops(
+    shared: &Shared,
+    hostport: Option<&str>,
+) -> Option<std::collections::BTreeMap<String, hops::Hist>> {
+    let hostport = hostport?;
+    match admin_get_text(hostport, "/metrics").await {
+        Ok(text) => Some(hops::parse(&text)),
+        Err(e) => {
+            shared.note(format!("per-hop metrics not read: {e:#}"));
+            None
+        }
+    }
+}
+
+async fn admin_get_text(hostport: &str, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
         let mut stream = TcpStream::connect(hostport)
@@ -765,7 +814,7 @@ async fn admin_get(hostport: &str, path: &str) -> anyhow::Result<Value> {
     if status.split_whitespace().nth(1) != Some("200") {
         bail!("GET http://{hostport}{path}: {status}");
     }
-    serde_json::from_str(body).with_context(|| format!("GET http://{hostport}{path}: not JSON"))
+    Ok(body.to_owned())
 }
 
 /// (records mirrored, lag records) over the `mirror` tasks of `/status` (of `origin` only
@@ -1342,6 +1391,7 @@ async fn publisher(
             reference: Some(format!("{seq}:{t}")),
         });
         inc(&shared.c.sent);
+        shared.c.last_sent_ns.fetch_max(t, Ordering::Relaxed);
         shared.c.expected.fetch_add(subs, Ordering::Relaxed);
         if let Some(tr) = &shared.tracker {
             tr.sent(idx, seq, t, subs);
@@ -1484,6 +1534,7 @@ fn on_text(shared: &Shared, st: &mut ReaderState, text: &str) {
                 st.last.insert(m.origin, m.offset);
             }
             inc(&shared.c.delivered);
+            shared.c.last_delivered_ns.fetch_max(now, Ordering::Relaxed);
             if shared.in_window(now) {
                 inc(&shared.c.delivered_measured);
                 shared
@@ -1869,8 +1920,13 @@ async fn load_run(args: &Args) -> anyhow::Result<Outcome> {
         .map(u32::to_string)
         .collect();
     pids.push("self".into());
+    let metrics_at = match &args.metrics {
+        Some(url) => Some(admin_hostport(url)?),
+        None => None,
+    };
     tokio::time::sleep_until(tokio::time::Instant::from_std(warm_end)).await;
     let mut cpu_a = sample_cpu(&pids);
+    let hops_a = scrape_hops(&shared, metrics_at.as_deref()).await;
     let progress_every = Duration::from_secs(5);
     let mut next_progress = warm_end + progress_every;
     while next_progress < end {
@@ -1883,6 +1939,14 @@ async fn load_run(args: &Args) -> anyhow::Result<Outcome> {
     }
     tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
     let mut cpu_b = sample_cpu(&pids);
+    let hops_b = scrape_hops(&shared, metrics_at.as_deref()).await;
+    let hop_rows: Vec<(&str, &str, hops::Hist)> = match (&hops_a, &hops_b) {
+        (Some(a), Some(b)) => hops::HOPS
+            .iter()
+            .filter_map(|(name, what)| b.get(*name).map(|h| (*name, *what, h.minus(a.get(*name)))))
+            .collect(),
+        _ => Vec::new(),
+    };
     let catchup = if args.catchup {
         let (c, a, b) = catchup_phase(args, &shared, &pids).await;
         (cpu_a, cpu_b) = (a, b);
@@ -1986,6 +2050,7 @@ async fn load_run(args: &Args) -> anyhow::Result<Outcome> {
         subscribers: m,
         mirror: mirror.as_deref(),
         catchup: catchup.as_ref(),
+        hops: &hop_rows,
     };
     results.print_and_save()
 }
@@ -2015,6 +2080,8 @@ struct LoadResults<'a> {
     /// `--mirror-status` / `--mirror-log-dir` samples.
     mirror: Option<&'a [MirrorSample]>,
     catchup: Option<&'a Catchup>,
+    /// `--metrics`: each hop's histogram over the measured window.
+    hops: &'a [(&'static str, &'static str, hops::Hist)],
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> Option<f64> {
@@ -2336,6 +2403,45 @@ impl LoadResults<'_> {
         if a.rate > 0.0 && get(&c.sent) == 0 {
             failures.push("nothing was published".into());
         }
+        // How long after the last publish the last delivery came: the server's backlog.
+        let last_sent = get(&c.last_sent_ns);
+        let last_delivered = get(&c.last_delivered_ns);
+        let behind_s = if last_sent > 0 && last_delivered > 0 {
+            Some(last_delivered.saturating_sub(last_sent) as f64 / 1e9)
+        } else {
+            None
+        };
+        if self.catchup.is_none() {
+            if let Some(b) = behind_s.filter(|b| *b > a.max_drain) {
+                failures.push(format!(
+                    "fell behind: the last delivery came {b:.2} s after the last publish (limit --max-drain {} s)",
+                    a.max_drain
+                ));
+            }
+            if let (Some(limit), Some(p99)) = (a.max_p99_ms, ms(&hists.delivery, 0.99)) {
+                if p99 > limit {
+                    failures.push(format!(
+                        "fell behind: delivery p99 {p99:.1} ms is over --max-p99-ms {limit} ms"
+                    ));
+                }
+            }
+        }
+        let per_cpu_s = match server_cpu {
+            Some(cpu) if cpu > 0.0 => Some(deliveries_per_s / (cpu / 100.0)),
+            _ => None,
+        };
+        let infra_each: Vec<(String, Option<f64>)> = infra
+            .iter()
+            .enumerate()
+            .map(|(k, v)| {
+                let name = a
+                    .infra_names
+                    .get(k)
+                    .cloned()
+                    .unwrap_or_else(|| format!("pid {}", a.infra_pids[k]));
+                (name, *v)
+            })
+            .collect();
         let mut warnings = Vec::new();
         if get(&c.errors) > 0 {
             warnings.push(format!(
@@ -2403,8 +2509,8 @@ impl LoadResults<'_> {
             (
                 "deliveries",
                 format!(
-                    "{deliveries_per_s:.0} /s (drained {:.1} s after the last publish)",
-                    self.drain_s
+                    "{deliveries_per_s:.0} /s (last one {} s after the last publish)",
+                    fmt_opt(behind_s, 3)
                 ),
             ),
             (
@@ -2461,15 +2567,33 @@ impl LoadResults<'_> {
                     _ => "-".into(),
                 },
             ),
+            ("deliveries per server CPU-s", fmt_opt(per_cpu_s, 0)),
             (
                 "infra CPU (Redis, Kafka)",
                 match infra_cpu {
-                    Some(v) => format!("{v:.0} %"),
+                    Some(v) => {
+                        let each: Vec<String> = infra_each
+                            .iter()
+                            .map(|(n, c)| format!("{n} {} %", fmt_opt(*c, 0)))
+                            .collect();
+                        format!("{v:.0} % ({})", each.join(", "))
+                    }
                     None => "- (no --infra-pid)".into(),
                 },
             ),
             ("bench CPU", format!("{} %", fmt_opt(bench_cpu, 0))),
         ];
+        for (_, what, h) in self.hops {
+            rows.push((
+                what,
+                format!(
+                    "p50 {} / p99 {} ms ({} observations)",
+                    fmt_opt(h.quantile(0.5).map(|v| v * 1000.0), 2),
+                    fmt_opt(h.quantile(0.99).map(|v| v * 1000.0), 2),
+                    h.count
+                ),
+            ));
+        }
         rows.extend(extra_rows);
         println!();
         println!("== dtfed-bench: {} ==", a.label);
@@ -2544,6 +2668,18 @@ impl LoadResults<'_> {
             "bench_cpu_pct": bench_cpu,
             "drained": self.drained,
             "drain_s": self.drain_s,
+            "behind_s": behind_s,
+            "max_drain_s": a.max_drain,
+            "deliveries_per_server_cpu_s": per_cpu_s,
+            "infra_cpu": infra_each.iter().map(|(n, c)| json!({"name": n, "cpu_pct": c})).collect::<Vec<_>>(),
+            "note": a.note,
+            "hops": self.hops.iter().map(|(name, what, h)| json!({
+                "metric": name,
+                "hop": what,
+                "count": h.count,
+                "p50_ms": h.quantile(0.5).map(|v| v * 1000.0),
+                "p99_ms": h.quantile(0.99).map(|v| v * 1000.0),
+            })).collect::<Vec<_>>(),
             "ok": failures.is_empty(),
             "failures": failures,
             "warnings": warnings,
@@ -2731,12 +2867,12 @@ fn report(path: &Path, baseline: Option<&str>) -> anyhow::Result<()> {
     };
     if !loads.is_empty() {
         println!(
-            "| run | clients | rooms | target msg/s | achieved msg/s | deliveries/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p50 ms | delivery p99 ms | delivery p99.9 ms | delivery max ms | drain s | errors | order viol. | dupes | delivered | server CPU % | infra CPU % | server RSS MB | ok |"
+            "| run | clients | rooms | target msg/s | achieved msg/s | deliveries/s | ack p50 ms | ack p99 ms | ack p99.9 ms | delivery p50 ms | delivery p99 ms | delivery p99.9 ms | delivery max ms | last delivery after last publish s | errors | order viol. | dupes | delivered | server CPU % | deliveries per server CPU-s | infra CPU % | server RSS MB | ok |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for v in &loads {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} | {} | {} |",
                 v["label"].as_str().unwrap_or("?"),
                 v["clients"],
                 v["rooms"],
@@ -2750,7 +2886,7 @@ fn report(path: &Path, baseline: Option<&str>) -> anyhow::Result<()> {
                 f(v, "delivery_p99_ms", 2),
                 f(v, "delivery_p999_ms", 2),
                 f(v, "delivery_max_ms", 1),
-                f(v, "drain_s", 1),
+                f(v, "behind_s", 3),
                 v["errors"],
                 v["order_violations"],
                 v["duplicates"],
@@ -2758,10 +2894,48 @@ fn report(path: &Path, baseline: Option<&str>) -> anyhow::Result<()> {
                     .as_f64()
                     .map_or_else(|| "-".to_owned(), |x| format!("{:.3}", x * 100.0)),
                 f(v, "server_cpu_pct", 0),
-                f(v, "infra_cpu_pct", 0),
+                f(v, "deliveries_per_server_cpu_s", 0),
+                {
+                    let each: Vec<String> = v["infra_cpu"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|i| format!("{} {}", i["name"].as_str().unwrap_or("?"), f(i, "cpu_pct", 0)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if each.is_empty() {
+                        f(v, "infra_cpu_pct", 0)
+                    } else {
+                        format!("{} ({})", f(v, "infra_cpu_pct", 0), each.join(", "))
+                    }
+                },
                 f(v, "server_rss_mb", 1),
                 if v["ok"].as_bool() == Some(true) { "yes" } else { "**no**" },
             );
+        }
+        let with_hops: Vec<&Value> = loads
+            .iter()
+            .filter(|v| v["hops"].as_array().is_some_and(|h| !h.is_empty()))
+            .collect();
+        for v in with_hops {
+            println!();
+            println!(
+                "Where {}'s time went (its /metrics over the measured window):",
+                v["label"].as_str().unwrap_or("?")
+            );
+            println!();
+            println!("| hop | p50 ms | p99 ms | observations |");
+            println!("|---|---:|---:|---:|");
+            for h in v["hops"].as_array().into_iter().flatten() {
+                println!(
+                    "| {} | {} | {} | {} |",
+                    h["hop"].as_str().unwrap_or("?"),
+                    f(h, "p50_ms", 2),
+                    f(h, "p99_ms", 2),
+                    f(h, "count", 0)
+                );
+            }
         }
         let base = match baseline {
             Some(b) => loads
