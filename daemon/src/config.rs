@@ -105,6 +105,10 @@ pub struct KafkaConfig {
     pub publish_timeout_ms: u64,
     pub fanout_group: String,
     pub session_timeout_ms: u64,
+    /// The producer's `linger.ms` for players' publishes: 0 sends each publish at once
+    /// (lowest ack time); a few ms batch publishes into fewer Kafka requests, which costs
+    /// less CPU in the daemon and the broker at high rates. See docs/BENCHMARKS.md.
+    pub linger_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -117,6 +121,7 @@ impl Default for KafkaConfig {
             publish_timeout_ms: 5_000,
             fanout_group: "dtfed-fanout".into(),
             session_timeout_ms: 6_000,
+            linger_ms: 0,
         }
     }
 }
@@ -290,6 +295,12 @@ impl Config {
                 k.session_timeout_ms
             ));
         }
+        if k.linger_ms > 1_000 {
+            errs.push(format!(
+                "kafka.linger_ms = {}: must be 0..=1000 (every publish waits for it)",
+                k.linger_ms
+            ));
+        }
         if let Some(r) = &self.redis {
             if !(r.url.starts_with("redis://")
                 || r.url.starts_with("rediss://")
@@ -365,6 +376,26 @@ url = "redis://127.0.0.1:6379"
         assert_eq!(cfg.client.max_frame_bytes, 65536);
         assert_eq!(cfg.kafka.local_topic, "dtfed.local");
         assert_eq!(cfg.client.auth, AuthMode::None);
+    }
+
+    #[test]
+    fn producer_linger_is_bounded() {
+        let cfg = Config::from_toml(MINIMAL, |_| None).expect("valid");
+        assert_eq!(cfg.kafka.linger_ms, 0, "publishes leave at once by default");
+        let text = MINIMAL.replace("[redis]", "linger_ms = 2\n[redis]");
+        assert_eq!(
+            Config::from_toml(&text, |_| None)
+                .expect("valid")
+                .kafka
+                .linger_ms,
+            2
+        );
+        let text = MINIMAL.replace("[redis]", "linger_ms = 5000\n[redis]");
+        let errs = Config::from_toml(&text, |_| None).expect_err("invalid").0;
+        assert!(
+            errs.iter().any(|e| e.contains("kafka.linger_ms")),
+            "{errs:#?}"
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn cfg(mock: &MockKafka, topic: &str, partitions: i32, group: &str) -> KafkaConf
         publish_timeout_ms: 3000,
         fanout_group: group.into(),
         session_timeout_ms: 6000,
+        ..KafkaConfig::default()
     }
 }
 

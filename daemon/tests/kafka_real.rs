@@ -46,6 +46,7 @@ fn cfg(topic: &str, partitions: i32) -> KafkaConfig {
         publish_timeout_ms: 5000,
         fanout_group: format!("g-{topic}"),
         session_timeout_ms: 6000,
+        ..KafkaConfig::default()
     }
 }
 
