@@ -46,6 +46,8 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 const MAX_IN_FLIGHT: usize = 256;
 /// A write the player does not take within this time closes the connection as a slow reader.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing may take: sending our Close, then waiting for the player's.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Queued live messages (or ready acks) written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -131,7 +133,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         unflushed: false,
     };
     let end = s.serve(&mut outbound).await;
-    s.finish(end).await;
+    Box::pin(s.finish(end)).await;
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -175,7 +177,7 @@ impl Session {
                 }
                 incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
                     None => return Ok(End::ClientClosed),
-                    Some(Ok(msg)) => self.incoming(msg).await?,
+                    Some(Ok(msg)) => Box::pin(self.incoming(msg)).await?,
                     Some(Err(e)) => {
                         // tungstenite refuses frames over the hard limit with a capacity error.
                         let text = e.to_string();
@@ -210,16 +212,31 @@ impl Session {
                 .await;
             }
         }
-        if let End::Close(code, reason) = end {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.socket.send(close(code, reason)),
-            )
-            .await;
-        }
+        let closing = match end {
+            End::Close(code, reason) => {
+                tokio::time::timeout(CLOSE_HANDSHAKE, self.socket.send(close(code, reason)))
+                    .await
+                    .is_ok_and(|sent| sent.is_ok())
+            }
+            End::ClientClosed => false,
+        };
         let rooms: Vec<RoomId> = self.subs.drain().map(|(r, _)| r).collect();
         for room in rooms {
             self.gw.rooms.leave(&room, self.id).await;
+        }
+        if closing {
+            // The closing handshake: read (and drop) what the player still sends until its
+            // Close answers ours. Dropping the socket with unread bytes in the kernel's
+            // receive buffer would reset the connection, and the player would see 1006
+            // instead of the close code that says why (a flooder's frames, for instance).
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+                while let Some(Ok(msg)) = self.socket.recv().await {
+                    if matches!(msg, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
     }
 
@@ -353,7 +370,9 @@ impl Session {
                 }));
                 Ok(())
             }
-            Ok(ClientFrame::Sub { room, since }) => self.subscribe(room, since).await,
+            // Boxed, like the other rare paths (backfill, finish): a session's task is as
+            // large as its largest state, and an idle player should not pay for a replay.
+            Ok(ClientFrame::Sub { room, since }) => Box::pin(self.subscribe(room, since)).await,
             Ok(ClientFrame::Unsub { room }) => {
                 if self.subs.remove(&room).is_some() {
                     self.gw.rooms.leave(&room, self.id).await;
@@ -479,7 +498,7 @@ impl Session {
                     return Ok(());
                 }
                 if is_hole(cursor, m) {
-                    self.backfill(&m.room.clone()).await?;
+                    Box::pin(self.backfill(&m.room.clone())).await?;
                 }
                 let Some(cursor) = self.subs.get_mut(&m.room) else {
                     return Ok(());
@@ -495,7 +514,7 @@ impl Session {
                     .observe(live.queued.elapsed().as_secs_f64());
                 Ok(())
             }
-            Outbound::Resync(room) => self.backfill(&room).await,
+            Outbound::Resync(room) => Box::pin(self.backfill(&room)).await,
         }
     }
 
