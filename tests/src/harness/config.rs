@@ -241,6 +241,7 @@ replication_factor = 1
 publish_timeout_ms = 5000
 fanout_group = "dtfed-fanout"
 session_timeout_ms = 6000
+linger_ms = 0
 
 [redis]
 url = "redis://127.0.0.1:6379"
