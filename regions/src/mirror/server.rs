@@ -50,8 +50,8 @@ pub struct MirrorServerConfig {
     pub timers: LinkTimers,
     /// Bytes read from the log per batch, and budget of one `Batch` frame (256 KiB).
     pub max_batch_bytes: usize,
-    /// A write that makes no progress for this long means the receiver stopped reading:
-    /// the stream is abandoned (30 s, the session's idle timeout).
+    /// A write that makes no progress (no byte accepted) for this long means the receiver
+    /// stopped reading: the stream is abandoned (30 s, the session's idle timeout).
     pub write_stall_timeout: Duration,
     /// On shutdown, how long streams get to send their `Error` frame before the
     /// connections are closed (2 s).
@@ -558,15 +558,32 @@ impl StreamServer {
         } else {
             self.shared.config.write_stall_timeout
         };
-        let result = tokio::select! {
-            r = self.send.write_all(&self.out) => r.map_err(|e| format!("write failed: {e}")),
-            () = sleep(limit) => {
-                if !closing {
-                    warn!(stalled_for = ?limit, "receiver is not reading; abandoning the stream");
+        // Backpressure: each `write` waits while the receiver's QUIC stream window (and the
+        // connection's) is full, i.e. until the receiver has read and appended what is in
+        // flight; the reader task stops meanwhile because its channel is full. The stall
+        // limit is on *progress* (no byte accepted for `limit`), not on the whole buffer:
+        // a receiver that drains slowly, or whose connection window is shared with busier
+        // streams, is slow, not dead, and abandoning its stream would throw away (and later
+        // re-send) everything already in its window.
+        let mut written = 0;
+        let result = loop {
+            let Some(rest) = self.out.get(written..).filter(|r| !r.is_empty()) else {
+                break Ok(());
+            };
+            let step = tokio::select! {
+                r = self.send.write(rest) => r.map_err(|e| format!("write failed: {e}")),
+                () = sleep(limit) => {
+                    if !closing {
+                        warn!(stalled_for = ?limit, unwritten = rest.len(), "receiver is not reading; abandoning the stream");
+                    }
+                    Err(format!("no write progress for {limit:?}"))
                 }
-                Err(format!("no write progress for {limit:?}"))
+                () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
+            };
+            match step {
+                Ok(n) => written += n,
+                Err(e) => break Err(e),
             }
-            () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
         };
         self.out.clear();
         result
