@@ -23,12 +23,14 @@ use quinn::VarInt;
 use rand::Rng;
 
 pub mod client;
+pub mod latency;
 pub mod log;
 pub mod server;
 
 pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,
 };
+pub use latency::{AgeHistogram, AGE_BUCKETS_MS};
 pub use log::{
     LogError, MemoryMirrorLog, MemoryOriginLog, MirrorGap, MirrorLog, MirroredRecord, OriginBatch,
     OriginLog, OriginReader,
