@@ -603,6 +603,110 @@ async fn a_dial_during_a_cut_does_not_delay_the_link_after_the_heal() {
     relay.shutdown().await;
 }
 
+/// A mirror log whose every append takes `per_append` (a busy Kafka).
+struct SlowMirror {
+    inner: MemoryMirrorLog,
+    per_append: Duration,
+}
+
+#[async_trait::async_trait]
+impl MirrorLog for SlowMirror {
+    async fn tail(
+        &self,
+        origin: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, dtfed_regions::mirror::LogError> {
+        self.inner.tail(origin, partition).await
+    }
+
+    async fn append(
+        &self,
+        origin: &str,
+        partition: i32,
+        records: &[LinkRecord],
+    ) -> Result<(), dtfed_regions::mirror::LogError> {
+        tokio::time::sleep(self.per_append).await;
+        self.inner.append(origin, partition, records).await
+    }
+}
+
+/// The 30 s read stalls under load: the origin sends small batches, the receiver's stream
+/// window is full, and QUIC returns credit only in steps of 1/8 of the window. A receiver
+/// that appended one origin batch at a time (each append slow) took longer than the
+/// origin's stall timeout to free one step, and the origin abandoned the stream again and
+/// again. Appending everything received at once, the receiver frees the window at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_mirror_log_with_small_origin_batches_is_not_abandoned() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let origin = MemoryOriginLog::new(TOPIC, 1);
+    let mut rng = StdRng::seed_from_u64(77);
+    fill(&origin, &mut rng, 0, 12_000); // ~3 MB, three times the stream window
+    let tuning = LinkTuning::default();
+    let daemon = OriginDaemon::start(
+        &ca,
+        &origin,
+        &tuning,
+        MirrorServerConfig {
+            // ~8 records per frame, as when records trickle in.
+            max_batch_bytes: 2 * 1024,
+            write_stall_timeout: Duration::from_secs(3),
+            ..server_config()
+        },
+    );
+    // 1 MiB stream window on the receiving side: credit comes back 128 KiB at a time,
+    // i.e. after ~64 origin batches. One append each at 100 ms: 6.4 s, over the 3 s stall
+    // limit.
+    let receiving = LinkTuning {
+        stream_receive_window: 1024 * 1024,
+        ..LinkTuning::default()
+    };
+    let mirror = MemoryMirrorLog::new();
+    let slow = SlowMirror {
+        inner: mirror.clone(),
+        per_append: Duration::from_millis(100),
+    };
+    let endpoint = bind(&ca, LOCAL, ORIGIN, &receiving);
+    let client = MirrorClient::with_config(
+        endpoint.clone(),
+        Arc::new(slow),
+        vec![PeerRegion {
+            name: ORIGIN.to_owned(),
+            addrs: vec![daemon.addr()],
+            partitions: None,
+            topic: None,
+        }],
+        client_config(),
+    );
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..1, &stop);
+    wait_caught_up(&origin, &mirror, 0..1).await;
+    let took = started.elapsed();
+    assert_mirror_equals(&mirror, 0, &origin.records(0));
+    let status = client.status();
+    println!(
+        "12,000 records in 2 KiB origin batches through a 1 MiB window, 100 ms appends: \
+         {took:?}, {} appends, streams opened {:?}",
+        mirror.appends(),
+        status.iter().map(|s| s.streams_opened).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        status[0].streams_opened, 1,
+        "the stream was never abandoned"
+    );
+    assert!(
+        mirror.appends() < 200,
+        "appends take what arrived together, not one origin batch each: {}",
+        mirror.appends()
+    );
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    endpoint.close();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_restart_resumes_from_the_tail() {
     init_tracing();
