@@ -54,12 +54,26 @@ pub struct LinkTuning {
     pub idle_timeout: Duration,
     /// Longest time for the whole link setup: QUIC + TLS handshake and the welcome (10 s).
     pub handshake_timeout: Duration,
-    /// Per-stream receive window (8 MiB = one whole maximum batch): one partition can have
-    /// a full batch in flight, i.e. ~30 MiB/s per partition at a 270 ms RTT.
+    /// Per-stream receive window (8 MiB = one whole maximum batch).
+    ///
+    /// **Where the per-stream limit lives.** Flow control caps one partition's stream at
+    /// `stream_receive_window / RTT`: ~15 MB/s at a 540 ms RTT (270 ms one way), ~30 MB/s
+    /// at 270 ms, and the whole link at `receive_window / RTT` (~62 MB/s at 540 ms). The
+    /// ~1.1 MB/s per stream (4.4 MB/s per 4-stream link) measured at 540 ms was far below
+    /// both, did not move with the batch size, and was not flow control: ~5 % of the
+    /// datagrams were dropped at full 208 KiB UDP receive buffers (`RcvbufErrors`), and on
+    /// a long link each loss costs the congestion controller (BBR) a recovery and the
+    /// stream a head-of-line wait of about one RTT. With [`LinkTuning::socket_buffer_bytes`]
+    /// the same 101 MB link test went from 17,930 to 33,630 records/s (docs/BENCHMARKS.md,
+    /// section 2); what remains is BBR's start-up (it doubles per round trip from a 240 KB
+    /// initial window) and the CPU of a shared two-core host.
     pub stream_receive_window: u32,
     /// Per-connection receive window (32 MiB = four maximum batches): bounds what a link
     /// buffers on the receiving side across all partitions (memory per peer), while still
-    /// allowing ~120 MiB/s per link at a 270 ms RTT when catching up after a cut.
+    /// allowing ~60 MB/s per link at a 540 ms RTT when catching up after a cut. With more
+    /// than four busy partitions per link, streams whose receivers are slow can hold the
+    /// whole connection window and the others get data only as those drain (the mirror
+    /// server then waits, which is why it judges a stall by progress, not by completion).
     pub receive_window: u32,
     /// Bytes sent but not yet acknowledged, across all streams (32 MiB, matching the peer's
     /// receive window: more could not be in flight anyway).

@@ -25,9 +25,10 @@
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
-//! - **Flow control.** Each batch is appended (and acknowledged) before the stream is read
-//!   further, so a slow mirror topic slows the origin down through QUIC flow control rather
-//!   than buffering here.
+//! - **Flow control.** Everything already received on the stream (up to 1 MiB) is taken
+//!   and appended as one batch, and acknowledged, before the stream is read further, so a
+//!   slow mirror topic slows the origin down through QUIC flow control rather than
+//!   buffering here, while a fast one is never held to one append per origin batch.
 //! - **Ops.** [`MirrorClient::status`] (per task: state, offsets, lag, gaps),
 //!   [`MirrorClient::links`] (per peer), and [`MirrorClient::pause_peer`] /
 //!   [`MirrorClient::resume_peer`] for drills.

@@ -9,11 +9,12 @@
 //! - on `Subscribe`, a reader task opens the [`OriginLog`] at the asked offset and reads
 //!   batches of up to `max_batch_bytes` into a channel of one: besides the batch being
 //!   written, at most two wait (one in the channel, one in the reader's hands);
-//! - each batch goes to [`MirrorServe::queue_records`] and the frames it makes are written
-//!   with `write_all`. Awaiting the write *is* the backpressure: when the receiver's QUIC
+//! - each batch goes to [`MirrorServe::queue_records`] and the frames it makes are
+//!   written. Awaiting the write *is* the backpressure: when the receiver's QUIC
 //!   window is full the write waits, the channel fills, and the reader stops reading.
 //! - heartbeats and the dead-peer check come from the session's timers; a write that makes
-//!   no progress for `write_stall_timeout` abandons the stream.
+//!   no progress at all (not one byte accepted) for `write_stall_timeout` abandons the
+//!   stream.
 //!
 //! A failure on the origin side (retention passed the offset, unknown partition, Kafka
 //! down) becomes an `Error` frame with the matching code, then the stream is finished; the
