@@ -458,6 +458,13 @@ impl Admit {
                 | LinkError::BadCertificate { .. }
                 | LinkError::NoRegionInCertificate),
             ) => warn!(peer = %peer, error = %err, "refused peer"),
+            // The dialler dropped this attempt because an overlapping one won (the mirror
+            // client overlaps dials, see `mirror::client`): expected, not a fault.
+            Err(LinkError::Connection(quinn::ConnectionError::ConnectionClosed(close)))
+                if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+            {
+                debug!(peer = %peer, "incoming link abandoned by the dialler during setup");
+            }
             Err(err) => warn!(peer = %peer, error = %err, "incoming link setup failed"),
         }
         result

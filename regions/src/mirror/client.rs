@@ -10,7 +10,7 @@
 //!   cut cannot finish before its QUIC handshake gives up (`LinkTuning::handshake_timeout`,
 //!   10 s) and its Initial retransmissions back off exponentially (1 s, 2 s, 4 s), so a dial
 //!   that waited for it would start seconds after the path healed. Instead a new attempt
-//!   starts every `redial_max` at most (jittered backoff from `backoff_min`, reset on
+//!   starts every `redial_max` at most (jittered backoff from `redial_max / 2`, reset on
 //!   success) while earlier ones are still in progress; the first to succeed wins and the
 //!   others are dropped. At most [`MAX_DIALS_IN_FLIGHT`] run at once (the oldest, whose
 //!   retransmission timer has backed off furthest, is dropped first). After a heal the link
@@ -238,7 +238,13 @@ impl MirrorClient {
             .map(|p| {
                 let link = PeerLink {
                     dial: tokio::sync::Mutex::new(Redial {
-                        backoff: Backoff::new(config.backoff_min, config.redial_max),
+                        // From half of redial_max: a handshake on a busy host takes a
+                        // few hundred ms, and an attempt overlapping one that would have
+                        // succeeded only costs both sides a handshake.
+                        backoff: Backoff::new(
+                            config.backoff_min.max(config.redial_max / 2),
+                            config.redial_max,
+                        ),
                         retry_at: None,
                         attempts: JoinSet::new(),
                         started: VecDeque::new(),
@@ -443,7 +449,8 @@ struct PeerLink {
 }
 
 struct Redial {
-    /// Spacing of attempts: `backoff_min` doubling to `redial_max`, reset on success.
+    /// Spacing of attempts: `redial_max / 2` (at least `backoff_min`) doubling to
+    /// `redial_max`, reset on success.
     backoff: Backoff,
     /// No new attempt before this.
     retry_at: Option<Instant>,
