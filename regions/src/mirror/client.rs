@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::latency::AgeHistogram;
-use super::log::MirrorLog;
+use super::log::{LogError, MirrorLog};
 use super::{Backoff, STREAM_ABANDONED};
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 use crate::topology::PeerRegion;
@@ -818,34 +818,40 @@ impl PartitionTask {
         paused: &mut watch::Receiver<bool>,
     ) -> Outcome {
         let peer = self.peer.clone();
-        let conn = tokio::select! {
+        // The tail is read while the link is set up, not after: this task is the mirror
+        // partition's only writer (its lease) and appends nothing before it subscribes, so
+        // a tail read alongside the dial is as current as one read after it, and after a
+        // heal the link and the tail are ready together instead of one after the other.
+        let log = self.inner.log.clone();
+        let (conn, tail) = tokio::select! {
             () = shutdown.cancelled() => return Outcome::Shutdown,
             () = until_paused(paused) => return Outcome::Paused,
-            conn = peer.connection(&self.inner.endpoint) => conn,
+            both = async {
+                tokio::join!(
+                    peer.connection(&self.inner.endpoint),
+                    log.tail(&self.origin, self.partition)
+                )
+            } => both,
         };
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
         };
         let span = info_span!("stream", peer = %conn.remote_address());
-        self.subscribe(conn, shutdown, paused)
+        self.subscribe(conn, tail, shutdown, paused)
             .instrument(span)
             .await
     }
 
-    /// Tail, stream, session, on `conn`.
+    /// Stream and session on `conn`, resuming after `tail` (the mirror partition's tail,
+    /// as just read).
     async fn subscribe(
         &mut self,
         conn: PeerConnection,
+        tail: Result<Option<i64>, LogError>,
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        // The tail, read right before subscribing: it is what is durably written.
-        let log = self.inner.log.clone();
-        let tail = tokio::select! {
-            () = shutdown.cancelled() => return Outcome::Shutdown,
-            tail = log.tail(&self.origin, self.partition) => tail,
-        };
         match tail {
             Ok(tail) => {
                 self.written = tail;
