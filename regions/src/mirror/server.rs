@@ -41,6 +41,10 @@ use super::log::{LogError, OriginBatch, OriginLog};
 use super::STREAM_ABANDONED;
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 
+/// Budget of the first batch read for a new subscription (then doubling per batch up to
+/// `max_batch_bytes`).
+const FIRST_BATCH_BYTES: usize = 16 * 1024;
+
 /// Bytes read from a stream at a time (the receiver only sends small frames).
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -625,11 +629,19 @@ async fn read_origin(
             return;
         }
     };
+    // Batch sizes start small and double up to `max_bytes`: the receiver can decode a
+    // batch only once all of it arrived, and a stream (re)opened after a cut, on a fresh
+    // connection whose congestion window starts at ~240 KB shared by every partition, took
+    // several round trips to deliver one whole 256 KiB batch (at 540 ms RTT, seconds before
+    // the first record of a backlog was mirrored). Small first batches arrive in one round
+    // trip; by the time the window has grown, so have the batches.
+    let mut budget = FIRST_BATCH_BYTES.min(max_bytes).max(1);
     loop {
-        let batch = reader.next_batch(max_bytes).await;
+        let batch = reader.next_batch(budget).await;
         let failed = batch.is_err();
         if tx.send(batch).await.is_err() || failed {
             return;
         }
+        budget = budget.saturating_mul(2).min(max_bytes);
     }
 }
