@@ -522,10 +522,12 @@ impl PeerLink {
                     };
                     redial.started.retain(|h| h.id() != id);
                     match result {
+                        // Finished while nobody was waiting, and closed since.
+                        Ok(conn) if conn.connection().close_reason().is_some() => continue,
                         Ok(conn) => {
-                            // The other attempts are stale: drop them (a half-open QUIC
-                            // connection is closed when its handle goes).
-                            redial.attempts.abort_all();
+                            // The other attempts are stale: drop them, results included (a
+                            // half-open QUIC connection is closed when its handle goes).
+                            redial.attempts = JoinSet::new();
                             redial.started.clear();
                             redial.backoff.reset();
                             redial.retry_at = None;
