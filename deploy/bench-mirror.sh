@@ -23,7 +23,8 @@
 #            backlog / catch-up seconds, as a multiple of the ingest rate; goal ≥ 5×.
 #
 # Before each run it waits until tokyo has mirrored every record seoul holds, and after it
-# logs the relay's packet counters (`stats`). Prints markdown tables (also in
+# logs the relay's packet counters (`stats`) and the cross-region hop alone (tokyo's
+# /status append_age: mirror append acked − origin record timestamp, over the run). Prints markdown tables (also in
 # target/bench/mirror-results.md; raw JSON lines in target/bench/mirror-results.jsonl; logs
 # under .dtfed/bench-mirror/, every run's own summary in runs.log there). Everything it
 # started is stopped on exit, by PID.
@@ -434,19 +435,50 @@ log "probe passed: seoul → tokyo delivers"
 
 : >"$RESULTS"
 : >"$WORK/runs.log"
+: >"$WORK/hops.md"
 FAILED=0
+# The cross-region hop alone: tokyo's mirror tasks count, per record, its age (ack of the
+# mirror append − the origin's record timestamp) in fixed buckets (/status
+# .mirror[].append_age). ages prints the bucket counts summed over seoul's tasks; age_window
+# BEFORE AFTER the quantiles of what was counted in between (bucket upper bounds, so upper
+# estimates). A task restarted during the run undercounts; never below zero.
+ages() {
+    status "$TOKYO_ADMIN" | jq -c '[.mirror // [] | .[] | select(.origin == "seoul")
+        | .append_age.counts // empty] | if length == 0 then [] else transpose | map(add) end' \
+        2>/dev/null || echo '[]'
+}
+age_window() {
+    local le
+    le=$(status "$TOKYO_ADMIN" | jq -c '[.mirror // [] | .[] | .append_age.le_ms // empty][0] // []' 2>/dev/null || echo '[]')
+    jq -rn --argjson a "${1:-[]}" --argjson b "${2:-[]}" --argjson le "$le" '
+        ($b | to_entries | map(.value - ($a[.key] // 0) | if . < 0 then 0 else . end)) as $d
+        | ($d | add // 0) as $n
+        | def q($p): ((($p * $n) | ceil) as $r | if $r < 1 then 1 else $r end) as $r
+            | reduce range(0; $d | length) as $i ({s: 0, v: null};
+                if .v == null then .s += $d[$i] | (if .s >= $r then .v = ($le[$i] // "> \($le[-1])") else . end) else . end)
+            | .v;
+        if $n == 0 then "no records" else
+            "\($n) records, p50 <= \(q(0.5)) ms, p99 <= \(q(0.99)) ms, p99.9 <= \(q(0.999)) ms" end' 2>/dev/null ||
+        echo "unknown"
+}
+
 bench() { # label, args...
-    local label=$1
+    local label=$1 before after hop
     shift
     wait_mirror_idle
     sleep 1
     log "run: $label"
+    before=$(ages)
     # Each run's own summary goes to stderr (and runs.log); stdout is the final table.
     if ! "$BIN/dtfed-bench" --label "$label" "${COMMON[@]}" --json "$RESULTS" "$@" |
         tee -a "$WORK/runs.log" >&2; then
         log "run $label FAILED (see above)"
         FAILED=1
     fi
+    after=$(ages)
+    hop=$(age_window "$before" "$after")
+    log "$label: cross-region hop (seoul record ts → tokyo mirror append acked): $hop"
+    echo "| $label | $hop |" >>"$WORK/hops.md"
     # The relay's packet counters so far (drops would show here).
     relay_cmd stats
 }
@@ -496,6 +528,13 @@ ELAPSED=$((SECONDS - T0))
         "record mirrored after it."
     echo
     "$BIN/dtfed-bench" --report "$RESULTS" --mirror
+    echo
+    echo "Cross-region hop alone (tokyo \`/status\` \`append_age\`: mirror append acknowledged −"
+    echo "origin record timestamp; bucket upper bounds), per run:"
+    echo
+    echo "| run | records, quantiles |"
+    echo "| --- | --- |"
+    cat "$WORK/hops.md"
 } | tee "$REPORT"
 log "written $REPORT and $RESULTS"
 exit "$FAILED"

@@ -13,6 +13,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
 use dtfed_regions::mirror::server::MirrorServer;
+use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
 use dtfed_regions::{FederationConfig, RegionEndpoint, RegionIdentity};
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -45,6 +46,40 @@ pub struct MirrorView {
     pub lag_seconds: Option<f64>,
     pub gaps: u64,
     pub records_mirrored: u64,
+    /// Ages of this task's records (now − origin timestamp) when their mirror append was
+    /// acknowledged: the cross-region hop (origin Kafka → origin reader → link → mirror
+    /// append), without this region's fan-out.
+    pub append_age: AgeView,
+}
+
+/// An [`AgeHistogram`] for `/status`: quantiles are bucket upper bounds (upper estimates);
+/// `counts[i]` counts ages `<= le_ms[i]` and above the bound before (the last one: above
+/// every bound), so a reader can take differences between two polls for a window.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgeView {
+    pub count: u64,
+    pub sum_ms: u64,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+    pub p999_ms: Option<u64>,
+    pub max_ms: u64,
+    pub le_ms: Vec<u64>,
+    pub counts: Vec<u64>,
+}
+
+impl From<&AgeHistogram> for AgeView {
+    fn from(h: &AgeHistogram) -> AgeView {
+        AgeView {
+            count: h.count,
+            sum_ms: h.sum_ms,
+            p50_ms: h.quantile_ms(0.5),
+            p99_ms: h.quantile_ms(0.99),
+            p999_ms: h.quantile_ms(0.999),
+            max_ms: h.max_ms,
+            le_ms: AGE_BUCKETS_MS.to_vec(),
+            counts: h.counts.to_vec(),
+        }
+    }
 }
 
 /// Federation of one daemon.
@@ -205,6 +240,7 @@ impl Federation {
                     lag_records: t.lag_records.filter(|_| streaming),
                     gaps: t.gaps,
                     records_mirrored: t.records_mirrored,
+                    append_age: AgeView::from(&t.append_age),
                 }
             })
             .collect()

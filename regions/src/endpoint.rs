@@ -149,7 +149,21 @@ impl RegionEndpoint {
         let transport = Arc::new(tuning.transport_config()?);
         let server_config = tls::server_config(&identity, transport.clone())?;
         let server_verifier = tls::server_verifier(&identity)?;
-        let endpoint = quinn::Endpoint::server(server_config, listen).map_err(LinkError::Bind)?;
+        let socket = std::net::UdpSocket::bind(listen).map_err(LinkError::Bind)?;
+        match tls::set_udp_buffers(&socket, tuning.socket_buffer_bytes) {
+            Ok((recv, send)) => debug!(
+                asked = tuning.socket_buffer_bytes,
+                recv, send, "region endpoint UDP socket buffers"
+            ),
+            Err(e) => warn!(error = %e, "cannot size the region endpoint's UDP socket buffers"),
+        }
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(LinkError::Bind)?;
         let allowed = Arc::new(RwLock::new(allowed));
         let cancel = CancellationToken::new();
         // Small: accepted links wait here until the application takes them.
@@ -444,6 +458,13 @@ impl Admit {
                 | LinkError::BadCertificate { .. }
                 | LinkError::NoRegionInCertificate),
             ) => warn!(peer = %peer, error = %err, "refused peer"),
+            // The dialler dropped this attempt because an overlapping one won (the mirror
+            // client overlaps dials, see `mirror::client`): expected, not a fault.
+            Err(LinkError::Connection(quinn::ConnectionError::ConnectionClosed(close)))
+                if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+            {
+                debug!(peer = %peer, "incoming link abandoned by the dialler during setup");
+            }
             Err(err) => warn!(peer = %peer, error = %err, "incoming link setup failed"),
         }
         result

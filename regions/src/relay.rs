@@ -61,6 +61,17 @@ const CLIENT_IDLE: Duration = Duration::from_secs(120);
 /// Packets waiting between a socket reader and its pipe task.
 const HANDOFF_CAPACITY: usize = 4096;
 
+/// Socket buffers asked for (the kernel caps them at `net.core.rmem_max`/`wmem_max`): the
+/// relay reads one datagram per call, so under CPU contention the default 208 KiB
+/// overflowed and the relay itself dropped packets that no profile asked it to drop.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+fn size_buffers(socket: &UdpSocket) {
+    if let Err(e) = crate::tls::set_udp_buffers(socket, SOCKET_BUFFER_BYTES) {
+        warn!(error = %e, "relay: cannot size a socket's buffers");
+    }
+}
+
 /// Network conditions, applied in each direction. See the [module docs](self).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WanProfile {
@@ -239,6 +250,7 @@ impl WanRelay {
                 addr: listen,
                 source,
             })?;
+        size_buffers(&front);
         let local_addr = front.local_addr().map_err(|source| RelayError::Bind {
             addr: listen,
             source,
@@ -433,6 +445,7 @@ impl Front {
             Ipv6Addr::UNSPECIFIED.into()
         };
         let socket = UdpSocket::bind((any, 0)).await?;
+        size_buffers(&socket);
         socket.connect(self.upstream).await?;
         let socket = Arc::new(socket);
         let cancel = self.cancel.child_token();

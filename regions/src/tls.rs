@@ -54,12 +54,26 @@ pub struct LinkTuning {
     pub idle_timeout: Duration,
     /// Longest time for the whole link setup: QUIC + TLS handshake and the welcome (10 s).
     pub handshake_timeout: Duration,
-    /// Per-stream receive window (8 MiB = one whole maximum batch): one partition can have
-    /// a full batch in flight, i.e. ~30 MiB/s per partition at a 270 ms RTT.
+    /// Per-stream receive window (8 MiB = one whole maximum batch).
+    ///
+    /// **Where the per-stream limit lives.** Flow control caps one partition's stream at
+    /// `stream_receive_window / RTT`: ~15 MB/s at a 540 ms RTT (270 ms one way), ~30 MB/s
+    /// at 270 ms, and the whole link at `receive_window / RTT` (~62 MB/s at 540 ms). The
+    /// ~1.1 MB/s per stream (4.4 MB/s per 4-stream link) measured at 540 ms was far below
+    /// both, did not move with the batch size, and was not flow control: ~5 % of the
+    /// datagrams were dropped at full 208 KiB UDP receive buffers (`RcvbufErrors`), and on
+    /// a long link each loss costs the congestion controller (BBR) a recovery and the
+    /// stream a head-of-line wait of about one RTT. With [`LinkTuning::socket_buffer_bytes`]
+    /// the same 101 MB link test went from 17,930 to 33,630 records/s (docs/BENCHMARKS.md,
+    /// section 2); what remains is BBR's start-up (it doubles per round trip from a 240 KB
+    /// initial window) and the CPU of a shared two-core host.
     pub stream_receive_window: u32,
     /// Per-connection receive window (32 MiB = four maximum batches): bounds what a link
     /// buffers on the receiving side across all partitions (memory per peer), while still
-    /// allowing ~120 MiB/s per link at a 270 ms RTT when catching up after a cut.
+    /// allowing ~60 MB/s per link at a 540 ms RTT when catching up after a cut. With more
+    /// than four busy partitions per link, streams whose receivers are slow can hold the
+    /// whole connection window and the others get data only as those drain (the mirror
+    /// server then waits, which is why it judges a stall by progress, not by completion).
     pub receive_window: u32,
     /// Bytes sent but not yet acknowledged, across all streams (32 MiB, matching the peer's
     /// receive window: more could not be in flight anyway).
@@ -73,6 +87,13 @@ pub struct LinkTuning {
     /// Handshakes in progress at once on the accepting side (64); more are refused, so a
     /// flood of half-open connections cannot pile up.
     pub max_pending_handshakes: usize,
+    /// `SO_RCVBUF` / `SO_SNDBUF` asked for the endpoint's UDP socket (4 MiB; the kernel caps
+    /// it at `net.core.rmem_max` / `wmem_max`, and the endpoint logs what it got). The
+    /// default 208 KiB overflowed when a busy host did not drain the socket for a few
+    /// milliseconds: in the 270 ms link test ~5 % of datagrams were dropped there
+    /// (`/proc/net/snmp` `RcvbufErrors`), and every loss costs the congestion controller a
+    /// recovery on a long link.
+    pub socket_buffer_bytes: usize,
 }
 
 impl LinkTuning {
@@ -94,6 +115,7 @@ impl Default for LinkTuning {
             max_concurrent_bidi_streams: 2 * Self::PARTITIONS,
             max_concurrent_uni_streams: 8,
             max_pending_handshakes: 64,
+            socket_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -127,6 +149,20 @@ impl LinkTuning {
             ));
         Ok(t)
     }
+}
+
+/// Asks for `bytes` of receive and send buffer on a UDP socket; returns what the kernel
+/// granted (receive, send), which may be less (`net.core.rmem_max`, `wmem_max`). Only the
+/// buffer sizes change (no GRO or other option a plain `recv` would mishandle).
+pub fn set_udp_buffers<S>(socket: &S, bytes: usize) -> std::io::Result<(usize, usize)>
+where
+    for<'a> socket2::SockRef<'a>: From<&'a S>,
+{
+    let sock = socket2::SockRef::from(socket);
+    // Best effort: a smaller buffer still works, the caller logs what it got.
+    let _ = sock.set_recv_buffer_size(bytes);
+    let _ = sock.set_send_buffer_size(bytes);
+    Ok((sock.recv_buffer_size()?, sock.send_buffer_size()?))
 }
 
 /// A region's credentials on the links: its name, the federation CA, its certificate and

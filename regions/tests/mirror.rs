@@ -506,6 +506,207 @@ async fn link_cut_converges_without_duplicates() {
     relay.shutdown().await;
 }
 
+/// A dial made during a cut must not hold up the link after the heal: the old client waited
+/// for it (the 10 s handshake timeout, its Initial retransmissions backing off to seconds
+/// apart) before trying again, so records flowed 5-11 s after a heal. Now attempts overlap
+/// every `redial_max` (500 ms), so the link is back within that plus one handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_during_a_cut_does_not_delay_the_link_after_the_heal() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    // QUIC idle timeout 1.5 s: the connection dies early in the cut, so dials happen during
+    // it. The handshake timeout stays at its 10 s default: that is what used to block.
+    let tuning = quick_tuning();
+    assert_eq!(tuning.handshake_timeout, Duration::from_secs(10));
+    let delay = Duration::from_millis(50);
+    let origin = MemoryOriginLog::new(TOPIC, 2);
+    let mirror = MemoryMirrorLog::new();
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let relay = WanRelay::start(
+        loopback(),
+        daemon.endpoint.local_addr().expect("addr"),
+        WanProfile::with_delay(delay),
+    )
+    .await
+    .expect("relay");
+    let config = client_config();
+    let redial_max = config.redial_max;
+    let (local, client) = receiver(
+        &ca,
+        &mirror,
+        vec![relay.local_addr().to_string()],
+        &tuning,
+        config,
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    let appending = CancellationToken::new();
+    let appender = spawn_live_appender(&origin, 0..2, appending.clone(), 21);
+    wait_until("live records to be mirrored", || {
+        mirror.len(ORIGIN, 0) >= 100
+    })
+    .await;
+
+    relay.cut();
+    wait_until("the link to drop during the cut", || {
+        !client.links()[0].connected
+    })
+    .await;
+    // Dials go out (and get nowhere) for a while: several rounds of attempts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let dropped_during_cut = relay.stats().dropped_cut;
+    assert!(
+        client.links()[0].last_error.is_some(),
+        "{:?}",
+        client.links()
+    );
+    let mirrored_at_heal = mirror.len(ORIGIN, 0);
+    let healed = Instant::now();
+    relay.heal();
+    wait_until("the link to come back", || client.links()[0].connected).await;
+    let link_back = healed.elapsed();
+    wait_until("records to flow again", || {
+        mirror.len(ORIGIN, 0) > mirrored_at_heal
+    })
+    .await;
+    let flowing = healed.elapsed();
+    let rtt = 2 * delay;
+    println!(
+        "heal → link up {link_back:?}, → first record mirrored {flowing:?} (rtt {rtt:?}, \
+         {dropped_during_cut} packets dropped during the cut)"
+    );
+    // The next attempt starts within `redial_max` of the heal and needs a handshake and
+    // the welcome (two round trips); some slack for a loaded machine (the tests poll every
+    // 25 ms). Before overlapping dials this took 5-11 s.
+    let slack = Duration::from_millis(400);
+    assert!(
+        link_back <= redial_max + 2 * rtt + slack,
+        "link back {link_back:?} after the heal"
+    );
+    // Then the tail, the subscription and the backlog of the cut (~1 MB per partition) on a
+    // fresh connection whose congestion window starts small: a few more round trips.
+    assert!(
+        flowing <= Duration::from_secs(1) + 3 * rtt + slack,
+        "records flowing {flowing:?} after the heal"
+    );
+
+    appending.cancel();
+    appender.await.expect("appender");
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    for p in 0..2 {
+        assert_mirror_equals(&mirror, p, &origin.records(p));
+    }
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+    relay.shutdown().await;
+}
+
+/// A mirror log whose every append takes `per_append` (a busy Kafka).
+struct SlowMirror {
+    inner: MemoryMirrorLog,
+    per_append: Duration,
+}
+
+#[async_trait::async_trait]
+impl MirrorLog for SlowMirror {
+    async fn tail(
+        &self,
+        origin: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, dtfed_regions::mirror::LogError> {
+        self.inner.tail(origin, partition).await
+    }
+
+    async fn append(
+        &self,
+        origin: &str,
+        partition: i32,
+        records: &[LinkRecord],
+    ) -> Result<(), dtfed_regions::mirror::LogError> {
+        tokio::time::sleep(self.per_append).await;
+        self.inner.append(origin, partition, records).await
+    }
+}
+
+/// The 30 s read stalls under load: the origin sends small batches, the receiver's stream
+/// window is full, and QUIC returns credit only in steps of 1/8 of the window. A receiver
+/// that appended one origin batch at a time (each append slow) took longer than the
+/// origin's stall timeout to free one step, and the origin abandoned the stream again and
+/// again. Appending everything received at once, the receiver frees the window at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_mirror_log_with_small_origin_batches_is_not_abandoned() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let origin = MemoryOriginLog::new(TOPIC, 1);
+    let mut rng = StdRng::seed_from_u64(77);
+    fill(&origin, &mut rng, 0, 12_000); // ~3 MB, three times the stream window
+    let tuning = LinkTuning::default();
+    let daemon = OriginDaemon::start(
+        &ca,
+        &origin,
+        &tuning,
+        MirrorServerConfig {
+            // ~8 records per frame, as when records trickle in.
+            max_batch_bytes: 2 * 1024,
+            write_stall_timeout: Duration::from_secs(3),
+            ..server_config()
+        },
+    );
+    // 1 MiB stream window on the receiving side: credit comes back 128 KiB at a time,
+    // i.e. after ~64 origin batches. One append each at 100 ms: 6.4 s, over the 3 s stall
+    // limit.
+    let receiving = LinkTuning {
+        stream_receive_window: 1024 * 1024,
+        ..LinkTuning::default()
+    };
+    let mirror = MemoryMirrorLog::new();
+    let slow = SlowMirror {
+        inner: mirror.clone(),
+        per_append: Duration::from_millis(100),
+    };
+    let endpoint = bind(&ca, LOCAL, ORIGIN, &receiving);
+    let client = MirrorClient::with_config(
+        endpoint.clone(),
+        Arc::new(slow),
+        vec![PeerRegion {
+            name: ORIGIN.to_owned(),
+            addrs: vec![daemon.addr()],
+            partitions: None,
+            topic: None,
+        }],
+        client_config(),
+    );
+    let started = Instant::now();
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..1, &stop);
+    wait_caught_up(&origin, &mirror, 0..1).await;
+    let took = started.elapsed();
+    assert_mirror_equals(&mirror, 0, &origin.records(0));
+    let status = client.status();
+    println!(
+        "12,000 records in 2 KiB origin batches through a 1 MiB window, 100 ms appends: \
+         {took:?}, {} appends, streams opened {:?}",
+        mirror.appends(),
+        status.iter().map(|s| s.streams_opened).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        status[0].streams_opened, 1,
+        "the stream was never abandoned"
+    );
+    assert!(
+        mirror.appends() < 200,
+        "appends take what arrived together, not one origin batch each: {}",
+        mirror.appends()
+    );
+
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    endpoint.close();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_and_restart_resumes_from_the_tail() {
     init_tracing();

@@ -4,9 +4,17 @@
 //! in order, one batch at a time.
 //!
 //! - **One connection per peer region**, shared by all its partition tasks, dialled lazily
-//!   to any of the peer's addresses (random order). When it drops, the next task that needs
-//!   it redials after a jittered exponential backoff (100 ms doubling to 5 s, reset on
-//!   success); the other tasks wait for that dial instead of dialling too.
+//!   to the peer's addresses (random order, rotating). When it drops, the next task that
+//!   needs it redials; the other tasks wait for that dial instead of dialling too.
+//! - **Dials overlap, they never queue behind a stale one.** A dial made while the path is
+//!   cut cannot finish before its QUIC handshake gives up (`LinkTuning::handshake_timeout`,
+//!   10 s) and its Initial retransmissions back off exponentially (1 s, 2 s, 4 s), so a dial
+//!   that waited for it would start seconds after the path healed. Instead a new attempt
+//!   starts every `redial_max` at most (jittered backoff from `redial_max / 2`, reset on
+//!   success) while earlier ones are still in progress; the first to succeed wins and the
+//!   others are dropped. At most [`MAX_DIALS_IN_FLIGHT`] run at once (the oldest, whose
+//!   retransmission timer has backed off furthest, is dropped first). After a heal the link
+//!   is therefore back within `redial_max` plus one handshake (two round trips).
 //! - **Resume from the tail, always.** Any failure (stream error, silent origin, refused
 //!   subscription, append failure, link cut) drops the stream and, after the task's own
 //!   jittered backoff (same numbers, reset once a stream wrote something), starts over by
@@ -17,14 +25,15 @@
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
-//! - **Flow control.** Each batch is appended (and acknowledged) before the stream is read
-//!   further, so a slow mirror topic slows the origin down through QUIC flow control rather
-//!   than buffering here.
+//! - **Flow control.** Everything already received on the stream (up to 1 MiB) is taken
+//!   and appended as one batch, and acknowledged, before the stream is read further, so a
+//!   slow mirror topic slows the origin down through QUIC flow control rather than
+//!   buffering here, while a fast one is never held to one append per origin batch.
 //! - **Ops.** [`MirrorClient::status`] (per task: state, offsets, lag, gaps),
 //!   [`MirrorClient::links`] (per peer), and [`MirrorClient::pause_peer`] /
 //!   [`MirrorClient::resume_peer`] for drills.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -32,20 +41,30 @@ use std::time::Duration;
 use dtfed_proto::link::{
     encode, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorPull, PullConfig, PullEvent,
 };
+use futures::FutureExt;
 use quinn::{RecvStream, SendStream};
 use rand::seq::SliceRandom;
 use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::log::MirrorLog;
+use super::latency::AgeHistogram;
+use super::log::{LogError, MirrorLog};
 use super::{Backoff, STREAM_ABANDONED};
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 use crate::topology::PeerRegion;
 
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Most bytes taken from a stream before acting on them (one append): 1 MiB, four default
+/// batches.
+const READ_BUDGET: usize = 1024 * 1024;
+
+/// Dial attempts to one peer region in progress at once (see the module docs).
+pub const MAX_DIALS_IN_FLIGHT: usize = 4;
 
 /// Numbers of a [`MirrorClient`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +73,12 @@ pub struct MirrorClientConfig {
     pub timers: LinkTimers,
     /// First delay of the reconnect and retry backoffs (100 ms).
     pub backoff_min: Duration,
-    /// Longest delay of the reconnect and retry backoffs (5 s).
+    /// Longest delay of the stream retry backoff (5 s).
     pub backoff_max: Duration,
+    /// Longest delay between two dial attempts to a peer region (500 ms). Attempts overlap
+    /// (see the module docs), so this bounds how long after a heal the next fresh attempt
+    /// starts; each costs one QUIC Initial (~1.2 KB) plus its retransmissions.
+    pub redial_max: Duration,
     /// On shutdown, how long an append already under way may still take (10 s). It is not
     /// dropped at once: a Kafka produce abandoned mid-flight could still land after the next
     /// owner of the partition read the tail, and be written twice.
@@ -71,6 +94,7 @@ impl Default for MirrorClientConfig {
             timers: LinkTimers::default(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            redial_max: Duration::from_millis(500),
             append_grace: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
         }
@@ -128,6 +152,9 @@ pub struct MirrorTaskStatus {
     pub records_mirrored: u64,
     /// Streams opened by this task since it started (1 + retries).
     pub streams_opened: u64,
+    /// Ages of the records this task wrote (now − origin timestamp) when their append was
+    /// acknowledged.
+    pub append_age: AgeHistogram,
 }
 
 impl MirrorTaskStatus {
@@ -185,6 +212,8 @@ struct ClientInner {
     config: MirrorClientConfig,
     peers: HashMap<String, Arc<PeerLink>>,
     tasks: Mutex<HashMap<(String, i32), MirrorTaskStatus>>,
+    /// Per origin: record ages when their mirror append was acknowledged.
+    ages: Mutex<HashMap<String, AgeHistogram>>,
 }
 
 impl MirrorClient {
@@ -209,8 +238,19 @@ impl MirrorClient {
             .map(|p| {
                 let link = PeerLink {
                     dial: tokio::sync::Mutex::new(Redial {
-                        backoff: Backoff::new(config.backoff_min, config.backoff_max),
+                        // From half of redial_max: a handshake on a busy host takes a
+                        // few hundred ms, and an attempt overlapping one that would have
+                        // succeeded only costs both sides a handshake.
+                        backoff: Backoff::new(
+                            config.backoff_min.max(config.redial_max / 2),
+                            config.redial_max,
+                        ),
                         retry_at: None,
+                        attempts: JoinSet::new(),
+                        started: VecDeque::new(),
+                        addr_order: Vec::new(),
+                        dialling_since: None,
+                        warned_at: None,
                     }),
                     current: Mutex::new(None),
                     info: Mutex::new(LinkInfo::default()),
@@ -228,6 +268,7 @@ impl MirrorClient {
                 config,
                 peers,
                 tasks: Mutex::new(HashMap::new()),
+                ages: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -275,6 +316,7 @@ impl MirrorClient {
                     last_gap: None,
                     records_mirrored: 0,
                     streams_opened: 0,
+                    append_age: AgeHistogram::default(),
                 },
             );
         }
@@ -302,6 +344,19 @@ impl MirrorClient {
     pub fn status(&self) -> Vec<MirrorTaskStatus> {
         let mut out: Vec<MirrorTaskStatus> = lock(&self.inner.tasks).values().cloned().collect();
         out.sort_by(|a, b| (&a.origin, a.partition).cmp(&(&b.origin, b.partition)));
+        out
+    }
+
+    /// Per origin region (by name): how old records were (now − origin timestamp) when
+    /// their mirror append was acknowledged, since the client started. The cross-region
+    /// hop's share of the remote delivery latency: origin Kafka, origin reader, link,
+    /// mirror append.
+    pub fn append_ages(&self) -> Vec<(String, AgeHistogram)> {
+        let mut out: Vec<(String, AgeHistogram)> = lock(&self.inner.ages)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
@@ -355,12 +410,16 @@ impl MirrorClient {
         true
     }
 
-    /// Closes every peer connection with `reason` (after the tasks were shut down; a task
-    /// still running would redial).
+    /// Closes every peer connection with `reason` and drops dials in progress (after the
+    /// tasks were shut down; a task still running would redial).
     pub fn close(&self, reason: &str) {
         for peer in self.inner.peers.values() {
             if let Some(conn) = lock(&peer.current).take() {
                 conn.close(reason);
+            }
+            if let Ok(mut redial) = peer.dial.try_lock() {
+                redial.attempts.abort_all();
+                redial.started.clear();
             }
         }
     }
@@ -390,9 +449,23 @@ struct PeerLink {
 }
 
 struct Redial {
+    /// Spacing of attempts: `redial_max / 2` (at least `backoff_min`) doubling to
+    /// `redial_max`, reset on success.
     backoff: Backoff,
-    /// No dial before this.
+    /// No new attempt before this.
     retry_at: Option<Instant>,
+    /// Attempts in progress. They are tasks, so they keep going between two calls of
+    /// [`PeerLink::connection`] (a failed attempt returns, the others go on).
+    attempts: JoinSet<Result<PeerConnection, String>>,
+    /// The attempts in progress, oldest first.
+    started: VecDeque<AbortHandle>,
+    /// Addresses still to try in this round (a fresh random order each round, so the
+    /// region's daemons spread over the peer's addresses).
+    addr_order: Vec<String>,
+    /// When the current run of attempts started (`None` while a link is up).
+    dialling_since: Option<Instant>,
+    /// When "still unreachable" was last logged at warn.
+    warned_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -410,12 +483,15 @@ impl PeerLink {
             .cloned()
     }
 
-    /// The connection, dialling (after the backoff) if there is none.
+    /// The connection, dialling if there is none. Returns when an attempt succeeds, or with
+    /// the error of the first attempt that fails; attempts still in progress go on and the
+    /// next call picks them up (see the module docs on overlapping dials).
     async fn connection(&self, endpoint: &RegionEndpoint) -> Result<PeerConnection, String> {
         if let Some(conn) = self.live() {
             return Ok(conn);
         }
-        let mut redial = self.dial.lock().await;
+        let mut guard = self.dial.lock().await;
+        let redial = &mut *guard;
         // Someone else may have dialled while we waited for the lock.
         if let Some(conn) = self.live() {
             return Ok(conn);
@@ -427,60 +503,169 @@ impl PeerLink {
                 .close_reason()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
-            let delay = redial.backoff.next_delay();
-            info!(peer = %self.region, reason = %reason, redial_in = ?delay, "mirror link lost");
-            redial.retry_at = Some(Instant::now() + delay);
+            info!(peer = %self.region, reason = %reason, "mirror link lost; redialling");
+            // The first attempt goes out at once: a lost link is usually a cut or a peer
+            // restart, and the backoff spaces the attempts that follow.
+            redial.backoff.reset();
+            redial.retry_at = None;
         }
-        if let Some(at) = redial.retry_at {
-            sleep_until(at).await;
-        }
-        match self.dial_any(endpoint).await {
-            Ok(conn) => {
-                redial.backoff.reset();
-                redial.retry_at = None;
-                info!(
-                    peer = %self.region,
-                    addr = %conn.remote_address(),
-                    rtt_ms = u64::try_from(conn.rtt().as_millis()).unwrap_or(u64::MAX),
-                    "mirror link up"
-                );
-                *lock(&self.current) = Some(conn.clone());
-                let mut info = lock(&self.info);
-                info.connects += 1;
-                info.last_error = None;
-                Ok(conn)
-            }
-            Err(e) => {
-                let delay = redial.backoff.next_delay();
-                redial.retry_at = Some(Instant::now() + delay);
-                warn!(peer = %self.region, error = %e, redial_in = ?delay, "cannot reach peer region");
-                lock(&self.info).last_error = Some(e.clone());
-                Err(e)
+        loop {
+            let next_at = redial.retry_at.unwrap_or_else(Instant::now);
+            tokio::select! {
+                biased;
+                Some(done) = redial.attempts.join_next_with_id(), if !redial.attempts.is_empty() => {
+                    let (id, result) = match done {
+                        Ok((id, result)) => (id, result),
+                        // Aborted (superseded): already forgotten.
+                        Err(e) if e.is_cancelled() => continue,
+                        Err(e) => (e.id(), Err(format!("dial task failed: {e}"))),
+                    };
+                    redial.started.retain(|h| h.id() != id);
+                    match result {
+                        // Finished while nobody was waiting, and closed since.
+                        Ok(conn) if conn.connection().close_reason().is_some() => continue,
+                        Ok(conn) => {
+                            // The other attempts are stale: drop them, results included (a
+                            // half-open QUIC connection is closed when its handle goes).
+                            redial.attempts = JoinSet::new();
+                            redial.started.clear();
+                            redial.backoff.reset();
+                            redial.retry_at = None;
+                            let dialled_for = redial.dialling_since.take().map(|t| t.elapsed());
+                            redial.warned_at = None;
+                            info!(
+                                peer = %self.region,
+                                ?dialled_for,
+                                addr = %conn.remote_address(),
+                                rtt_ms = u64::try_from(conn.rtt().as_millis()).unwrap_or(u64::MAX),
+                                "mirror link up"
+                            );
+                            *lock(&self.current) = Some(conn.clone());
+                            let mut info = lock(&self.info);
+                            info.connects += 1;
+                            info.last_error = None;
+                            return Ok(conn);
+                        }
+                        Err(e) => {
+                            self.note_failure(redial, &e);
+                            return Err(e);
+                        }
+                    }
+                }
+                () = sleep_until(next_at) => {
+                    let since = *redial.dialling_since.get_or_insert_with(Instant::now);
+                    if redial.started.len() >= MAX_DIALS_IN_FLIGHT {
+                        if let Some(oldest) = redial.started.pop_front() {
+                            // Its Initial retransmissions have backed off the furthest.
+                            oldest.abort();
+                            let e = format!(
+                                "no handshake completed in {:.1} s of dialling (path cut or peer down)",
+                                since.elapsed().as_secs_f64()
+                            );
+                            self.note_failure(redial, &e);
+                        }
+                    }
+                    let addr = self.pick_addr(redial);
+                    let endpoint = endpoint.clone();
+                    let region = self.region.clone();
+                    let handle = redial
+                        .attempts
+                        .spawn(async move { dial_addr(&endpoint, &region, &addr).await });
+                    redial.started.push_back(handle);
+                    let delay = redial.backoff.next_delay();
+                    debug!(
+                        peer = %self.region,
+                        in_progress = redial.started.len(),
+                        next_attempt_in = ?delay,
+                        "dialling peer region"
+                    );
+                    redial.retry_at = Some(Instant::now() + delay);
+                }
             }
         }
     }
 
-    /// Tries the peer's addresses in random order.
-    async fn dial_any(&self, endpoint: &RegionEndpoint) -> Result<PeerConnection, String> {
-        let mut addrs = self.addrs.clone();
-        addrs.shuffle(&mut rand::rng());
-        let mut last = format!("region {} has no addresses", self.region);
-        for addr in &addrs {
-            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(addr.as_str()).await {
-                Ok(found) => found.collect(),
-                Err(e) => {
-                    last = format!("cannot resolve {addr}: {e}");
-                    continue;
-                }
-            };
-            for sa in resolved {
-                match endpoint.connect(sa, &self.region).await {
-                    Ok(conn) => return Ok(conn),
-                    Err(e) => last = format!("{addr} ({sa}): {e}"),
+    /// Records why the peer is unreachable (link status), logging at warn at most every
+    /// 10 s while it stays so (attempts go out every `redial_max`).
+    fn note_failure(&self, redial: &mut Redial, error: &str) {
+        lock(&self.info).last_error = Some(error.to_owned());
+        let quiet = redial
+            .warned_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        if !quiet {
+            redial.warned_at = Some(Instant::now());
+            warn!(peer = %self.region, error = %error, in_progress = redial.attempts.len(), "cannot reach peer region");
+        } else {
+            debug!(peer = %self.region, error = %error, in_progress = redial.attempts.len(), "cannot reach peer region");
+        }
+    }
+
+    /// The next address to dial: the peer's addresses in a random order, round robin.
+    fn pick_addr(&self, redial: &mut Redial) -> String {
+        if redial.addr_order.is_empty() {
+            redial.addr_order = self.addrs.clone();
+            redial.addr_order.shuffle(&mut rand::rng());
+        }
+        redial.addr_order.pop().unwrap_or_default()
+    }
+}
+
+/// One dial attempt to `addr` (resolved now), bounded by the endpoint's handshake timeout.
+async fn dial_addr(
+    endpoint: &RegionEndpoint,
+    region: &str,
+    addr: &str,
+) -> Result<PeerConnection, String> {
+    if addr.is_empty() {
+        return Err(format!("region {region} has no addresses"));
+    }
+    let resolved: Vec<SocketAddr> = match tokio::net::lookup_host(addr).await {
+        Ok(found) => found.collect(),
+        Err(e) => return Err(format!("cannot resolve {addr}: {e}")),
+    };
+    let mut last = format!("{addr} resolves to no address");
+    for sa in resolved {
+        match endpoint.connect(sa, region).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => last = format!("{addr} ({sa}): {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Decodes `bytes` from the origin into `session`. Returns how the stream ends if the
+/// origin broke the protocol.
+fn feed(
+    decoder: &mut FrameDecoder,
+    session: &mut MirrorPull,
+    epoch: Instant,
+    bytes: &[u8],
+    progressed: bool,
+) -> Option<Outcome> {
+    decoder.extend(bytes);
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => {
+                if let Err(e) = session.handle_frame(epoch.elapsed(), frame) {
+                    warn!(error = %e, "refusing the origin's frame");
+                    return Some(Outcome::Failed {
+                        reason: format!("origin broke the protocol: {e}"),
+                        transient: e.code().is_transient(),
+                        progressed,
+                    });
                 }
             }
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %e, "undecodable input from the origin");
+                session.close(LinkErrorCode::ProtocolViolation, e.to_string());
+                return Some(Outcome::Failed {
+                    reason: format!("undecodable input from the origin: {e}"),
+                    transient: false,
+                    progressed,
+                });
+            }
         }
-        Err(last)
     }
 }
 
@@ -499,6 +684,13 @@ enum Outcome {
         /// This attempt wrote records (resets the backoff).
         progressed: bool,
     },
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Resolves once `rx` says paused.
@@ -628,34 +820,40 @@ impl PartitionTask {
         paused: &mut watch::Receiver<bool>,
     ) -> Outcome {
         let peer = self.peer.clone();
-        let conn = tokio::select! {
+        // The tail is read while the link is set up, not after: this task is the mirror
+        // partition's only writer (its lease) and appends nothing before it subscribes, so
+        // a tail read alongside the dial is as current as one read after it, and after a
+        // heal the link and the tail are ready together instead of one after the other.
+        let log = self.inner.log.clone();
+        let (conn, tail) = tokio::select! {
             () = shutdown.cancelled() => return Outcome::Shutdown,
             () = until_paused(paused) => return Outcome::Paused,
-            conn = peer.connection(&self.inner.endpoint) => conn,
+            both = async {
+                tokio::join!(
+                    peer.connection(&self.inner.endpoint),
+                    log.tail(&self.origin, self.partition)
+                )
+            } => both,
         };
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
         };
         let span = info_span!("stream", peer = %conn.remote_address());
-        self.subscribe(conn, shutdown, paused)
+        self.subscribe(conn, tail, shutdown, paused)
             .instrument(span)
             .await
     }
 
-    /// Tail, stream, session, on `conn`.
+    /// Stream and session on `conn`, resuming after `tail` (the mirror partition's tail,
+    /// as just read).
     async fn subscribe(
         &mut self,
         conn: PeerConnection,
+        tail: Result<Option<i64>, LogError>,
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        // The tail, read right before subscribing: it is what is durably written.
-        let log = self.inner.log.clone();
-        let tail = tokio::select! {
-            () = shutdown.cancelled() => return Outcome::Shutdown,
-            tail = log.tail(&self.origin, self.partition) => tail,
-        };
         match tail {
             Ok(tail) => {
                 self.written = tail;
@@ -877,31 +1075,34 @@ impl PartitionTask {
                 }
                 read = recv.read(&mut buf) => match read {
                     Ok(Some(n)) => {
-                        decoder.extend(buf.get(..n).unwrap_or_default());
-                        loop {
-                            match decoder.next_frame() {
-                                Ok(Some(frame)) => {
-                                    if let Err(e) = session.handle_frame(epoch.elapsed(), frame) {
-                                        warn!(error = %e, "refusing the origin's frame");
-                                        end = Some(Outcome::Failed {
-                                            reason: format!("origin broke the protocol: {e}"),
-                                            transient: e.code().is_transient(),
-                                            progressed,
-                                        });
-                                        break;
-                                    }
+                        end = feed(&mut decoder, &mut session, epoch, buf.get(..n).unwrap_or_default(), progressed);
+                        // Take whatever else has already arrived (up to READ_BUDGET) before
+                        // acting on it: the session joins the records into one append, so
+                        // a partition writes everything that came in during its previous
+                        // append at once instead of one acknowledged append per frame.
+                        let mut taken = n;
+                        while end.is_none() && taken < READ_BUDGET {
+                            match recv.read(&mut buf).now_or_never() {
+                                Some(Ok(Some(n))) => {
+                                    taken += n;
+                                    end = feed(&mut decoder, &mut session, epoch, buf.get(..n).unwrap_or_default(), progressed);
                                 }
-                                Ok(None) => break,
-                                Err(e) => {
-                                    warn!(error = %e, "undecodable input from the origin");
-                                    session.close(LinkErrorCode::ProtocolViolation, e.to_string());
+                                Some(Ok(None)) => {
                                     end = Some(Outcome::Failed {
-                                        reason: format!("undecodable input from the origin: {e}"),
-                                        transient: false,
+                                        reason: "origin finished the stream".to_owned(),
+                                        transient: true,
                                         progressed,
                                     });
-                                    break;
                                 }
+                                Some(Err(e)) => {
+                                    end = Some(Outcome::Failed {
+                                        reason: format!("stream failed: {e}"),
+                                        transient: true,
+                                        progressed,
+                                    });
+                                }
+                                // Nothing more buffered yet.
+                                None => break,
                             }
                         }
                     }
@@ -972,11 +1173,21 @@ impl PartitionTask {
             }
         };
         result.map_err(|e| format!("cannot append to the mirror topic: {e}"))?;
+        let acked_ms = unix_ms();
+        let mut ages = AgeHistogram::default();
+        for r in fresh.iter().filter(|r| r.timestamp_ms >= 0) {
+            ages.record(acked_ms.saturating_sub(r.timestamp_ms));
+        }
+        lock(&self.inner.ages)
+            .entry(self.origin.clone())
+            .or_default()
+            .merge(&ages);
         self.written = Some(last_offset);
         self.update_offsets();
         self.update(|s| {
             s.last_record_ts_ms = Some(last_ts);
             s.records_mirrored += count as u64;
+            s.append_age.merge(&ages);
         });
         Ok(Some(last_offset.saturating_add(1)))
     }

@@ -11,11 +11,12 @@
 //!   failure (nothing lost, nothing written twice).
 //! - [`log`]: the two Kafka-facing traits and in-memory implementations for tests.
 //!
-//! Flow control end to end: the client appends each batch before reading the stream
-//! further, so a slow mirror topic stops the client's reads; QUIC stream flow control then
-//! stops the server's `write_all`; the server's log reader is at most two batches ahead of
-//! the write. Memory per stream is a few batches (256 KiB each by default) on each side plus
-//! the QUIC windows of [`crate::LinkTuning`].
+//! Flow control end to end: the client appends what it has received (up to 1 MiB at a
+//! time) before reading the stream further, so a slow mirror topic stops the client's
+//! reads; QUIC stream flow control then stops the server's writes; the server's log reader
+//! is at most two batches ahead of the write. Memory per stream is a few batches (256 KiB
+//! each by default) plus 1 MiB on the receiving side, and the QUIC windows of
+//! [`crate::LinkTuning`].
 
 use std::time::Duration;
 
@@ -23,12 +24,14 @@ use quinn::VarInt;
 use rand::Rng;
 
 pub mod client;
+pub mod latency;
 pub mod log;
 pub mod server;
 
 pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,
 };
+pub use latency::{AgeHistogram, AGE_BUCKETS_MS};
 pub use log::{
     LogError, MemoryMirrorLog, MemoryOriginLog, MirrorGap, MirrorLog, MirroredRecord, OriginBatch,
     OriginLog, OriginReader,

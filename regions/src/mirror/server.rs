@@ -9,11 +9,12 @@
 //! - on `Subscribe`, a reader task opens the [`OriginLog`] at the asked offset and reads
 //!   batches of up to `max_batch_bytes` into a channel of one: besides the batch being
 //!   written, at most two wait (one in the channel, one in the reader's hands);
-//! - each batch goes to [`MirrorServe::queue_records`] and the frames it makes are written
-//!   with `write_all`. Awaiting the write *is* the backpressure: when the receiver's QUIC
+//! - each batch goes to [`MirrorServe::queue_records`] and the frames it makes are
+//!   written. Awaiting the write *is* the backpressure: when the receiver's QUIC
 //!   window is full the write waits, the channel fills, and the reader stops reading.
 //! - heartbeats and the dead-peer check come from the session's timers; a write that makes
-//!   no progress for `write_stall_timeout` abandons the stream.
+//!   no progress at all (not one byte accepted) for `write_stall_timeout` abandons the
+//!   stream.
 //!
 //! A failure on the origin side (retention passed the offset, unknown partition, Kafka
 //! down) becomes an `Error` frame with the matching code, then the stream is finished; the
@@ -40,6 +41,10 @@ use super::log::{LogError, OriginBatch, OriginLog};
 use super::STREAM_ABANDONED;
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 
+/// Budget of the first batch read for a new subscription (then doubling per batch up to
+/// `max_batch_bytes`).
+const FIRST_BATCH_BYTES: usize = 16 * 1024;
+
 /// Bytes read from a stream at a time (the receiver only sends small frames).
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -50,8 +55,8 @@ pub struct MirrorServerConfig {
     pub timers: LinkTimers,
     /// Bytes read from the log per batch, and budget of one `Batch` frame (256 KiB).
     pub max_batch_bytes: usize,
-    /// A write that makes no progress for this long means the receiver stopped reading:
-    /// the stream is abandoned (30 s, the session's idle timeout).
+    /// A write that makes no progress (no byte accepted) for this long means the receiver
+    /// stopped reading: the stream is abandoned (30 s, the session's idle timeout).
     pub write_stall_timeout: Duration,
     /// On shutdown, how long streams get to send their `Error` frame before the
     /// connections are closed (2 s).
@@ -558,15 +563,32 @@ impl StreamServer {
         } else {
             self.shared.config.write_stall_timeout
         };
-        let result = tokio::select! {
-            r = self.send.write_all(&self.out) => r.map_err(|e| format!("write failed: {e}")),
-            () = sleep(limit) => {
-                if !closing {
-                    warn!(stalled_for = ?limit, "receiver is not reading; abandoning the stream");
+        // Backpressure: each `write` waits while the receiver's QUIC stream window (and the
+        // connection's) is full, i.e. until the receiver has read and appended what is in
+        // flight; the reader task stops meanwhile because its channel is full. The stall
+        // limit is on *progress* (no byte accepted for `limit`), not on the whole buffer:
+        // a receiver that drains slowly, or whose connection window is shared with busier
+        // streams, is slow, not dead, and abandoning its stream would throw away (and later
+        // re-send) everything already in its window.
+        let mut written = 0;
+        let result = loop {
+            let Some(rest) = self.out.get(written..).filter(|r| !r.is_empty()) else {
+                break Ok(());
+            };
+            let step = tokio::select! {
+                r = self.send.write(rest) => r.map_err(|e| format!("write failed: {e}")),
+                () = sleep(limit) => {
+                    if !closing {
+                        warn!(stalled_for = ?limit, unwritten = rest.len(), "receiver is not reading; abandoning the stream");
+                    }
+                    Err(format!("no write progress for {limit:?}"))
                 }
-                Err(format!("no write progress for {limit:?}"))
+                () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
+            };
+            match step {
+                Ok(n) => written += n,
+                Err(e) => break Err(e),
             }
-            () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
         };
         self.out.clear();
         result
@@ -607,11 +629,19 @@ async fn read_origin(
             return;
         }
     };
+    // Batch sizes start small and double up to `max_bytes`: the receiver can decode a
+    // batch only once all of it arrived, and a stream (re)opened after a cut, on a fresh
+    // connection whose congestion window starts at ~240 KB shared by every partition, took
+    // several round trips to deliver one whole 256 KiB batch (at 540 ms RTT, seconds before
+    // the first record of a backlog was mirrored). Small first batches arrive in one round
+    // trip; by the time the window has grown, so have the batches.
+    let mut budget = FIRST_BATCH_BYTES.min(max_bytes).max(1);
     loop {
-        let batch = reader.next_batch(max_bytes).await;
+        let batch = reader.next_batch(budget).await;
         let failed = batch.is_err();
         if tx.send(batch).await.is_err() || failed {
             return;
         }
+        budget = budget.saturating_mul(2).min(max_bytes);
     }
 }
