@@ -41,6 +41,9 @@
 #   BENCH_CATCHUP_SUBSCRIBERS [= rooms]
 #   BENCH_CATCHUP_MAX [5 x cut + 30 s] give up this long after the heal if not live again
 #   BENCH_NO_BUILD=1  use the binaries already in target/release
+#   BENCH_BROKER_WARMUP [30 s] paced load seoul → tokyo this long, unrecorded, before the
+#                     runs: brokers just started are still compiling their hot paths
+#   DTFED_KAFKA_PROFILE [production] both brokers' JVM profile (deploy/kafka.sh), recorded
 #
 # Exit status: 0 when every run passed the bench's correctness checks (no order
 # violations, no duplicates, >= 99.9 % delivered, catch-up finished); 1 otherwise; 2 when
@@ -215,9 +218,10 @@ log "starting Kafka (seoul :$SEOUL_KAFKA_PORT, tokyo :$TOKYO_KAFKA_PORT) and Red
 deploy/kafka.sh fetch >&2
 STARTED_INFRA+=("$WORK/seoul/kafka" "$WORK/tokyo/kafka" "$WORK/seoul/redis" "$WORK/tokyo/redis")
 # The two brokers start side by side (each takes ~10-20 s on this box).
-deploy/kafka.sh start --port "$SEOUL_KAFKA_PORT" --dir "$WORK/seoul/kafka" >"$WORK/seoul/kafka-start.log" 2>&1 &
+KAFKA_PROFILE=${DTFED_KAFKA_PROFILE:-production}
+deploy/kafka.sh start --port "$SEOUL_KAFKA_PORT" --dir "$WORK/seoul/kafka" --profile "$KAFKA_PROFILE" >"$WORK/seoul/kafka-start.log" 2>&1 &
 k1=$!
-deploy/kafka.sh start --port "$TOKYO_KAFKA_PORT" --dir "$WORK/tokyo/kafka" >"$WORK/tokyo/kafka-start.log" 2>&1 &
+deploy/kafka.sh start --port "$TOKYO_KAFKA_PORT" --dir "$WORK/tokyo/kafka" --profile "$KAFKA_PROFILE" >"$WORK/tokyo/kafka-start.log" 2>&1 &
 k2=$!
 deploy/redis.sh start --port "$SEOUL_REDIS_PORT" --dir "$WORK/seoul/redis" >&2
 deploy/redis.sh start --port "$TOKYO_REDIS_PORT" --dir "$WORK/tokyo/redis" >&2
@@ -432,6 +436,16 @@ done
     die "messages published on seoul do not reach tokyo's subscribers (probe output above)"
 }
 log "probe passed: seoul → tokyo delivers"
+BROKER="kafka profile: $(tr '\n' ' ' <"$WORK/seoul/kafka/profile" 2>/dev/null || echo unknown)"
+log "$BROKER"
+BROKER_WARMUP=${BENCH_BROKER_WARMUP:-30}
+if [[ $BROKER_WARMUP != 0 ]]; then
+    log "warming both brokers up: ${BROKER_WARMUP} s of paced load seoul → tokyo, not recorded"
+    "$BIN/dtfed-bench" --label broker-warmup --url "$SEOUL_WS" --sub-url "$TOKYO_WS" \
+        --clients "$CLIENTS" --subscribers "$SUBSCRIBERS" --rooms "$ROOMS" --rate "$RATE" \
+        --duration "$BROKER_WARMUP" --warmup 1 --body-bytes "$BODY_BYTES" >"$WORK/warmup.log" 2>&1 ||
+        log "(the warm-up run did not pass; going on)"
+fi
 
 : >"$RESULTS"
 : >"$WORK/runs.log"
@@ -526,6 +540,8 @@ ELAPSED=$((SECONDS - T0))
         "tokyo (its rate is the goal's catch-up rate); *live again* = heal → no undelivered" \
         "message older than 1.5 × the pre-cut p99.9 for 1 s; *link back* = heal → the first" \
         "record mirrored after it."
+    echo
+    echo "Brokers: $BROKER"
     echo
     "$BIN/dtfed-bench" --report "$RESULTS" --mirror
     echo
