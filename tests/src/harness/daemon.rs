@@ -35,9 +35,14 @@ pub struct DtfedProcess {
     config_path: PathBuf,
     env: Vec<(String, String)>,
     proc: Option<ChildProc>,
+    /// Disconnected once the stdout reader thread has copied everything to the log.
+    stdout_copied: Option<mpsc::Receiver<()>>,
     client: SocketAddr,
     admin: SocketAddr,
 }
+
+/// How long, after the daemon exited, its last stdout lines may take to reach the log.
+const STDOUT_DRAIN: Duration = Duration::from_secs(2);
 
 impl DtfedProcess {
     /// Where the `dtfed` binary is: `$DTFED_BIN`, or `target/<profile>/dtfed` found from
@@ -102,6 +107,7 @@ impl DtfedProcess {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             proc: None,
+            stdout_copied: None,
             client: util::loopback(0),
             admin: util::loopback(0),
         };
@@ -130,9 +136,14 @@ impl DtfedProcess {
         let stdout = proc_stdout(&mut proc)?;
         // Copy stdout to the log, and pass on the `listening ...` line.
         let (tx, rx) = mpsc::channel();
+        let (copied_tx, copied_rx) = mpsc::channel::<()>();
+        self.stdout_copied = Some(copied_rx);
         std::thread::Builder::new()
             .name("dtfed-stdout".into())
-            .spawn(move || copy_stdout(stdout, log, tx))
+            .spawn(move || {
+                copy_stdout(stdout, log, tx);
+                drop(copied_tx);
+            })
             .context("spawn the dtfed stdout reader thread")?;
 
         let started = Instant::now();
@@ -262,8 +273,17 @@ impl DtfedProcess {
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut proc) = self.proc.take() {
             proc.kill()?;
+            self.wait_stdout_copied();
         }
         Ok(())
+    }
+
+    /// After the process exited: waits until its last stdout lines are in the log (the
+    /// reader thread sees end-of-file), so `log()` and `log_tail()` show them.
+    fn wait_stdout_copied(&mut self) {
+        if let Some(copied) = self.stdout_copied.take() {
+            let _ = copied.recv_timeout(STDOUT_DRAIN);
+        }
     }
 
     /// Graceful stop: SIGTERM and wait for the exit status (the daemon drains and exits
@@ -272,6 +292,7 @@ impl DtfedProcess {
     pub fn terminate(&mut self) -> Result<ExitStatus> {
         let mut proc = self.proc.take().context("dtfed is not running")?;
         let (status, killed) = proc.terminate(STOP_GRACE)?;
+        self.wait_stdout_copied();
         anyhow::ensure!(
             !killed,
             "dtfed (pid {}) still ran {STOP_GRACE:?} after SIGTERM: killed it; {}",
