@@ -360,7 +360,8 @@ java_cmd() {
         cds=("-XX:SharedArchiveFile=$jsa")
     fi
     local extra=()
-    read -r -a extra <<<"${DTFED_KAFKA_JVM_OPTS:-}"
+    # Only the broker takes them: a collector chosen there would clash with the tools' own.
+    [[ $main == kafka.Kafka ]] && read -r -a extra <<<"${DTFED_KAFKA_JVM_OPTS:-}"
     profile_opts "$main"
     JAVA_CMD=(java "${JVM_PROFILE_OPTS[@]}" -Xshare:auto
         "${cds[@]}" -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
