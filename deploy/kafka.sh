@@ -18,8 +18,9 @@
 #       test        fast start for tests: C1 JIT only, Serial GC, 256 MB heap, log cleaner
 #                   dedupe buffer 16 MB. Cheap on a small machine, but young-GC pauses of
 #                   a few ms every fraction of a second under load: never benchmark on it.
-#       production  how a broker serving players runs: C2 JIT, G1 with a 5 ms pause goal,
-#                   1 GB heap pre-touched, explicit GC off, Kafka's default cleaner buffer.
+#       production  how a broker serving players runs: C2 JIT, G1 with a 5 ms pause goal
+#                   and a fixed young generation (3/8 of the heap), 1 GB heap pre-touched,
+#                   explicit GC off, Kafka's default cleaner buffer.
 #                   Benchmarks and deploy/region.sh use it (docs/BENCHMARKS.md).
 #       --heap overrides the profile's heap size.
 #   deploy/kafka.sh start ...same args as run...
@@ -335,6 +336,16 @@ random_cluster_id() {
     printf '%s' "$id"
 }
 
+# A JVM size (512m, 1g, 1024M) in MB; nothing if it is not one.
+heap_mb() {
+    local v=${1,,}
+    case $v in
+    *g) [[ ${v%g} =~ ^[0-9]+$ ]] && echo $((${v%g} * 1024)) ;;
+    *m) [[ ${v%m} =~ ^[0-9]+$ ]] && echo "${v%m}" ;;
+    esac
+    return 0
+}
+
 # The JVM flags of the profile (see the header), into JVM_PROFILE_OPTS. Tools (the storage
 # formatter) always run with the test flags: they start, work a second and exit.
 profile_opts() { # main class
@@ -343,6 +354,14 @@ profile_opts() { # main class
         JVM_PROFILE_OPTS=("-Xms$HEAP" "-Xmx$HEAP" -XX:+AlwaysPreTouch -XX:+UseG1GC
             -XX:MaxGCPauseMillis=5 -XX:InitiatingHeapOccupancyPercent=35
             -XX:+DisableExplicitGC)
+        # A fixed young generation, 3/8 of the heap. Left to itself, G1 shrinks eden to
+        # ~50 MB to chase the 5 ms goal and then collects about once a second under chat
+        # load, each pause ~10 ms on a busy 2-core host: ~1 % of publishes waited for one,
+        # which was the ack's p99. With 384 MB it collects ~7x less often (measured,
+        # docs/BENCHMARKS.md: 5,000 msg/s delivery p99 77 -> 16 ms in paired runs).
+        local mb
+        mb=$(heap_mb "$HEAP")
+        [[ -n $mb ]] && JVM_PROFILE_OPTS+=("-Xmn$((mb * 3 / 8))m")
         ;;
     *) JVM_PROFILE_OPTS=(-Xms128m "-Xmx${HEAP:-256m}" -XX:+UseSerialGC -XX:TieredStopAtLevel=1) ;;
     esac
