@@ -327,6 +327,19 @@ async fn wait_caught_up(origin: &MemoryOriginLog, mirror: &MemoryMirrorLog, part
     .await;
 }
 
+/// Waits until the mirror caught up on `parts`, then checks that each of them holds exactly
+/// the origin's records, in order.
+async fn assert_mirror_holds_everything(
+    origin: &MemoryOriginLog,
+    mirror: &MemoryMirrorLog,
+    parts: Range<i32>,
+) {
+    wait_caught_up(origin, mirror, parts.clone()).await;
+    for p in parts {
+        assert_mirror_equals(mirror, p, &origin.records(p));
+    }
+}
+
 // ----------------------------------------------------------------------------------------
 // Tests
 // ----------------------------------------------------------------------------------------
@@ -477,11 +490,7 @@ async fn link_cut_converges_without_duplicates() {
     .await;
     appending.cancel();
     appender.await.expect("appender");
-    wait_caught_up(&origin, &mirror, 0..4).await;
-
-    for p in 0..4 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
     let links = client.links();
     assert!(
         links[0].connects >= 2,
@@ -592,10 +601,7 @@ async fn a_dial_during_a_cut_does_not_delay_the_link_after_the_heal() {
 
     appending.cancel();
     appender.await.expect("appender");
-    wait_caught_up(&origin, &mirror, 0..2).await;
-    for p in 0..2 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..2).await;
     stop_partitions(&stop, tasks).await;
     client.close("test over");
     daemon.stop().await;
@@ -750,10 +756,7 @@ async fn crash_and_restart_resumes_from_the_tail() {
     .await;
     appending.cancel();
     appender.await.expect("appender");
-    wait_caught_up(&origin, &mirror, 0..4).await;
-    for p in 0..4 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
     let total: u64 = client_b.status().iter().map(|s| s.records_mirrored).sum();
     let expected: usize = (0..4)
         .map(|p| origin.records(p).len() - at_crash[p as usize])
@@ -808,10 +811,7 @@ async fn failing_mirror_appends_are_retried_from_the_tail() {
     mirror.fail_next_appends_partially(3);
     mirror.set_unavailable(false);
 
-    wait_caught_up(&origin, &mirror, 0..4).await;
-    for p in 0..4 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
     assert_eq!(mirror.failed_appends(), 6);
     let retried: u64 = client
         .status()
@@ -1000,10 +1000,7 @@ async fn pause_closes_streams_and_resume_catches_up() {
     assert_eq!(before, paused, "nothing mirrored while paused");
 
     assert!(client.resume_peer(ORIGIN));
-    wait_caught_up(&origin, &mirror, 0..2).await;
-    for p in 0..2 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..2).await;
 
     stop_partitions(&stop, tasks).await;
     client.close("test over");
@@ -1044,10 +1041,7 @@ async fn another_origin_daemon_takes_over_when_one_stops() {
     let appender = spawn_appender(&origin, 0..2, 500, Duration::from_secs(2), 16);
     gone.stop().await;
     appender.await.expect("appender");
-    wait_caught_up(&origin, &mirror, 0..2).await;
-    for p in 0..2 {
-        assert_mirror_equals(&mirror, p, &origin.records(p));
-    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..2).await;
     let link = &client.links()[0];
     assert_eq!(
         link.addr,
