@@ -284,6 +284,7 @@ write_config() {
 region = "$1"
 [client]
 listen = "127.0.0.1:0"
+auth = "none"
 max_connections = 20000
 outbound_queue = 4096
 publish_rate_per_sec = $PUBLISH_LIMIT

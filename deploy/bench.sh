@@ -152,6 +152,7 @@ cat >"$CONFIG" <<EOF
 region = "bench"
 [client]
 listen = "127.0.0.1:0"
+auth = "none"
 max_connections = 20000
 outbound_queue = 4096
 publish_rate_per_sec = 1000

@@ -1,8 +1,13 @@
 //! The operator's HTTP surface (loopback by default): `/healthz` (the process is up),
 //! `/readyz` (Kafka groups joined, bus reachable, not draining), `/metrics` (Prometheus),
 //! `/status` (JSON, what `dtfed status` prints), and for failover drills
-//! `POST /peers/<region>/pause` and `POST /peers/<region>/resume` (bearer `admin.token`;
-//! disabled when no token is set).
+//! `POST /peers/<region>/pause` and `POST /peers/<region>/resume`.
+//!
+//! Who may ask what: the probes (`/healthz`, `/readyz`) are always open, since a kubelet or
+//! a load balancer carries no credentials. When `admin.token` is set, `/status` and
+//! `/metrics` need it as a bearer token (they name rooms' partitions, peers and load);
+//! without a token they are open, which the config allows only on a loopback listener.
+//! The drill endpoints change state, so they need the token and are disabled without one.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -106,7 +111,10 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = may_read(&s, &headers) {
+        return denied.into_response();
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -117,7 +125,10 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
+async fn status(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = may_read(&s, &headers) {
+        return denied.into_response();
+    }
     Json(Status {
         region: s.region.clone(),
         node: s.node.clone(),
@@ -128,6 +139,7 @@ async fn status(State(s): State<Arc<AdminState>>) -> Json<Status> {
         links: s.federation.as_ref().map(|f| f.links()),
         mirror: s.federation.as_ref().map(|f| f.mirror()),
     })
+    .into_response()
 }
 
 /// Why a state-changing request is refused.
@@ -148,6 +160,15 @@ impl IntoResponse for Denied {
                 (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n").into_response()
             }
         }
+    }
+}
+
+/// Reading endpoints: open without a token (loopback only, see the config), else bearer.
+fn may_read(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
+    if s.admin_token.is_empty() {
+        Ok(())
+    } else {
+        authorized(s, headers)
     }
 }
 

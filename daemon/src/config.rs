@@ -149,6 +149,30 @@ impl Default for RedisConfig {
     }
 }
 
+impl RedisConfig {
+    /// The URL with any password replaced by `***`, for logs and error messages.
+    pub fn url_redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// `scheme://user:password@host/...` with the password (or a lone user-info secret)
+/// replaced by `***`; other URLs unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{user}{}", &rest[at..])
+}
+
 /// Bounds of a room's hot history in Redis.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,8 +216,22 @@ impl Config {
     ) -> Result<Config, ConfigErrors> {
         let mut cfg: Config =
             toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string()]))?;
+        // Who may connect is never left to a default: a file that forgets `auth` would
+        // otherwise run open to anyone who can reach the listener.
+        let auth_stated = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|t| t.get("client").and_then(|c| c.as_table()).cloned())
+            .is_some_and(|c| c.contains_key("auth"));
         cfg.apply_env(env);
-        let errs = cfg.validate();
+        let mut errs = Vec::new();
+        if !auth_stated {
+            errs.push(
+                "client.auth must be stated: \"jwt\" (players bring a signed token) or \"none\" \
+                 (anyone names themselves; for demos and tests on loopback)"
+                    .to_owned(),
+            );
+        }
+        errs.extend(cfg.validate());
         if errs.is_empty() {
             Ok(cfg)
         } else {
@@ -249,6 +287,9 @@ impl Config {
         if c.auth == AuthMode::Jwt && c.jwt_secret.len() < 16 {
             errs.push("client.auth = \"jwt\" needs client.jwt_secret (or DTFED_JWT_SECRET) of at least 16 bytes".into());
         }
+        if is_placeholder(&c.jwt_secret) {
+            errs.push("client.jwt_secret (or DTFED_JWT_SECRET) is a placeholder from an example: make a real one, e.g. `head -c 32 /dev/urandom | base64`".into());
+        }
         if c.jwt_rooms_claim.is_empty() {
             errs.push("client.jwt_rooms_claim must not be empty".into());
         }
@@ -256,6 +297,16 @@ impl Config {
             errs.push(format!(
                 "client.listen and admin.listen are both {}",
                 c.listen
+            ));
+        }
+        if is_placeholder(&self.admin.token) {
+            errs.push("admin.token (or DTFED_ADMIN_TOKEN) is a placeholder from an example: make a real one, e.g. `head -c 32 /dev/urandom | base64`".into());
+        }
+        if self.admin.token.is_empty() && !self.admin.listen.ip().is_loopback() {
+            errs.push(format!(
+                "admin.listen = {} is not loopback and admin.token (DTFED_ADMIN_TOKEN) is empty: \
+                 /status and /metrics would be open to the network; set a token, or listen on loopback",
+                self.admin.listen
             ));
         }
         let k = &self.kafka;
@@ -340,6 +391,20 @@ impl Config {
         errs
     }
 
+    /// What is allowed but probably a mistake; `dtfed check-config` prints these and the
+    /// daemon logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warns = Vec::new();
+        if self.client.auth == AuthMode::None && !self.client.listen.ip().is_loopback() {
+            warns.push(format!(
+                "client.auth = \"none\" on {}, which is not loopback: anyone who reaches it can \
+                 connect under any name; use auth = \"jwt\" outside demos and tests",
+                self.client.listen
+            ));
+        }
+        warns
+    }
+
     /// This daemon's node name.
     pub fn node_name(&self) -> String {
         self.node.clone().unwrap_or_else(|| {
@@ -349,6 +414,13 @@ impl Config {
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+/// The placeholder secrets shipped in `deploy/kubernetes/secret.example.yaml` (and
+/// anything shaped like them), which must never reach production.
+fn is_placeholder(secret: &str) -> bool {
+    let s = secret.to_ascii_lowercase();
+    s.contains("replace-me") || s.contains("changeme") || s.contains("change-me")
 }
 
 fn valid_topic(t: &str) -> bool {
@@ -364,6 +436,8 @@ mod tests {
 
     const MINIMAL: &str = r#"
 region = "seoul"
+[client]
+auth = "none"
 [kafka]
 brokers = "127.0.0.1:9092"
 [redis]
@@ -429,11 +503,98 @@ url = "http://x"
 
     #[test]
     fn secrets_come_from_the_environment() {
-        let text = MINIMAL.replace("[kafka]", "[client]\nauth = \"jwt\"\n[kafka]");
+        let text = MINIMAL.replace("auth = \"none\"", "auth = \"jwt\"");
         let cfg = Config::from_toml(&text, |k| {
             (k == "DTFED_JWT_SECRET").then(|| "0123456789abcdef0123".to_owned())
         })
         .expect("secret from env");
         assert_eq!(cfg.client.jwt_secret, "0123456789abcdef0123");
+    }
+
+    #[test]
+    fn auth_must_be_stated() {
+        let text = MINIMAL.replace("[client]\nauth = \"none\"\n", "");
+        let errs = Config::from_toml(&text, |_| None).expect_err("no auth").0;
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("client.auth must be stated")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn no_auth_on_a_public_listener_is_a_warning() {
+        let cfg = Config::from_toml(MINIMAL, |_| None).expect("valid");
+        assert!(cfg.warnings().is_empty(), "loopback: {:?}", cfg.warnings());
+        let text = MINIMAL.replace("[client]", "[client]\nlisten = \"0.0.0.0:8080\"");
+        let cfg = Config::from_toml(&text, |_| None).expect("allowed");
+        let warns = cfg.warnings();
+        assert!(
+            warns.len() == 1 && warns[0].contains("0.0.0.0:8080"),
+            "{warns:?}"
+        );
+    }
+
+    #[test]
+    fn the_shipped_placeholder_secrets_are_refused() {
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/secret.example.yaml"),
+        )
+        .expect("deploy/kubernetes/secret.example.yaml");
+        let value = |key: &str| {
+            example
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+                .map(|v| v.trim().trim_matches('"').to_owned())
+                .unwrap_or_else(|| panic!("{key} in the example"))
+        };
+        let (jwt, admin) = (value("DTFED_JWT_SECRET"), value("DTFED_ADMIN_TOKEN"));
+        let text = MINIMAL.replace("auth = \"none\"", "auth = \"jwt\"");
+        let errs = Config::from_toml(&text, |k| match k {
+            "DTFED_JWT_SECRET" => Some(jwt.clone()),
+            "DTFED_ADMIN_TOKEN" => Some(admin.clone()),
+            _ => None,
+        })
+        .expect_err("placeholders")
+        .0;
+        assert!(
+            errs.iter().any(|e| e.contains("client.jwt_secret")),
+            "{errs:#?}"
+        );
+        assert!(errs.iter().any(|e| e.contains("admin.token")), "{errs:#?}");
+    }
+
+    #[test]
+    fn an_open_admin_listener_needs_a_token() {
+        let text = MINIMAL.replace("[kafka]", "[admin]\nlisten = \"0.0.0.0:9090\"\n[kafka]");
+        let errs = Config::from_toml(&text, |_| None)
+            .expect_err("open admin")
+            .0;
+        assert!(errs.iter().any(|e| e.contains("admin.listen")), "{errs:#?}");
+        Config::from_toml(&text, |k| {
+            (k == "DTFED_ADMIN_TOKEN").then(|| "0123456789abcdef0123".to_owned())
+        })
+        .expect("with a token");
+    }
+
+    #[test]
+    fn passwords_are_kept_out_of_logged_urls() {
+        assert_eq!(
+            redact_url("redis://:hunter2@10.0.0.1:6379/0"),
+            "redis://:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://app:p@ss@redis.internal"),
+            "rediss://app:***@redis.internal"
+        );
+        assert_eq!(redact_url("redis://tok@h:1"), "redis://***@h:1");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
     }
 }

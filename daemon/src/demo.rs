@@ -105,7 +105,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
         running.push((node, mock));
     }
-    crate::signals::terminated().await?;
+    let mut signals = crate::signals::StopSignals::install()?;
+    let sig = signals.next().await;
+    tracing::info!("{sig}: stopping the demo");
     for (node, mock) in running {
         node.shutdown(Duration::from_secs(5)).await;
         drop(mock);

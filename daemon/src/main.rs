@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use dtfed::config::Config;
 use dtfed::node::{Node, NodeOptions};
+use dtfed::signals::StopSignals;
 
 #[derive(Parser)]
 #[command(
@@ -26,9 +27,16 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
-        /// Seconds to drain after SIGTERM before exiting.
-        #[arg(long, default_value_t = 20)]
+        /// Seconds from SIGTERM to exit, pre-stop window included: the drain gets what
+        /// is left, and the daemon exits when it is up even if the drain is not done. A
+        /// second SIGTERM or SIGINT exits at once.
+        #[arg(long, default_value_t = 20, env = "DTFED_GRACE_SECS")]
         grace: u64,
+        /// Seconds after SIGTERM during which `/readyz` answers 503 while the daemon
+        /// still accepts and serves players, so load balancers stop sending them here
+        /// before it stops accepting (Kubernetes: a few seconds; must be below --grace).
+        #[arg(long, default_value_t = 0, env = "DTFED_UNREADY_SECS")]
+        unready_delay: u64,
     },
     /// Run a region with embedded stand-ins for Kafka and Redis, and a chat page (default).
     Demo(dtfed::demo::DemoArgs),
@@ -45,6 +53,9 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// The daemon's admin.token, when it has one.
+        #[arg(long, env = "DTFED_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -76,7 +87,10 @@ fn main() -> ExitCode {
         .unwrap_or(Command::Demo(dtfed::demo::DemoArgs::default()));
     if let Command::CheckConfig { file } = &command {
         return match Config::load(file) {
-            Ok(_) => {
+            Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -115,12 +129,28 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match command {
-            Command::Run { config, grace } => run(config, Duration::from_secs(grace)).await,
+            Command::Run {
+                config,
+                grace,
+                unready_delay,
+            } => {
+                run(
+                    config,
+                    Duration::from_secs(grace),
+                    Duration::from_secs(unready_delay),
+                )
+                .await
+            }
             Command::Demo(args) => dtfed::demo::run(args).await,
-            Command::Status { admin, json } => dtfed::status::print(&admin, json).await,
+            Command::Status { admin, json, token } => {
+                dtfed::status::print(&admin, token.as_deref(), json).await
+            }
             Command::CheckConfig { .. } | Command::Certs(_) => Ok(()),
         }
     });
+    // A drain cut short by its deadline can leave blocking work behind (a producer flush
+    // or a consumer close against a Kafka that does not answer): not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -130,18 +160,48 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf, grace: Duration) -> anyhow::Result<()> {
+async fn run(path: PathBuf, grace: Duration, unready: Duration) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        unready < grace,
+        "--unready-delay ({} s) must be shorter than --grace ({} s)",
+        unready.as_secs(),
+        grace.as_secs()
+    );
     let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
     let node = Node::start(cfg, NodeOptions::default()).await?;
     println!(
         "listening client={} admin={}",
         node.client_addr, node.admin_addr
     );
-    dtfed::signals::terminated()
-        .await
-        .context("waiting for signals")?;
-    node.shutdown(grace).await;
-    Ok(())
+    let sig = signals.next().await;
+    // From here the stop has one deadline; a second signal ends it at once.
+    let hard_stop = tokio::time::Instant::now() + grace;
+    tracing::info!(
+        signal = sig,
+        unready_secs = unready.as_secs(),
+        grace_secs = grace.as_secs(),
+        "stopping: not ready, then draining"
+    );
+    node.mark_unready();
+    let stop = async {
+        tokio::time::sleep(unready).await;
+        node.shutdown(grace.saturating_sub(unready)).await;
+    };
+    tokio::select! {
+        () = stop => Ok(()),
+        sig = signals.next() => {
+            tracing::warn!(signal = sig, "second stop signal: exiting without finishing the drain");
+            std::process::exit(1);
+        }
+        () = tokio::time::sleep_until(hard_stop + Duration::from_secs(1)) => {
+            tracing::error!(grace_secs = grace.as_secs(), "the drain did not finish within --grace: exiting");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn init_tracing() {

@@ -6,12 +6,18 @@
 //! task group) when configured, connect the bus, start the Kafka appender and replay reader, join the
 //! fan-out group, start the room dispatcher, then serve.
 //!
-//! Shutdown (SIGTERM): stop accepting connections; let every session finish its in-flight
-//! publishes (acked or refused, never dropped) and close with 1001; flush the producer; stop
-//! federation (mirror tasks finish the append in hand, then the mirror server, then the QUIC
-//! endpoint); stop the fan-out owner, which drains, commits and leaves the group so its partitions move at
-//! once; stop the dispatcher and the bus; stop the admin server last, so `/readyz` reports
-//! not-ready while the daemon drains.
+//! Shutdown (SIGTERM): [`Node::mark_unready`] turns `/readyz` to 503 while everything
+//! still serves (the caller waits out the pre-stop window, so load balancers stop sending
+//! players here first); then [`Node::shutdown`]: stop accepting connections; let every
+//! session finish its in-flight publishes (acked or refused, never dropped) and close with
+//! 1001; flush the producer; stop federation (mirror tasks finish the append in hand, then
+//! the mirror server, then the QUIC endpoint); stop the fan-out owner, which drains,
+//! commits and leaves the group so its partitions move at once; stop the dispatcher and the
+//! bus; stop the admin server last, so `/readyz` reports not-ready while the daemon drains.
+//!
+//! The whole shutdown has one deadline (`--grace`): each step gets what is left of it, and
+//! the sessions leave a reserve for the steps after them, so a hung Kafka or Redis cannot
+//! stretch the stop past what systemd or Kubernetes allow before their SIGKILL.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
@@ -57,6 +64,8 @@ pub struct Node {
     federation: Option<Arc<Federation>>,
     appender: Arc<KafkaAppender>,
     fanout: Arc<Mutex<Option<FanoutOwner>>>,
+    /// Turns `/readyz` to 503 (the pre-stop window, then the drain).
+    unready: CancellationToken,
     /// Stops the gateway accepting.
     stop_accepting: CancellationToken,
     /// Stops the fan-out owner and the dispatcher.
@@ -93,7 +102,7 @@ impl Node {
                 )?;
                 let (bus, events) = RedisBus::connect(redis, &cfg.history)
                     .await
-                    .with_context(|| format!("connecting to Redis at {}", redis.url))?;
+                    .with_context(|| format!("connecting to Redis at {}", redis.url_redacted()))?;
                 (Arc::new(bus), events)
             }
         };
@@ -167,6 +176,7 @@ impl Node {
         }
 
         let stop_admin = CancellationToken::new();
+        let unready = CancellationToken::new();
         let state = Arc::new(AdminState {
             region: region.clone(),
             node,
@@ -174,7 +184,7 @@ impl Node {
             gateway: gateway.clone(),
             bus,
             fanout: fanout.clone(),
-            draining: stop_accepting.clone(),
+            draining: unready.clone(),
             federation: federation.clone(),
             admin_token: cfg.admin.token.clone(),
         });
@@ -190,6 +200,7 @@ impl Node {
             federation,
             appender,
             fanout,
+            unready,
             stop_accepting,
             stop_pipeline,
             stop_admin,
@@ -198,36 +209,56 @@ impl Node {
         })
     }
 
-    /// Drains and stops, in the order stated in the module doc, within about `grace`.
+    /// Turns `/readyz` to 503 while the daemon keeps serving: the start of a shutdown,
+    /// before the pre-stop window. [`shutdown`](Self::shutdown) does it too.
+    pub fn mark_unready(&self) {
+        self.unready.cancel();
+    }
+
+    /// Drains and stops, in the order stated in the module doc, within `grace`: every step
+    /// is bounded by what is left of it.
     pub async fn shutdown(mut self, grace: Duration) {
-        tracing::info!(region = %self.region, "draining");
+        let deadline = Instant::now() + grace;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        tracing::info!(region = %self.region, grace_secs = grace.as_secs_f64(), "draining");
+        self.unready.cancel();
         self.stop_accepting.cancel();
-        if tokio::time::timeout(grace, self.gateway.close_sessions())
+        // Sessions finish their in-flight publishes; what comes after them (producer
+        // flush, federation, fan-out commit) keeps a reserve of the grace period.
+        let reserve = (grace / 2).min(Duration::from_secs(8));
+        let for_sessions = left().saturating_sub(reserve);
+        if tokio::time::timeout(for_sessions, self.gateway.close_sessions())
             .await
             .is_err()
         {
-            tracing::warn!("sessions did not close within the grace period");
+            tracing::warn!(
+                waited_secs = for_sessions.as_secs_f64(),
+                "sessions did not close in time"
+            );
         }
         let appender = self.appender.clone();
-        let flushed =
-            tokio::task::spawn_blocking(move || appender.flush(Duration::from_secs(5))).await;
-        if !matches!(flushed, Ok(Ok(()))) {
+        let flush_for = left().min(Duration::from_secs(5));
+        let flushed = tokio::time::timeout(
+            flush_for,
+            tokio::task::spawn_blocking(move || appender.flush(flush_for)),
+        )
+        .await;
+        if !matches!(flushed, Ok(Ok(Ok(())))) {
             tracing::warn!("producer flush incomplete");
         }
         if let Some(f) = &self.federation {
-            f.shutdown().await;
+            if tokio::time::timeout(left(), f.shutdown()).await.is_err() {
+                tracing::warn!("federation did not stop before the deadline");
+            }
         }
         let owner = self.fanout.lock().ok().and_then(|mut f| f.take());
         self.stop_pipeline.cancel();
         if let Some(owner) = owner {
-            if tokio::time::timeout(Duration::from_secs(10), owner.join())
-                .await
-                .is_err()
-            {
-                tracing::warn!("fan-out owner did not stop within 10 s");
+            if tokio::time::timeout(left(), owner.join()).await.is_err() {
+                tracing::warn!("fan-out owner did not stop before the deadline");
             }
         }
-        while tokio::time::timeout(Duration::from_secs(5), self.tasks.join_next())
+        while tokio::time::timeout(left(), self.tasks.join_next())
             .await
             .ok()
             .flatten()
@@ -235,7 +266,7 @@ impl Node {
         {}
         self.tasks.abort_all();
         self.stop_admin.cancel();
-        let _ = self.admin_task.await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_task).await;
         tracing::info!(region = %self.region, "stopped");
     }
 }

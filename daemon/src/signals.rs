@@ -1,13 +1,28 @@
-//! Waiting for SIGTERM or SIGINT.
+//! SIGTERM and SIGINT, as a stream: the first starts the drain, a second one means the
+//! operator will not wait for it (see `dtfed run` in `main.rs`).
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn terminated() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// Both stop signals, installed once so that none is missed between two waits.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (from then on the signals no longer kill the process).
+    pub fn install() -> std::io::Result<Self> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    /// Resolves on the next SIGTERM or SIGINT, with its name.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

@@ -4,9 +4,10 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Fetches `<admin>/status` and prints it (as a table, or raw JSON).
-pub async fn print(admin: &str, raw: bool) -> anyhow::Result<()> {
-    let status = fetch(admin, "/status").await?;
+/// Fetches `<admin>/status` and prints it (as a table, or raw JSON). `token` is the
+/// daemon's `admin.token`, needed when it has one.
+pub async fn print(admin: &str, token: Option<&str>, raw: bool) -> anyhow::Result<()> {
+    let status = fetch(admin, "/status", token).await?;
     if raw {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -15,8 +16,9 @@ pub async fn print(admin: &str, raw: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GET `path` from the admin listener at `admin` (`http://host:port`), as JSON.
-pub async fn fetch(admin: &str, path: &str) -> anyhow::Result<Value> {
+/// GET `path` from the admin listener at `admin` (`http://host:port`), as JSON, with
+/// `token` as the bearer token when given.
+pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> anyhow::Result<Value> {
     let hostport = admin
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -31,7 +33,11 @@ pub async fn fetch(admin: &str, path: &str) -> anyhow::Result<Value> {
     .await
     .with_context(|| format!("connecting to {hostport}: timed out"))?
     .with_context(|| format!("connecting to {hostport}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+    let auth = token
+        .filter(|t| !t.is_empty())
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(
@@ -44,6 +50,9 @@ pub async fn fetch(admin: &str, path: &str) -> anyhow::Result<Value> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
+    if head.starts_with("HTTP/1.1 401") {
+        bail!("{path}: the daemon has an admin.token: give it with --token or DTFED_ADMIN_TOKEN");
+    }
     if !head.starts_with("HTTP/1.1 200") {
         bail!("{path}: {}", head.lines().next().unwrap_or(""));
     }

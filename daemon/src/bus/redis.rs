@@ -254,7 +254,7 @@ impl RedisBus {
         shutdown: CancellationToken,
     ) -> Result<(RedisBus, BusEvents), BusError> {
         let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| BusError::Redis(format!("redis url {:?}: {e}", cfg.url)))?;
+            .map_err(|e| BusError::Redis(format!("redis url {:?}: {e}", cfg.url_redacted())))?;
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))

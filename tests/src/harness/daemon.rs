@@ -34,6 +34,8 @@ pub struct DtfedProcess {
     dir: TestDir,
     config_path: PathBuf,
     env: Vec<(String, String)>,
+    /// Extra arguments after `run --config <file>` (e.g. `--grace 3`).
+    args: Vec<String>,
     proc: Option<ChildProc>,
     /// Disconnected once the stdout reader thread has copied everything to the log.
     stdout_copied: Option<mpsc::Receiver<()>>,
@@ -94,6 +96,21 @@ impl DtfedProcess {
     /// [`start_with_env`](Self::start_with_env) with an explicit binary (another build,
     /// or a stand-in in the harness's own tests). It is run as `<bin> run --config <file>`.
     pub fn start_binary(bin: &Path, config_toml: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_full(bin, config_toml, env, &[])
+    }
+
+    /// [`start_with_env`](Self::start_with_env) with extra arguments after
+    /// `run --config <file>`, e.g. `["--grace", "3"]`.
+    pub fn start_with_args(config_toml: &str, env: &[(&str, &str)], args: &[&str]) -> Result<Self> {
+        Self::start_full(&Self::binary()?, config_toml, env, args)
+    }
+
+    fn start_full(
+        bin: &Path,
+        config_toml: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Self> {
         let dir = TestDir::new("dtfed")?;
         let config_path = dir.path().join("dtfed.toml");
         std::fs::write(&config_path, config_toml)
@@ -106,6 +123,7 @@ impl DtfedProcess {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             proc: None,
             stdout_copied: None,
             client: util::loopback(0),
@@ -127,6 +145,7 @@ impl DtfedProcess {
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_path)
+            .args(&self.args)
             .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -284,6 +303,26 @@ impl DtfedProcess {
         if let Some(copied) = self.stdout_copied.take() {
             let _ = copied.recv_timeout(STDOUT_DRAIN);
         }
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the daemon without waiting for anything.
+    pub fn signal(&mut self, sig: i32) -> Result<()> {
+        self.proc
+            .as_mut()
+            .context("dtfed is not running")?
+            .signal(sig)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit (after [`signal`](Self::signal)); its
+    /// exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let proc = self.proc.as_mut().context("dtfed is not running")?;
+        let status = proc.wait_timeout(timeout)?;
+        if status.is_some() {
+            self.proc = None;
+            self.wait_stdout_copied();
+        }
+        Ok(status)
     }
 
     /// Graceful stop: SIGTERM and wait for the exit status (the daemon drains and exits
