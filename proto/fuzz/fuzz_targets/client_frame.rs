@@ -1,21 +1,7 @@
-//! Client protocol v1: arbitrary UTF-8 text into the JSON frame decoders. Neither may panic,
-//! and a frame the client decoder accepts must survive encode -> decode unchanged.
+//! libFuzzer target; the body and its properties are in `../bodies/client_frame.rs`.
 #![no_main]
 
-use dtfed_proto::client::{decode_client_frame, decode_server_frame, encode_client_frame};
-use libfuzzer_sys::fuzz_target;
+#[path = "../bodies/client_frame.rs"]
+mod body;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(frame) = decode_client_frame(text) {
-        let again = encode_client_frame(&frame);
-        assert_eq!(
-            decode_client_frame(&again),
-            Ok(frame),
-            "re-encoded: {again}"
-        );
-    }
-    let _ = decode_server_frame(text);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| body::run(data));
