@@ -21,6 +21,8 @@ const T: Duration = Duration::from_secs(20);
 /// time, whatever `--test-threads` says, so that timings stay those of one scenario.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PARTITIONS: i64 = 4;
+/// The admin token of every region (drills and /status need it).
+const DRILL_TOKEN: &str = "drill-token-0123456789";
 
 fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -108,7 +110,7 @@ fn federation(
                 .set("client", "publish_rate_per_sec", 100_000)
                 .set("client", "publish_burst", 100_000)
                 .set("kafka", "session_timeout_ms", 4000)
-                .admin_token("drill-token"),
+                .admin_token(DRILL_TOKEN),
             quic_ports: (0..daemons)
                 .map(|_| free_udp_port())
                 .collect::<Result<_>>()?,
@@ -310,7 +312,9 @@ async fn three_regions_mirror_every_room_in_order() -> Result<()> {
         }
     }
     // Operators see the links and the mirror lag.
-    let status = regions[0].daemons[0].admin_get("/status", None)?.json()?;
+    let status = regions[0].daemons[0]
+        .admin_get("/status", Some(DRILL_TOKEN))?
+        .json()?;
     let links = status["links"].as_array().context("links in /status")?;
     assert_eq!(links.len(), 2, "{status}");
     let mirror = status["mirror"].as_array().context("mirror in /status")?;
@@ -600,7 +604,9 @@ async fn peers_with_a_foreign_ca_or_the_wrong_region_are_refused() -> Result<()>
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     guard.expect_silence(Duration::from_secs(2)).await?;
-    let status = seoul.daemons[0].admin_get("/status", None)?.json()?;
+    let status = seoul.daemons[0]
+        .admin_get("/status", Some(DRILL_TOKEN))?
+        .json()?;
     let mirrored: i64 = status["mirror"]
         .as_array()
         .map(|ts| {
@@ -638,7 +644,7 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     assert_eq!(post("/peers/seoul/pause", None)?.status, 401);
     assert_eq!(post("/peers/seoul/pause", Some("wrong"))?.status, 401);
     assert_eq!(
-        post("/peers/atlantis/pause", Some("drill-token"))?.status,
+        post("/peers/atlantis/pause", Some(DRILL_TOKEN))?.status,
         404
     );
 
@@ -648,13 +654,17 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     let first = publish_n(&url, "keep", 5, "before").await?;
     collect(&mut watcher, "keep", 5, Duration::from_secs(60)).await?;
 
-    assert_eq!(post("/peers/seoul/pause", Some("drill-token"))?.status, 200);
-    let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
+    assert_eq!(post("/peers/seoul/pause", Some(DRILL_TOKEN))?.status, 200);
+    let status = regions[1].daemons[0]
+        .admin_get("/status", Some(DRILL_TOKEN))?
+        .json()?;
     assert_eq!(status["links"][0]["state"], "paused", "{status}");
     // While paused, mirror lag is unknown (null), never a reassuring 0.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
+        let status = regions[1].daemons[0]
+            .admin_get("/status", Some(DRILL_TOKEN))?
+            .json()?;
         let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
         if !tasks.is_empty()
             && tasks
@@ -672,10 +682,7 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     let during = publish_n(&url, "keep", 5, "paused").await?;
     watcher.expect_silence(Duration::from_secs(3)).await?;
 
-    assert_eq!(
-        post("/peers/seoul/resume", Some("drill-token"))?.status,
-        200
-    );
+    assert_eq!(post("/peers/seoul/resume", Some(DRILL_TOKEN))?.status, 200);
     let got = collect(&mut watcher, "keep", 5, Duration::from_secs(60)).await?;
     assert_eq!(by_origin(&got).get("seoul"), Some(&during));
     assert!(first.last() < during.first());
