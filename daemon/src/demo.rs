@@ -14,6 +14,7 @@ use anyhow::Context;
 use crate::bus::memory::MemoryBus;
 use crate::bus::Bus;
 use crate::config::{Config, HistoryConfig, KafkaConfig, RedisConfig};
+use crate::drill::topology::{RegionEntry, Topology};
 use crate::kafka::MockKafka;
 use crate::node::{Node, NodeOptions};
 
@@ -37,6 +38,10 @@ pub struct DemoArgs {
     /// Use this Redis instead of the in-process bus.
     #[arg(long)]
     pub redis: Option<String>,
+    /// Write the regions' URLs (and a fresh admin token, which the demo then requires) to
+    /// this file, for `dtfed drill --topology`.
+    #[arg(long)]
+    pub write_topology: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoArgs {
@@ -46,6 +51,7 @@ impl Default for DemoArgs {
             port: 8080,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             redis: None,
+            write_topology: None,
         }
     }
 }
@@ -58,6 +64,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // With a topology file the drill endpoints are on, behind a token made for this run.
+    let admin_token = args
+        .write_topology
+        .as_ref()
+        .map(|_| format!("demo-{:032x}", rand::random::<u128>()));
+    let mut topology = Vec::new();
     for (i, region) in args.regions.iter().enumerate() {
         let mock =
             MockKafka::start(1).with_context(|| format!("starting the mock Kafka of {region}"))?;
@@ -73,6 +85,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.redis.as_deref(),
         );
         let mut cfg = cfg;
+        if let Some(token) = &admin_token {
+            cfg.admin.token = token.clone();
+        }
         if let Some(f) = &federation {
             cfg.federation = Some(f.config_for(region));
         }
@@ -103,7 +118,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "  chat page http://{}/   admin http://{}/status",
             node.client_addr, node.admin_addr
         );
+        topology.push(RegionEntry {
+            name: region.clone(),
+            ws: vec![format!("ws://{}/ws", node.client_addr)],
+            admin: vec![format!("http://{}", node.admin_addr)],
+            admin_token: admin_token.clone().unwrap_or_default(),
+            stop: None,
+            start: None,
+            kill: None,
+        });
         running.push((node, mock));
+    }
+    if let Some(path) = &args.write_topology {
+        let text = Topology { regions: topology }.to_toml();
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("  topology written to {}", path.display());
     }
     let mut signals = crate::signals::StopSignals::install()?;
     let sig = signals.next().await;

@@ -14,6 +14,7 @@ pub mod append;
 pub mod bus;
 pub mod config;
 pub mod demo;
+pub mod drill;
 pub mod fanout;
 pub mod federation;
 pub mod gateway;

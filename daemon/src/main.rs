@@ -45,6 +45,8 @@ enum Command {
     /// Make the federation CA and region certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// A failover drill: canary players, a fault, a per-room loss/duplicate/order verdict.
+    Drill(dtfed::drill::DrillArgs),
     /// Show a running daemon's links, mirror lag, fan-out lag and clients.
     Status {
         /// The daemon's admin address, e.g. http://127.0.0.1:9090
@@ -128,6 +130,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        if let Command::Drill(args) = command {
+            // A verdict of loss, duplicates or reorders exits 1; a drill that could not run, 2.
+            return match dtfed::drill::run(args).await {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => Ok(ExitCode::from(1)),
+                Err(e) => {
+                    eprintln!("dtfed drill: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            };
+        }
         match command {
             Command::Run {
                 config,
@@ -145,14 +158,15 @@ fn main() -> ExitCode {
             Command::Status { admin, json, token } => {
                 dtfed::status::print(&admin, token.as_deref(), json).await
             }
-            Command::CheckConfig { .. } | Command::Certs(_) => Ok(()),
+            Command::CheckConfig { .. } | Command::Certs(_) | Command::Drill(_) => Ok(()),
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     // A drain cut short by its deadline can leave blocking work behind (a producer flush
     // or a consumer close against a Kafka that does not answer): not waited for.
     runtime.shutdown_timeout(Duration::from_millis(500));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("dtfed: {e:#}");
             ExitCode::FAILURE

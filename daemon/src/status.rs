@@ -19,12 +19,30 @@ pub async fn print(admin: &str, token: Option<&str>, raw: bool) -> anyhow::Resul
 /// GET `path` from the admin listener at `admin` (`http://host:port`), as JSON, with
 /// `token` as the bearer token when given.
 pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> anyhow::Result<Value> {
+    let (status, body) = admin_request(admin, "GET", path, token).await?;
+    if status == 401 {
+        bail!("{path}: the daemon has an admin.token: give it with --token or DTFED_ADMIN_TOKEN");
+    }
+    if status != 200 {
+        bail!("{path}: HTTP {status}: {}", body.trim());
+    }
+    serde_json::from_str(&body).with_context(|| format!("{path} is not JSON"))
+}
+
+/// One request to the admin listener at `admin` (`http://host:port`, plain HTTP), with
+/// `token` as the bearer token when given: the status code and the body.
+pub async fn admin_request(
+    admin: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let hostport = admin
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
     if hostport.contains('/') || admin.starts_with("https://") {
-        bail!("--admin takes http://host:port (the admin listener is plain HTTP on loopback)");
+        bail!("admin URLs are http://host:port (the admin listener is plain HTTP), not {admin:?}");
     }
     let mut stream = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -37,7 +55,9 @@ pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> anyhow::Resu
         .filter(|t| !t.is_empty())
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}Connection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(
@@ -45,18 +65,17 @@ pub async fn fetch(admin: &str, path: &str, token: Option<&str>) -> anyhow::Resu
         stream.read_to_end(&mut buf),
     )
     .await
-    .context("reading /status: timed out")??;
+    .with_context(|| format!("{method} {path} on {hostport}: no answer within 5 s"))??;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
-    if head.starts_with("HTTP/1.1 401") {
-        bail!("{path}: the daemon has an admin.token: give it with --token or DTFED_ADMIN_TOKEN");
-    }
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{path}: {}", head.lines().next().unwrap_or(""));
-    }
-    serde_json::from_str(body).with_context(|| format!("{path} is not JSON"))
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("malformed HTTP status line {:?}", head.lines().next()))?;
+    Ok((status, body.to_owned()))
 }
 
 fn render(s: &Value) -> String {

@@ -1,0 +1,177 @@
+//! `dtfed drill`, as ops run it: against `dtfed demo` (its topology written by the demo
+//! itself) with a link pause, and against a server that acks but loses messages, where the
+//! verdict must say so and the exit status must be non-zero.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dtfed_tests::harness::sys::{spawn, ChildProc};
+use dtfed_tests::{DtfedProcess, TestDir};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Runs `dtfed drill` to its end: exit code and the JSON object of its last line.
+fn drill(topology: &Path, extra: &[&str]) -> Result<(i32, Value, String)> {
+    let mut cmd = Command::new(DtfedProcess::binary()?);
+    cmd.arg("drill")
+        .arg("--topology")
+        .arg(topology)
+        .args(["--json", "--rooms", "6", "--rate", "30", "--duration", "6"])
+        .args(["--converge-timeout", "20"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut proc: ChildProc = spawn(cmd, "dtfed drill")?;
+    let status = proc
+        .wait_timeout(Duration::from_secs(90))?
+        .context("dtfed drill still running after 90 s")?;
+    let out = proc_output(&mut proc);
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .with_context(|| format!("no JSON line in the drill's output:\n{out}"))?;
+    let report: Value = serde_json::from_str(last)?;
+    Ok((status.code().unwrap_or(-1), report, out))
+}
+
+fn proc_output(proc: &mut ChildProc) -> String {
+    let mut text = String::new();
+    if let Some(out) = proc.take_stdout() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_pause_drill_on_the_demo_loses_nothing() -> Result<()> {
+    let dir = TestDir::new("drill-demo")?;
+    let topology = dir.path().join("topology.toml");
+    let mut cmd = Command::new(DtfedProcess::binary()?);
+    cmd.args(["demo", "--port", "0", "--write-topology"])
+        .arg(&topology)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut demo = spawn(cmd, "dtfed demo")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !topology.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the demo wrote no topology");
+        anyhow::ensure!(!demo.has_exited(), "the demo exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The demo's regions settle their links and groups in a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (code, report, out) =
+        tokio::task::spawn_blocking(move || drill(&topology, &["--fault", "link-pause:tokyo"]))
+            .await??;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["verdict"], "pass", "{out}");
+    assert_eq!(report["fault"], "link-pause:tokyo");
+    assert!(report["acked"].as_u64().unwrap_or(0) >= 100, "{out}");
+    for key in ["lost", "duplicated", "reordered", "gaps"] {
+        assert_eq!(report[key], 0, "{key}: {out}");
+    }
+    assert!(report["converge_ms"].is_u64(), "{out}");
+    assert_eq!(report["canaries"].as_array().map(Vec::len), Some(3));
+    demo.kill()?;
+    Ok(())
+}
+
+/// A stand-in "region" that speaks enough of protocol v1 for a drill, acks every publish
+/// with a fresh offset and delivers it to every subscriber, except every `drop_every`th.
+async fn lossy_region(name: &'static str, drop_every: u64) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("ws://{}/ws", listener.local_addr()?);
+    let (tx, _) = broadcast::channel::<String>(10_000);
+    let offsets = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let offsets = offsets.clone();
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let mut rx = tx.subscribe();
+                loop {
+                    tokio::select! {
+                        frame = stream.next() => {
+                            let Some(Ok(Message::Text(text))) = frame else { return };
+                            let Ok(f) = serde_json::from_str::<Value>(&text) else { continue };
+                            let room = f["room"].clone();
+                            let answer = match f["op"].as_str() {
+                                Some("sub") => json!({"op": "synced", "room": room, "cursor": {}}),
+                                Some("pub") => {
+                                    let offset = offsets.fetch_add(1, Ordering::SeqCst);
+                                    if offset % drop_every != drop_every - 1 {
+                                        let _ = tx.send(json!({
+                                            "op": "msg", "room": room, "origin": name,
+                                            "offset": offset, "prev": null, "ts": 0,
+                                            "from": "x", "body": f["body"],
+                                        }).to_string());
+                                    }
+                                    json!({"op": "ack", "ref": f["ref"], "room": room,
+                                           "origin": name, "offset": offset})
+                                }
+                                _ => continue,
+                            };
+                            if sink.send(Message::text(answer.to_string())).await.is_err() {
+                                return;
+                            }
+                        }
+                        msg = rx.recv() => {
+                            let Ok(msg) = msg else { return };
+                            if sink.send(Message::text(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_against_a_lossy_server_fails_and_says_where() -> Result<()> {
+    let dir = TestDir::new("drill-lossy")?;
+    let topology = dir.path().join("topology.toml");
+    // Two "regions" that never hear each other: each canary misses the other's messages,
+    // and one of them also drops every 10th of its own.
+    let a = lossy_region("alpha", 10).await?;
+    let b = lossy_region("beta", u64::MAX).await?;
+    std::fs::write(
+        &topology,
+        format!("[[region]]\nname = \"alpha\"\nws = [\"{a}\"]\n\n[[region]]\nname = \"beta\"\nws = [\"{b}\"]\n"),
+    )?;
+    let (code, report, out) =
+        tokio::task::spawn_blocking(move || drill(&topology, &["--fault", "none"])).await??;
+    assert_eq!(code, 1, "a lossy run exits 1: {out}");
+    assert_eq!(report["verdict"], "fail", "{out}");
+    let acked = report["acked"].as_u64().unwrap_or(0);
+    let lost = report["lost"].as_u64().unwrap_or(0);
+    // Each canary misses everything the other region acked, plus alpha's dropped tenth
+    // (missed by alpha's own canary too).
+    assert!(lost > acked / 2, "acked {acked}, lost {lost}: {out}");
+    assert!(
+        report["troubled_rooms"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{out}"
+    );
+    Ok(())
+}
