@@ -1,7 +1,8 @@
 //! The operator's HTTP surface (loopback by default): `/healthz` (the process is up),
 //! `/readyz` (Kafka groups joined, bus reachable, not draining), `/metrics` (Prometheus),
 //! `/status` (JSON, what `dtfed status` prints), and for failover drills
-//! `POST /peers/<region>/pause` and `POST /peers/<region>/resume`.
+//! `POST /peers/<region>/pause`, `POST /peers/<region>/resume` and `POST /drain` (the
+//! daemon drains as on SIGTERM, handing its partitions and mirror tasks over, and exits).
 //!
 //! Who may ask what: the probes (`/healthz`, `/readyz`) are always open, since a kubelet or
 //! a load balancer carries no credentials. When `admin.token` is set, `/status` and
@@ -40,6 +41,8 @@ pub struct AdminState {
     /// Bearer token for endpoints that change state; empty disables them.
     pub admin_token: String,
     pub federation: Option<Arc<Federation>>,
+    /// Cancelled by `POST /drain`; `None` where a drain cannot be asked for (the demo).
+    pub drain_requested: Option<CancellationToken>,
 }
 
 /// `/status` as JSON.
@@ -75,6 +78,7 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, stop: Cancella
         .route("/status", get(status))
         .route("/peers/{region}/pause", post(pause_peer))
         .route("/peers/{region}/resume", post(resume_peer))
+        .route("/drain", post(drain))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -193,6 +197,26 @@ fn authorized(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
     } else {
         Err(Denied::BadToken)
     }
+}
+
+async fn drain(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorized(&s, &headers) {
+        return denied.into_response();
+    }
+    let Some(drain) = &s.drain_requested else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this daemon cannot be drained on its own (it is part of a demo)\n",
+        )
+            .into_response();
+    };
+    tracing::warn!("drain asked for by an operator");
+    drain.cancel();
+    (
+        StatusCode::ACCEPTED,
+        "draining: partitions and mirror tasks move to the region's other daemons, then this one exits\n",
+    )
+        .into_response()
 }
 
 async fn pause_peer(

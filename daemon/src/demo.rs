@@ -109,6 +109,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             NodeOptions {
                 chat_page: true,
                 bus,
+                drain_endpoint: false,
             },
         )
         .await

@@ -186,16 +186,26 @@ async fn run(path: PathBuf, grace: Duration, unready: Duration) -> anyhow::Resul
         tracing::warn!("{w}");
     }
     let mut signals = StopSignals::install().context("installing signal handlers")?;
-    let node = Node::start(cfg, NodeOptions::default()).await?;
+    let node = Node::start(
+        cfg,
+        NodeOptions {
+            drain_endpoint: true,
+            ..NodeOptions::default()
+        },
+    )
+    .await?;
     println!(
         "listening client={} admin={}",
         node.client_addr, node.admin_addr
     );
-    let sig = signals.next().await;
+    let sig = tokio::select! {
+        sig = signals.next() => sig,
+        () = node.drain_requested() => "POST /drain",
+    };
     // From here the stop has one deadline; a second signal ends it at once.
     let hard_stop = tokio::time::Instant::now() + grace;
     tracing::info!(
-        signal = sig,
+        cause = sig,
         unready_secs = unready.as_secs(),
         grace_secs = grace.as_secs(),
         "stopping: not ready, then draining"

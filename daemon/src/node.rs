@@ -51,6 +51,8 @@ pub struct NodeOptions {
     pub chat_page: bool,
     /// A bus to use instead of connecting to `[redis]` (the demo's in-process bus).
     pub bus: Option<(Arc<dyn Bus>, BusEvents)>,
+    /// Serve `POST /drain` (the process runs this one daemon and stops with it).
+    pub drain_endpoint: bool,
 }
 
 /// A running daemon.
@@ -66,6 +68,8 @@ pub struct Node {
     fanout: Arc<Mutex<Option<FanoutOwner>>>,
     /// Turns `/readyz` to 503 (the pre-stop window, then the drain).
     unready: CancellationToken,
+    /// Cancelled when an operator asks for a drain over the admin API.
+    drain_requested: CancellationToken,
     /// Stops the gateway accepting.
     stop_accepting: CancellationToken,
     /// Stops the fan-out owner and the dispatcher.
@@ -177,6 +181,7 @@ impl Node {
 
         let stop_admin = CancellationToken::new();
         let unready = CancellationToken::new();
+        let drain_requested = CancellationToken::new();
         let state = Arc::new(AdminState {
             region: region.clone(),
             node,
@@ -187,6 +192,7 @@ impl Node {
             draining: unready.clone(),
             federation: federation.clone(),
             admin_token: cfg.admin.token.clone(),
+            drain_requested: opts.drain_endpoint.then(|| drain_requested.clone()),
         });
         let admin_task = tokio::spawn(admin::serve(state, admin_listener, stop_admin.clone()));
 
@@ -201,12 +207,19 @@ impl Node {
             appender,
             fanout,
             unready,
+            drain_requested,
             stop_accepting,
             stop_pipeline,
             stop_admin,
             tasks,
             admin_task,
         })
+    }
+
+    /// Resolves when an operator asks for a drain (`POST /drain`): the caller then stops
+    /// the daemon as on SIGTERM.
+    pub async fn drain_requested(&self) {
+        self.drain_requested.cancelled().await;
     }
 
     /// Turns `/readyz` to 503 while the daemon keeps serving: the start of a shutdown,

@@ -2,15 +2,15 @@
 //! itself) with a link pause, and against a server that acks but loses messages, where the
 //! verdict must say so and the exit status must be non-zero.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use dtfed_tests::harness::sys::{spawn, ChildProc};
+use anyhow::Result;
+use dtfed_tests::harness::sys::spawn;
+use dtfed_tests::harness::{DrillOutcome, DrillProcess};
 use dtfed_tests::{DtfedProcess, TestDir};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -18,41 +18,24 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Runs `dtfed drill` to its end: exit code and the JSON object of its last line.
-fn drill(topology: &Path, extra: &[&str]) -> Result<(i32, Value, String)> {
-    let mut cmd = Command::new(DtfedProcess::binary()?);
-    cmd.arg("drill")
-        .arg("--topology")
-        .arg(topology)
-        .args(["--json", "--rooms", "6", "--rate", "30", "--duration", "6"])
-        .args(["--converge-timeout", "20"])
-        .args(extra)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut proc: ChildProc = spawn(cmd, "dtfed drill")?;
-    let status = proc
-        .wait_timeout(Duration::from_secs(90))?
-        .context("dtfed drill still running after 90 s")?;
-    let out = proc_output(&mut proc);
-    let last = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .with_context(|| format!("no JSON line in the drill's output:\n{out}"))?;
-    let report: Value = serde_json::from_str(last)?;
-    Ok((status.code().unwrap_or(-1), report, out))
-}
+const DRILL_ARGS: [&str; 10] = [
+    "--rooms",
+    "6",
+    "--rate",
+    "30",
+    "--duration",
+    "6",
+    "--converge-timeout",
+    "20",
+    "--fault",
+    "",
+];
 
-fn proc_output(proc: &mut ChildProc) -> String {
-    let mut text = String::new();
-    if let Some(out) = proc.take_stdout() {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-    }
-    text
+/// Runs `dtfed drill` with `fault` to its end.
+fn drill(topology: &Path, fault: &str) -> Result<DrillOutcome> {
+    let mut args = DRILL_ARGS;
+    args[9] = fault;
+    DrillProcess::start(topology, &args)?.finish(Duration::from_secs(90))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,9 +56,11 @@ async fn a_link_pause_drill_on_the_demo_loses_nothing() -> Result<()> {
     }
     // The demo's regions settle their links and groups in a few seconds.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (code, report, out) =
-        tokio::task::spawn_blocking(move || drill(&topology, &["--fault", "link-pause:tokyo"]))
-            .await??;
+    let DrillOutcome {
+        exit_code: code,
+        report,
+        output: out,
+    } = tokio::task::spawn_blocking(move || drill(&topology, "link-pause:tokyo")).await??;
     assert_eq!(code, 0, "{out}");
     assert_eq!(report["verdict"], "pass", "{out}");
     assert_eq!(report["fault"], "link-pause:tokyo");
@@ -158,8 +143,11 @@ async fn a_drill_against_a_lossy_server_fails_and_says_where() -> Result<()> {
         &topology,
         format!("[[region]]\nname = \"alpha\"\nws = [\"{a}\"]\n\n[[region]]\nname = \"beta\"\nws = [\"{b}\"]\n"),
     )?;
-    let (code, report, out) =
-        tokio::task::spawn_blocking(move || drill(&topology, &["--fault", "none"])).await??;
+    let DrillOutcome {
+        exit_code: code,
+        report,
+        output: out,
+    } = tokio::task::spawn_blocking(move || drill(&topology, "none")).await??;
     assert_eq!(code, 1, "a lossy run exits 1: {out}");
     assert_eq!(report["verdict"], "fail", "{out}");
     let acked = report["acked"].as_u64().unwrap_or(0);

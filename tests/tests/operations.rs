@@ -179,6 +179,10 @@ async fn the_admin_token_guards_status_and_metrics_but_not_probes() -> Result<()
     for path in ["/healthz", "/readyz"] {
         assert_eq!(d.admin_get(path, None)?.status, 200, "{path} is a probe");
     }
+    // A drain changes state: never without the token.
+    let r = dtfed_tests::http_request(d.admin_addr(), "POST", "/drain", &[], b"")?;
+    assert_eq!(r.status, 401, "POST /drain without a token: {}", r.body);
+    assert!(d.is_running());
 
     // `dtfed status` says what to do, then works with the token.
     let bin = DtfedProcess::binary()?;

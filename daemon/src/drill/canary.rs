@@ -9,6 +9,7 @@
 //! is cancelled (the drill then waits for the last messages to arrive).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ pub struct Canary {
     /// Milliseconds since the drill started, for the checker's clock.
     pub epoch: Instant,
     pub checker: Arc<Mutex<Checker>>,
+    /// Publishes sent and not answered yet, over every canary: the drill judges only once
+    /// this is 0, or a late ack would name a message nobody waited for.
+    pub in_flight: Arc<AtomicI64>,
 }
 
 type Ws =
@@ -108,6 +112,7 @@ impl Canary {
                             break;
                         }
                         report.published += 1;
+                        self.in_flight.fetch_add(1, Ordering::SeqCst);
                         pending.insert(reference, room.clone());
                     }
                     incoming = ws.next() => match incoming {
@@ -121,6 +126,8 @@ impl Canary {
                 }
             }
             // The connection is gone: what was in flight will never be answered here.
+            self.in_flight
+                .fetch_sub(pending.len() as i64, Ordering::SeqCst);
             pending.clear();
             let lost_at = Instant::now();
             tracing::info!(canary = %self.name, url = %self.urls[url_idx], "connection lost; moving on");
@@ -144,6 +151,8 @@ impl Canary {
                 }
             }
         }
+        self.in_flight
+            .fetch_sub(pending.len() as i64, Ordering::SeqCst);
         let _ = ws.close(None).await;
         report.last_url = self.urls[url_idx].clone();
         report
@@ -234,18 +243,20 @@ impl Canary {
             }
             Some("ack") => {
                 let reference = f["ref"].as_str().unwrap_or_default();
-                if let (Some(room), Some(origin), Some(offset)) = (
-                    pending.remove(reference),
-                    f["origin"].as_str(),
-                    f["offset"].as_i64(),
-                ) {
+                let Some(room) = pending.remove(reference) else {
+                    return;
+                };
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if let (Some(origin), Some(offset)) = (f["origin"].as_str(), f["offset"].as_i64()) {
                     checker.acked(&room, origin, offset, at);
                     report.acked += 1;
                 }
             }
             Some("error") => {
                 if let Some(reference) = f["ref"].as_str() {
-                    pending.remove(reference);
+                    if pending.remove(reference).is_some() {
+                        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
                 let code = f["code"].as_str().unwrap_or("?").to_owned();
                 *report.publish_errors.entry(code).or_default() += 1;

@@ -58,7 +58,14 @@ pub struct RoomVerdict {
     pub duplicated: u64,
     pub reordered: u64,
     pub gaps: u64,
+    /// A few of the lost messages, to look for: `<subscriber> missed <origin>:<offset>
+    /// (acked at <ms>)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lost_examples: Vec<String>,
 }
+
+/// How many lost messages a room's verdict names.
+const LOST_EXAMPLES: usize = 5;
 
 /// The judgement of the run: every room, and the sums.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -185,14 +192,25 @@ impl Checker {
             for name in &self.subscribers {
                 let Some(s) = log.subscribers.get(name) else {
                     rv.lost += log.acked.len() as u64;
+                    rv.lost_examples
+                        .push(format!("{name} received nothing of this room"));
                     continue;
                 };
                 rv.delivered += s.seen.len() as u64;
-                rv.lost += log
+                let mut missed: Vec<(&(String, i64), &u64)> = log
                     .acked
-                    .keys()
-                    .filter(|m| !s.seen.contains_key(*m))
-                    .count() as u64;
+                    .iter()
+                    .filter(|(m, _)| !s.seen.contains_key(*m))
+                    .collect();
+                missed.sort();
+                rv.lost += missed.len() as u64;
+                for ((origin, offset), at) in missed {
+                    if rv.lost_examples.len() < LOST_EXAMPLES {
+                        rv.lost_examples.push(format!(
+                            "{name} missed {origin}:{offset} (acked at {at} ms)"
+                        ));
+                    }
+                }
                 rv.duplicated += s.duplicated;
                 rv.reordered += s.reordered;
                 rv.gaps += s.gaps;

@@ -5,6 +5,7 @@
 //! | `link-pause[:R]` | every link between R and the other regions paused, both ways, through the admin API of every daemon (`POST /peers/<region>/pause`) | resumed |
 //! | `region-down[:R]` | R's `stop` command | R's `start` command |
 //! | `daemon-kill[:R]` | R's `kill` command (one daemon, SIGKILL) | R's `start` command, if any |
+//! | `daemon-drain[:R]` | `POST /drain` on R's first admin URL: that daemon hands its partitions and mirror tasks over and exits | R's `start` command, if any |
 //! | `none` | — | — |
 //!
 //! R defaults to the first region of the topology.
@@ -23,6 +24,7 @@ pub enum Fault {
     LinkPause(String),
     RegionDown(String),
     DaemonKill(String),
+    DaemonDrain(String),
 }
 
 impl Fault {
@@ -64,8 +66,15 @@ impl Fault {
                 need(&entry.kill, "kill")?;
                 Fault::DaemonKill(region)
             }
+            "daemon-drain" => {
+                anyhow::ensure!(
+                    !entry.admin.is_empty(),
+                    "--fault {spec}: region {region} has no admin URL in the topology"
+                );
+                Fault::DaemonDrain(region)
+            }
             other => anyhow::bail!(
-                "--fault {other:?}: one of link-pause[:REGION], region-down[:REGION], daemon-kill[:REGION], none"
+                "--fault {other:?}: one of link-pause[:REGION], region-down[:REGION], daemon-kill[:REGION], daemon-drain[:REGION], none"
             ),
         })
     }
@@ -77,6 +86,7 @@ impl Fault {
             Fault::LinkPause(r) => links(topo, r, "pause").await,
             Fault::RegionDown(r) => run_command(region(topo, r)?.stop.as_deref(), r, "stop").await,
             Fault::DaemonKill(r) => run_command(region(topo, r)?.kill.as_deref(), r, "kill").await,
+            Fault::DaemonDrain(r) => drain(region(topo, r)?).await,
         }
     }
 
@@ -85,7 +95,7 @@ impl Fault {
         match self {
             Fault::None => Ok(()),
             Fault::LinkPause(r) => links(topo, r, "resume").await,
-            Fault::RegionDown(r) | Fault::DaemonKill(r) => {
+            Fault::RegionDown(r) | Fault::DaemonKill(r) | Fault::DaemonDrain(r) => {
                 match region(topo, r)?.start.as_deref() {
                     Some(cmd) => run_command(Some(cmd), r, "start").await,
                     None => Ok(()),
@@ -102,6 +112,7 @@ impl fmt::Display for Fault {
             Fault::LinkPause(r) => write!(f, "link-pause:{r}"),
             Fault::RegionDown(r) => write!(f, "region-down:{r}"),
             Fault::DaemonKill(r) => write!(f, "daemon-kill:{r}"),
+            Fault::DaemonDrain(r) => write!(f, "daemon-drain:{r}"),
         }
     }
 }
@@ -144,6 +155,25 @@ async fn links(topo: &Topology, target: &str, verb: &str) -> anyhow::Result<()> 
         }
     }
     tracing::info!(region = target, "links {verb}d");
+    Ok(())
+}
+
+/// Asks the region's first daemon to drain and exit.
+async fn drain(r: &RegionEntry) -> anyhow::Result<()> {
+    let admin = r
+        .admin
+        .first()
+        .with_context(|| format!("region {} has no admin URL", r.name))?;
+    let token = r.token();
+    let (status, body) = admin_request(admin, "POST", "/drain", token.as_deref())
+        .await
+        .with_context(|| format!("POST {admin}/drain"))?;
+    anyhow::ensure!(
+        status == 202,
+        "POST {admin}/drain: HTTP {status}: {}",
+        body.trim()
+    );
+    tracing::info!(region = %r.name, %admin, "daemon draining");
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod faults;
 pub mod topology;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,8 +33,8 @@ pub struct DrillArgs {
     /// The regions: WebSocket and admin URLs, tokens, stop/start/kill commands.
     #[arg(long)]
     pub topology: PathBuf,
-    /// link-pause[:REGION], region-down[:REGION], daemon-kill[:REGION] or none (REGION:
-    /// the first of the topology by default).
+    /// link-pause[:REGION], region-down[:REGION], daemon-kill[:REGION],
+    /// daemon-drain[:REGION] or none (REGION: the first of the topology by default).
     #[arg(long, default_value = "link-pause")]
     pub fault: String,
     /// Rooms the canaries use (fresh ones every run).
@@ -76,6 +77,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<bool> {
         .collect();
     let epoch = Instant::now();
     let checker = Arc::new(Mutex::new(Checker::new()));
+    let in_flight = Arc::new(AtomicI64::new(0));
     let publishing = CancellationToken::new();
     let stop = CancellationToken::new();
     println!(
@@ -112,6 +114,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<bool> {
             run_id: run_id.clone(),
             epoch,
             checker: checker.clone(),
+            in_flight: in_flight.clone(),
         };
         tasks.push(canary.start(publishing.clone(), stop.clone()).await?);
     }
@@ -137,7 +140,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<bool> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .missing();
-        if missing == 0 || Instant::now() >= deadline {
+        // Judged once every publish is answered and every acked one has arrived.
+        let answered = in_flight.load(Ordering::SeqCst) <= 0;
+        if (answered && missing == 0) || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -205,6 +210,9 @@ fn print_report(
                 "{:<26} {:>6} {:>5} {:>4} {:>6} {:>5}",
                 r.room, r.acked, r.lost, r.duplicated, r.reordered, r.gaps
             );
+            for e in &r.lost_examples {
+                println!("    {e}");
+            }
         }
     }
     let fmt_ms = |v: Option<u64>| v.map_or("-".to_owned(), |v| format!("{v} ms"));

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod federation;
 pub mod http;
 pub mod kafka;
 pub mod redis;
@@ -13,6 +14,7 @@ pub mod util;
 pub use client::{Subscribed, WsClient};
 pub use config::ConfigBuilder;
 pub use daemon::DtfedProcess;
+pub use federation::{DrillOutcome, DrillProcess, Federation, FederationSpec};
 pub use http::{http_get, http_request, HttpResponse};
 pub use kafka::KafkaBroker;
 pub use redis::RedisServer;
