@@ -2,14 +2,22 @@
 # deploy/region.sh — a whole local region: Kafka + Redis + N dtfed daemons, on loopback.
 #
 #   deploy/region.sh start  --name N --base-port P [--daemons 2] [--release]
+#                           [--peer M:Q]... [--certs DIR] [--admin-token T]
 #   deploy/region.sh stop   --name N
 #   deploy/region.sh status --name N
 #   deploy/region.sh clean  --name N      # stop, then delete .dtfed/N (Kafka data too)
+#   deploy/region.sh topology N M...      # the `dtfed drill --topology` file, on stdout
 #
 # Everything lives in .dtfed/N/ of the repository: kafka/ (data, server.log), redis/,
 # dtfed-<i>/ (dtfed.toml, dtfed.log, dtfed.pid). Ports, from the base port P:
 #
-#   Kafka P (controller P+1), Redis P+2, daemon i: client P+10*i, admin P+10*i+1
+#   Kafka P (controller P+1), Redis P+2, daemon i: client P+10*i, admin P+10*i+1,
+#   QUIC (federation) P+10*i+2
+#
+# --peer M:Q (repeatable) federates with the local region M of base port Q (same --daemons):
+# certificates are made once in .dtfed/certs/ (or --certs DIR) with `dtfed certs`. --admin-token sets every
+# daemon's admin.token (the drill endpoints need one). `topology` lists the regions with
+# their URLs and the commands that stop, start and kill them.
 #
 # Kafka runs with the production profile (deploy/kafka.sh: C2, G1, 1 GB heap) unless
 # $DTFED_KAFKA_PROFILE says otherwise.
@@ -31,7 +39,7 @@ die() {
 log() { echo "region.sh: $*" >&2; }
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-2}"
 }
 
@@ -39,6 +47,9 @@ NAME=""
 BASE=""
 DAEMONS=2
 RELEASE=""
+PEERS=()
+ADMIN_TOKEN=""
+CERTS=$ROOT/.dtfed/certs
 
 parse_args() {
     while (($#)); do
@@ -47,6 +58,9 @@ parse_args() {
         --base-port) BASE=${2:?--base-port needs a value}; shift 2 ;;
         --daemons) DAEMONS=${2:?--daemons needs a value}; shift 2 ;;
         --release) RELEASE=1; shift ;;
+        --peer) PEERS+=("${2:?--peer needs NAME:BASE_PORT}"); shift 2 ;;
+        --admin-token) ADMIN_TOKEN=${2:?--admin-token needs a value}; shift 2 ;;
+        --certs) CERTS=${2:?--certs needs a directory}; shift 2 ;;
         -h | --help) usage 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
         esac
@@ -54,6 +68,11 @@ parse_args() {
     [[ -n $NAME ]] || die "--name is required"
     [[ $NAME =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "--name must be lowercase letters, digits and '-', got '$NAME'"
     [[ $DAEMONS =~ ^[1-9]$ ]] || die "--daemons must be 1..9, got '$DAEMONS'"
+    local p
+    for p in "${PEERS[@]+"${PEERS[@]}"}"; do
+        [[ $p =~ ^[a-z0-9][a-z0-9-]*:[0-9]+$ ]] || die "--peer takes NAME:BASE_PORT, got '$p'"
+        [[ ${p%%:*} != "$NAME" ]] || die "--peer $p: a region is not its own peer"
+    done
     DIR=$ROOT/.dtfed/$NAME
 }
 
@@ -137,7 +156,7 @@ jwt_rooms_claim = "rooms"
 
 [admin]
 listen = "127.0.0.1:$((BASE + 10 * i + 1))"
-token = ""
+token = "$ADMIN_TOKEN"
 
 [kafka]
 brokers = "127.0.0.1:$BASE"
@@ -156,6 +175,36 @@ key_prefix = "dtfed"
 max_messages = 1000
 max_age_secs = 86400
 EOF
+    ((${#PEERS[@]})) || return 0
+    local certs=$CERTS p j addrs
+    cat >>"$file" <<EOF
+
+[federation]
+listen = "127.0.0.1:$((BASE + 10 * i + 2))"
+ca_cert = "$certs/ca.crt"
+cert = "$certs/$NAME.crt"
+key = "$certs/$NAME.key"
+EOF
+    for p in "${PEERS[@]}"; do
+        addrs=""
+        for ((j = 1; j <= DAEMONS; j++)); do
+            addrs+="${addrs:+, }\"127.0.0.1:$((${p#*:} + 10 * j + 2))\""
+        done
+        printf '\n[[federation.peers]]\nname = "%s"\naddrs = [%s]\n' "${p%%:*}" "$addrs" >>"$file"
+    done
+}
+
+# The federation CA and this region's certificate, made once in .dtfed/certs/.
+make_certs() {
+    ((${#PEERS[@]})) || return 0
+    local bin=$1 certs=$CERTS
+    mkdir -p "$certs"
+    (
+        # Regions started side by side must not both make a CA.
+        flock 9
+        [[ -f $certs/ca.crt ]] || "$bin" certs init --dir "$certs" >&2
+        [[ -f $certs/$NAME.crt ]] || "$bin" certs issue --dir "$certs" --region "$NAME" >&2
+    ) 9>"$certs/.lock"
 }
 
 start_daemon() {
@@ -214,9 +263,17 @@ do_start() {
     need_base
     mkdir -p "$DIR"
     echo "$BASE $DAEMONS" >"$DIR/ports"
+    # What `topology` prints as this region's start command.
+    printf '%q ' --name "$NAME" --base-port "$BASE" --daemons "$DAEMONS" >"$DIR/start-args"
+    [[ -z $RELEASE ]] || printf '%q ' --release >>"$DIR/start-args"
+    local p
+    for p in "${PEERS[@]+"${PEERS[@]}"}"; do printf '%q ' --peer "$p" >>"$DIR/start-args"; done
+    [[ -z $ADMIN_TOKEN ]] || printf '%q ' --admin-token "$ADMIN_TOKEN" >>"$DIR/start-args"
+    ((${#PEERS[@]} == 0)) || printf '%q ' --certs "$CERTS" >>"$DIR/start-args"
     local bin
     bin=$(dtfed_bin)
     [[ -x $bin ]] || die "no dtfed binary at $bin"
+    make_certs "$bin"
     bash "$DEPLOY/redis.sh" start --port "$((BASE + 2))" --dir "$DIR/redis"
     bash "$DEPLOY/kafka.sh" start --port "$BASE" --controller-port "$((BASE + 1))" --dir "$DIR/kafka" \
         --profile "${DTFED_KAFKA_PROFILE:-production}"
@@ -269,6 +326,30 @@ do_status() {
     done
 }
 
+do_topology() {
+    (($#)) || die "topology needs the names of the regions"
+    local name dir base daemons i ws admin token
+    echo "# Written by deploy/region.sh topology $*, for dtfed drill --topology."
+    for name in "$@"; do
+        dir=$ROOT/.dtfed/$name
+        [[ -f $dir/ports && -f $dir/start-args ]] || die "no region '$name' started in $dir"
+        read -r base daemons <"$dir/ports"
+        ws=""
+        admin=""
+        for ((i = 1; i <= daemons; i++)); do
+            ws+="${ws:+, }\"ws://127.0.0.1:$((base + 10 * i))/ws\""
+            admin+="${admin:+, }\"http://127.0.0.1:$((base + 10 * i + 1))\""
+        done
+        token=$(sed -n 's/^token = "\(.*\)"$/\1/p' "$dir/dtfed-1/dtfed.toml" | head -n 1)
+        printf '\n[[region]]\nname = "%s"\nws = [%s]\nadmin = [%s]\nadmin_token = "%s"\n' \
+            "$name" "$ws" "$admin" "$token"
+        printf 'stop = "%s stop --name %s"\n' "$DEPLOY/region.sh" "$name"
+        printf 'start = "%s start %s"\n' "$DEPLOY/region.sh" "$(cat "$dir/start-args")"
+        # shellcheck disable=SC2016 # the drill runs it: $(...) expands then
+        printf 'kill = "kill -9 $(cat %s)"\n' "$dir/dtfed-1/dtfed.pid"
+    done
+}
+
 cmd=${1:-}
 [[ -n $cmd ]] || usage 2
 shift
@@ -278,5 +359,6 @@ start) parse_args "$@"; do_start ;;
 stop) parse_args "$@"; do_stop ;;
 status) parse_args "$@"; do_status ;;
 clean) parse_args "$@"; do_stop; rm -rf "$DIR"; log "removed $DIR" ;;
-*) die "unknown command '$cmd' (start|stop|status|clean)" ;;
+topology) do_topology "$@" ;;
+*) die "unknown command '$cmd' (start|stop|status|clean|topology)" ;;
 esac

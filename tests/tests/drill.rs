@@ -163,3 +163,149 @@ async fn a_drill_against_a_lossy_server_fails_and_says_where() -> Result<()> {
     );
     Ok(())
 }
+
+/// Local regions started with `deploy/region.sh`; `region.sh clean` (which stops every
+/// process by its PID file) when dropped, also when the test fails.
+struct LocalRegions {
+    names: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl LocalRegions {
+    fn region_sh(&self, args: &[&str]) -> Result<std::process::Output> {
+        let out = Command::new("bash")
+            .arg(dtfed_tests::harness::util::deploy_script("region.sh")?)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "region.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+}
+
+impl Drop for LocalRegions {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = self.region_sh(&["clean", "--name", name]);
+        }
+    }
+}
+
+/// A base port with the 30 ports region.sh uses above it free.
+fn free_base() -> u16 {
+    loop {
+        let base = 20_000 + 100 * rand::random_range(0..300u16);
+        let taken = (0..30).any(|i| {
+            dtfed_tests::harness::util::port_open(dtfed_tests::harness::util::loopback(base + i))
+        });
+        if !taken {
+            return base;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_down_drill_on_local_regions_loses_nothing() -> Result<()> {
+    let dir = TestDir::new("drill-regions")?;
+    let suffix = dtfed_tests::harness::util::random_suffix(4);
+    let (seoul, tokyo) = (format!("seoul-{suffix}"), format!("tokyo-{suffix}"));
+    let (sb, tb) = (free_base(), free_base());
+    let certs = dir.path().join("certs");
+    let bin = DtfedProcess::binary()?;
+    let regions = LocalRegions {
+        names: vec![seoul.clone(), tokyo.clone()],
+        env: vec![
+            ("DTFED_BIN".into(), bin.display().to_string()),
+            ("DTFED_KAFKA_PROFILE".into(), "test".into()),
+        ],
+    };
+    let token = "drill-token-0123456789abcdef";
+    let start = |name: &str, base: u16, peer: &str, peer_base: u16| -> Vec<String> {
+        [
+            "start",
+            "--name",
+            name,
+            "--base-port",
+            &base.to_string(),
+            "--peer",
+            &format!("{peer}:{peer_base}"),
+            "--certs",
+            &certs.display().to_string(),
+            "--admin-token",
+            token,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (a, b) = (start(&seoul, sb, &tokyo, tb), start(&tokyo, tb, &seoul, sb));
+    let regions = tokio::task::spawn_blocking(move || -> Result<LocalRegions> {
+        std::thread::scope(|s| {
+            let ha =
+                s.spawn(|| regions.region_sh(&a.iter().map(String::as_str).collect::<Vec<_>>()));
+            let hb =
+                s.spawn(|| regions.region_sh(&b.iter().map(String::as_str).collect::<Vec<_>>()));
+            for h in [ha, hb] {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("region.sh thread panicked"))??;
+            }
+            Ok::<(), anyhow::Error>(())
+        })?;
+        Ok(regions)
+    })
+    .await??;
+    let topology = dir.path().join("topology.toml");
+    let listing = regions.region_sh(&["topology", &seoul, &tokyo])?;
+    std::fs::write(&topology, &listing.stdout)?;
+
+    let env: Vec<(String, String)> = regions.env.clone();
+    let fault = format!("region-down:{seoul}");
+    let outcome = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        DrillProcess::start_with_env(
+            &topology,
+            &[
+                "--fault",
+                &fault,
+                "--rooms",
+                "10",
+                "--rate",
+                "40",
+                "--duration",
+                "20",
+                "--converge-timeout",
+                "60",
+            ],
+            &env,
+        )?
+        .finish(Duration::from_secs(240))
+    })
+    .await??;
+    let out = &outcome.output;
+    assert_eq!(outcome.exit_code, 0, "{out}");
+    assert_eq!(outcome.report["verdict"], "pass", "{out}");
+    for key in ["lost", "duplicated", "reordered"] {
+        assert_eq!(outcome.report[key], 0, "{key}: {out}");
+    }
+    // seoul's canary moved to tokyo when its region went down.
+    let canary = &outcome.report["canaries"][0];
+    assert!(
+        canary["resumes_ms"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
+        "{out}"
+    );
+    assert!(
+        canary["last_url"].as_str().is_some_and(
+            |u| u.contains(&format!(":{}/", tb + 10)) || u.contains(&format!(":{}/", tb + 20))
+        ),
+        "{out}"
+    );
+    drop(regions);
+    Ok(())
+}

@@ -339,7 +339,18 @@ pub struct DrillOutcome {
 impl DrillProcess {
     /// Starts `dtfed drill --topology <topology> --json <args>`.
     pub fn start(topology: &Path, args: &[&str]) -> Result<DrillProcess> {
+        Self::start_with_env(topology, args, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables (the topology's commands
+    /// see them too).
+    pub fn start_with_env(
+        topology: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<DrillProcess> {
         let mut cmd = Command::new(DtfedProcess::binary()?);
+        cmd.envs(env.iter().copied());
         cmd.arg("drill")
             .arg("--topology")
             .arg(topology)
