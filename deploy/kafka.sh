@@ -8,7 +8,7 @@
 #       Resolve the jars into $DTFED_CACHE/kafka-<ver>/lib (default cache ~/.cache/dtfed).
 #       Idempotent: a marker file records a completed fetch; a second run is instant.
 #   deploy/kafka.sh run   --port P [--controller-port C] --dir D [--profile test|production]
-#                         [--heap SIZE]
+#                         [--heap SIZE] [--node-id N --voters V --cluster-id ID]
 #       Fetch if needed, write D/server.properties, format D/data once (never again: a
 #       restart with the same dir keeps the data), then exec the broker in the foreground
 #       (the caller's PID is the broker's JVM). Logs go to D/server.log; the profile and
@@ -34,6 +34,12 @@
 #       java -cp "$(deploy/kafka.sh classpath)" org.apache.kafka.tools.TopicCommand ...).
 #
 # The controller port defaults to P+1. Everything listens on 127.0.0.1 only.
+#
+# A cluster of several nodes (each broker+controller): start every node with its own
+# --port, --controller-port, --dir and --node-id, and the same --voters
+# (`1@127.0.0.1:C1,2@127.0.0.1:C2,3@127.0.0.1:C3`) and --cluster-id (22 characters of
+# URL-safe base64). With three voters or more, internal topics and new topics get
+# replication factor 3 and min.insync.replicas 2; a node is ready once a quorum is up.
 set -euo pipefail
 
 KAFKA_VERSION=4.3.1
@@ -243,6 +249,9 @@ CPORT=""
 DIR=""
 HEAP=""
 PROFILE=${DTFED_KAFKA_PROFILE:-test}
+NODE_ID=1
+VOTERS=""
+CLUSTER_ID=""
 
 parse_args() {
     while (($#)); do
@@ -252,6 +261,9 @@ parse_args() {
         --dir) DIR=${2:?--dir needs a value}; shift 2 ;;
         --heap) HEAP=${2:?--heap needs a value}; shift 2 ;;
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
+        --node-id) NODE_ID=${2:?--node-id needs a value}; shift 2 ;;
+        --voters) VOTERS=${2:?--voters needs a value}; shift 2 ;;
+        --cluster-id) CLUSTER_ID=${2:?--cluster-id needs a value}; shift 2 ;;
         -h | --help) usage 0 ;;
         *) die "unknown argument '$1' (try --help)" ;;
         esac
@@ -280,11 +292,19 @@ need_dir() {
 }
 
 write_properties() {
+    [[ $NODE_ID =~ ^[0-9]+$ ]] || die "--node-id must be a number, got '$NODE_ID'"
+    [[ -n $VOTERS ]] || VOTERS="$NODE_ID@127.0.0.1:$CPORT"
+    local voters rf=1 min_isr=1
+    voters=$(tr ',' '\n' <<<"$VOTERS" | grep -c .)
+    if ((voters >= 3)); then
+        rf=3
+        min_isr=2
+    fi
     cat >"$DIR/server.properties" <<EOF
-# Written by deploy/kafka.sh: single-node KRaft broker+controller on loopback.
+# Written by deploy/kafka.sh: KRaft broker+controller on loopback (node $NODE_ID of $voters).
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$CPORT
+node.id=$NODE_ID
+controller.quorum.voters=$VOTERS
 listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
 controller.listener.names=CONTROLLER
@@ -293,13 +313,15 @@ listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$DIR/data
 num.partitions=1
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+default.replication.factor=$rf
+min.insync.replicas=$min_isr
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$min_isr
 transaction.state.log.num.partitions=4
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$min_isr
 group.initial.rebalance.delay.ms=0
 # After a crash (SIGKILL) the restarted broker must wait for its old registration's
 # session to expire before it can register again: 9 s by default, 2 s here.
@@ -395,7 +417,7 @@ do_run() {
     write_properties
     if [[ ! -f $DIR/data/meta.properties ]]; then
         local id
-        id=$(random_cluster_id)
+        id=${CLUSTER_ID:-$(random_cluster_id)}
         log "formatting $DIR/data (cluster id $id)"
         java_cmd kafka.tools.StorageTool format -t "$id" -c "$DIR/server.properties" --ignore-formatted
         if ! "${JAVA_CMD[@]}" >"$DIR/format.log" 2>&1; then
@@ -443,7 +465,8 @@ do_start() {
     t0=$(date +%s%N)
     [[ -f $DIR/server.log ]] && offset=$(stat -c %s "$DIR/server.log")
     nohup bash "$0" run --port "$PORT" --controller-port "$CPORT" --dir "$DIR" --heap "$HEAP" \
-        --profile "$PROFILE" \
+        --profile "$PROFILE" --node-id "$NODE_ID" ${VOTERS:+--voters "$VOTERS"} \
+        ${CLUSTER_ID:+--cluster-id "$CLUSTER_ID"} \
         >>"$DIR/kafka.out" 2>&1 </dev/null &
     pid=$!
     echo "$pid" >"$pidfile"

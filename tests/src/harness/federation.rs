@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::config::ConfigBuilder;
 use super::daemon::DtfedProcess;
-use super::kafka::KafkaBroker;
+use super::kafka::KafkaCluster;
 use super::redis::RedisServer;
 use super::sys::{spawn, ChildProc};
 use super::util::{free_port, TestDir};
@@ -38,6 +38,9 @@ pub struct FederationSpec {
     pub partitions: i64,
     /// Every link through its own cuttable relay (5 ms one way).
     pub relayed: bool,
+    /// Kafka nodes of the first region (the others have one): 3 gives it replication
+    /// factor 3 and `min.insync.replicas` 2.
+    pub first_region_kafka_nodes: usize,
 }
 
 impl FederationSpec {
@@ -48,6 +51,7 @@ impl FederationSpec {
             daemons_per_region,
             partitions: 4,
             relayed: false,
+            first_region_kafka_nodes: 1,
         }
     }
 }
@@ -63,7 +67,7 @@ pub struct DaemonPorts {
 /// One region: its Kafka, Redis, config and daemons.
 pub struct Region {
     pub name: String,
-    pub kafka: KafkaBroker,
+    pub kafka: KafkaCluster,
     pub redis: RedisServer,
     pub cfg: ConfigBuilder,
     pub ports: Vec<DaemonPorts>,
@@ -225,13 +229,23 @@ fn start_regions(
     certs: &Path,
 ) -> Result<Vec<Region>> {
     let base = ConfigBuilder::new(&spec.test, &spec.regions[0]);
-    let started: Vec<(String, KafkaBroker, RedisServer)> = std::thread::scope(|s| {
+    let started: Vec<(String, KafkaCluster, RedisServer)> = std::thread::scope(|s| {
         let handles: Vec<_> = spec
             .regions
             .iter()
-            .map(|n| {
-                s.spawn(move || -> Result<(String, KafkaBroker, RedisServer)> {
-                    Ok((n.clone(), KafkaBroker::start()?, RedisServer::start()?))
+            .enumerate()
+            .map(|(i, n)| {
+                let nodes = if i == 0 {
+                    spec.first_region_kafka_nodes
+                } else {
+                    1
+                };
+                s.spawn(move || -> Result<(String, KafkaCluster, RedisServer)> {
+                    Ok((
+                        n.clone(),
+                        KafkaCluster::start(nodes)?,
+                        RedisServer::start()?,
+                    ))
                 })
             })
             .collect();
@@ -270,10 +284,12 @@ fn start_regions(
                     spec.partitions
                 ));
             }
+            let replication = if kafka.nodes.len() >= 3 { 3 } else { 1 };
             Ok(Region {
                 cfg: base
                     .for_region(&name)
                     .kafka(&kafka.bootstrap())
+                    .set("kafka", "replication_factor", replication)
                     .redis(&redis.url())
                     .partitions(spec.partitions)
                     .set("client", "publish_rate_per_sec", 100_000)

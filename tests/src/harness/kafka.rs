@@ -36,6 +36,125 @@ pub struct KafkaBroker {
     controller_port: u16,
     dir: TestDir,
     proc: Option<ChildProc>,
+    /// The length of `server.log` at the last launch: readiness is looked for after it.
+    ready_from: u64,
+    /// Set for a node of a [`KafkaCluster`].
+    member: Option<ClusterMember>,
+}
+
+/// A node's place in a [`KafkaCluster`].
+#[derive(Debug, Clone)]
+struct ClusterMember {
+    node_id: u32,
+    voters: String,
+    cluster_id: String,
+}
+
+/// Several [`KafkaBroker`]s forming one KRaft cluster (each a broker and a controller),
+/// started together: with three nodes, topics get replication factor 3 and
+/// `min.insync.replicas` 2 (see `deploy/kafka.sh`), so one node can be killed at any time
+/// without losing an acknowledged write.
+#[derive(Debug)]
+pub struct KafkaCluster {
+    pub nodes: Vec<KafkaBroker>,
+}
+
+impl KafkaCluster {
+    /// Starts `nodes` nodes on free ports and waits until every one is ready.
+    pub fn start(nodes: usize) -> Result<Self> {
+        anyhow::ensure!(nodes >= 1, "a cluster needs a node");
+        let ports: Vec<(u16, u16)> = (0..nodes)
+            .map(|_| Ok((util::free_port()?, util::free_port()?)))
+            .collect::<Result<_>>()?;
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        // A Kafka Uuid: 22 characters of URL-safe base64, not starting with '-'.
+        let cluster_id = format!("A{}", util::random_suffix(21));
+        let mut cluster = KafkaCluster { nodes: Vec::new() };
+        for (i, (port, controller_port)) in ports.into_iter().enumerate() {
+            let mut b = KafkaBroker {
+                port,
+                controller_port,
+                dir: TestDir::new(&format!("kafka-node{}", i + 1))?,
+                proc: None,
+                ready_from: 0,
+                member: Some(ClusterMember {
+                    node_id: i as u32 + 1,
+                    voters: voters.clone(),
+                    cluster_id: cluster_id.clone(),
+                }),
+            };
+            // Every node must be up before any is ready: a quorum needs a majority.
+            b.launch()?;
+            cluster.nodes.push(b);
+        }
+        for b in &mut cluster.nodes {
+            b.wait_ready()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's `127.0.0.1:<port>`, comma separated, for `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(KafkaBroker::bootstrap)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node (index into `nodes`) leading `topic`/`partition`, from Kafka's own
+    /// `TopicCommand --describe` (a JVM start, a second or two).
+    pub fn leader_of(&self, topic: &str, partition: i32) -> Result<usize> {
+        let up = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .context("no node of the cluster runs")?;
+        let classpath = Command::new("bash")
+            .arg(util::deploy_script("kafka.sh")?)
+            .arg("classpath")
+            .output()
+            .context("deploy/kafka.sh classpath")?;
+        let classpath = String::from_utf8_lossy(&classpath.stdout).trim().to_owned();
+        let out = Command::new("java")
+            .args([
+                "-XX:TieredStopAtLevel=1",
+                "-XX:+UseSerialGC",
+                "-cp",
+                &classpath,
+            ])
+            .arg("org.apache.kafka.tools.TopicCommand")
+            .args([
+                "--bootstrap-server",
+                &up.bootstrap(),
+                "--describe",
+                "--topic",
+                topic,
+            ])
+            .output()
+            .context("running TopicCommand --describe")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = format!("Partition: {partition}\t");
+        let line = text
+            .lines()
+            .find(|l| l.contains(&want))
+            .with_context(|| format!("no partition {partition} of {topic} in:\n{text}"))?;
+        let leader: u32 = line
+            .split("Leader: ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .with_context(|| format!("no leader in {line:?}"))?;
+        self.nodes
+            .iter()
+            .position(|n| n.member.as_ref().is_some_and(|m| m.node_id == leader))
+            .with_context(|| format!("leader {leader} is not a node of this cluster"))
+    }
 }
 
 impl KafkaBroker {
@@ -47,6 +166,8 @@ impl KafkaBroker {
             controller_port: util::free_port()?,
             dir: TestDir::new("kafka")?,
             proc: None,
+            ready_from: 0,
+            member: None,
         };
         broker.spawn()?;
         Ok(broker)
@@ -70,10 +191,15 @@ impl KafkaBroker {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_ready()
+    }
+
+    /// Starts the process without waiting for it to be ready.
+    fn launch(&mut self) -> Result<()> {
         anyhow::ensure!(self.proc.is_none(), "Kafka broker is already running");
         let dir = self.dir.path();
-        let log = self.server_log();
-        let log_offset = util::file_len(&log);
+        self.ready_from = util::file_len(&self.server_log());
         let out_path = dir.join("kafka.out");
         let out = File::options()
             .create(true)
@@ -90,7 +216,20 @@ impl KafkaBroker {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let mut proc = sys::spawn(cmd, "kafka")?;
+        if let Some(m) = &self.member {
+            cmd.args(["--node-id", &m.node_id.to_string()])
+                .args(["--voters", &m.voters])
+                .args(["--cluster-id", &m.cluster_id]);
+        }
+        self.proc = Some(sys::spawn(cmd, "kafka")?);
+        Ok(())
+    }
+
+    /// Waits until the launched broker has logged that it started and takes connections.
+    fn wait_ready(&mut self) -> Result<()> {
+        let log = self.server_log();
+        let log_offset = self.ready_from;
+        let mut proc = self.proc.take().context("Kafka broker is not launched")?;
         let started = Instant::now();
         let addr = util::loopback(self.port);
         loop {

@@ -16,7 +16,7 @@ pub use config::ConfigBuilder;
 pub use daemon::DtfedProcess;
 pub use federation::{DrillOutcome, DrillProcess, Federation, FederationSpec};
 pub use http::{http_get, http_request, HttpResponse};
-pub use kafka::KafkaBroker;
+pub use kafka::{KafkaBroker, KafkaCluster};
 pub use redis::RedisServer;
 pub use sys::{pid_alive, wait_pid_gone};
 pub use util::{free_port, TestDir};
