@@ -166,6 +166,48 @@ async fn a_silent_connection_is_closed_within_the_idle_timeout_and_a_live_one_st
     Ok(())
 }
 
+/// The kernel's timer on the TCP connection from `client` to `server` (field `tr` of
+/// /proc/net/tcp: 0 none, 1 retransmit, 2 keepalive, ...), if the connection is listed.
+fn tcp_timer(server: SocketAddr, client: SocketAddr) -> Result<Option<u8>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").context("/proc/net/tcp")?;
+    let port = |field: &str| {
+        field
+            .rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    for line in table.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 6 {
+            continue;
+        }
+        if port(cols[1]) == Some(server.port()) && port(cols[2]) == Some(client.port()) {
+            let timer = cols[5].split(':').next().unwrap_or_default();
+            return Ok(u8::from_str_radix(timer, 16).ok());
+        }
+    }
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn player_sockets_have_tcp_keepalive() -> Result<()> {
+    let d = start(ConfigBuilder::shared("keepalive", "seoul")?.partitions(1)).await?;
+    let raw = RawWs::connect(d.client_addr(), "name=quiet").await?;
+    let client = raw.tcp.local_addr()?;
+    // An idle connection with nothing unacknowledged has the keepalive timer running on the
+    // server's side; without SO_KEEPALIVE it has no timer at all.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut timer = None;
+    while Instant::now() < deadline {
+        timer = tcp_timer(d.client_addr(), client)?;
+        if timer == Some(2) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("server side of {client}: timer {timer:?}, want 2 (keepalive)")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_get_their_close_codes() -> Result<()> {
     let d = start(ConfigBuilder::shared("protocol", "seoul")?.partitions(1)).await?;
