@@ -301,6 +301,66 @@ async fn a_cursor_naming_unknown_regions_is_bad_frame() -> Result<()> {
     Ok(())
 }
 
+fn rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+/// The attack of issue 7, scaled down: many connections, each subscribing 250 rooms with a
+/// cursor of 3,500 made-up origins. Refused frame by frame, it leaves the daemon's memory
+/// where it was (before the fix, every subscription kept its 3,500 origins).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_bombs_do_not_grow_the_daemon() -> Result<()> {
+    const CONNECTIONS: usize = 20;
+    const ROOMS: usize = 250;
+    let d = start(ConfigBuilder::shared("cursor-bomb-rss", "seoul")?.partitions(1)).await?;
+    let bomb: serde_json::Map<String, Value> =
+        (0..3500).map(|i| (format!("r{i}"), json!(0))).collect();
+    let bomb = Value::Object(bomb).to_string();
+    let before = rss_kb(d.pid())?;
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let url = d.ws_url_as(&format!("bomber{c}"));
+        let bomb = bomb.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ws = WsClient::connect(&url).await?;
+            let mut refused = 0;
+            for r in 0..ROOMS {
+                ws.send_text(&format!(
+                    r#"{{"op":"sub","room":"room-{r}","since":{bomb}}}"#
+                ))
+                .await?;
+                let f = ws
+                    .recv_until(|f| f["op"] == "error" || f["op"] == "synced", T)
+                    .await?;
+                if f["code"] == "bad_frame" {
+                    refused += 1;
+                }
+            }
+            anyhow::Ok((ws, refused))
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        let (ws, refused) = t.await??;
+        assert_eq!(refused, ROOMS);
+        held.push(ws);
+    }
+    let during = rss_kb(d.pid())?;
+    let grown_mb = during.saturating_sub(before) / 1024;
+    eprintln!("daemon RSS {before} kB -> {during} kB with {CONNECTIONS} bombers");
+    // 20 connections' buffers, not 5,000 subscriptions of 3,500 origins (~1 GB before).
+    assert!(
+        grown_mb < 32,
+        "RSS grew by {grown_mb} MB ({before} kB -> {during} kB)"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires() -> Result<()> {
     let secret = "a-test-secret-of-enough-length";
