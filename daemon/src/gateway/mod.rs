@@ -132,6 +132,16 @@ impl Gateway {
                 .is_some_and(|m| m.origins.contains_key(region))
     }
 
+    /// Why a player's cursor cannot be used, if it names a region this one does not know.
+    /// Made-up origins would be kept per subscription and echoed in every `synced`.
+    pub fn foreign_origin(&self, cursor: Option<&dtfed_proto::Cursor>) -> Option<String> {
+        let (origin, _) = cursor?.origins().find(|(o, _)| !self.knows_region(o))?;
+        Some(format!(
+            "cursor names region {origin:?}, which is neither {} nor one of its peers",
+            self.region
+        ))
+    }
+
     /// Open WebSocket connections.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)

@@ -413,23 +413,10 @@ impl Session {
             }
             // Boxed, like the other rare paths (backfill, finish): a session's task is as
             // large as its largest state, and an idle player should not pay for a replay.
-            Ok(ClientFrame::Sub { room, since }) => {
-                // Only regions this one knows may be in a cursor: made-up origins would be
-                // kept per subscription and echoed in every `synced`.
-                let unknown = since.as_ref().and_then(|c| {
-                    c.origins()
-                        .map(|(o, _)| o)
-                        .find(|o| !self.gw.knows_region(o))
-                });
-                if let Some(origin) = unknown {
-                    let message = format!(
-                        "cursor names region {origin:?}, which is neither {} nor one of its peers",
-                        self.gw.region
-                    );
-                    return self.error(ErrorCode::BadFrame, message, None).await;
-                }
-                Box::pin(self.subscribe(room, since)).await
-            }
+            Ok(ClientFrame::Sub { room, since }) => match self.gw.foreign_origin(since.as_ref()) {
+                Some(why) => self.error(ErrorCode::BadFrame, why, None).await,
+                None => Box::pin(self.subscribe(room, since)).await,
+            },
             Ok(ClientFrame::Unsub { room }) => {
                 if self.subs.remove(&room).is_some() {
                     self.gw.rooms.leave(&room, self.id).await;
