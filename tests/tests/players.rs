@@ -412,3 +412,53 @@ fn hs256(secret: &str, claims: &Value) -> String {
     mac.update(format!("{head}.{body}").as_bytes());
     format!("{head}.{body}.{}", b64.encode(mac.finalize().into_bytes()))
 }
+
+/// Issue 7, item 16: room joins and leaves used to share one daemon-wide lock, held across
+/// the bus round trip. Here Redis stops answering (`CLIENT PAUSE`) while one player joins a
+/// new room, so that join's bus subscribe hangs; a player leaving another room and pinging
+/// must not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_subscribe_does_not_hold_up_other_rooms() -> Result<()> {
+    let redis = tokio::task::spawn_blocking(dtfed_tests::RedisServer::start).await??;
+    let cfg = ConfigBuilder::shared("room-locks", "seoul")?
+        .partitions(1)
+        .redis(&redis.url());
+    let d = start(cfg).await?;
+    let mut p = WsClient::connect(&d.ws_url_as("p")).await?;
+    p.sub("lobby", None, T).await?;
+    let mut q = WsClient::connect(&d.ws_url_as("q")).await?;
+    q.sub("lobby", None, T).await?;
+    let mut late = WsClient::connect(&d.ws_url_as("late")).await?;
+
+    let pause = Duration::from_secs(4);
+    let mut admin = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis() as u64)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await?;
+    let paused = Instant::now();
+    // The first player of a new room: the daemon subscribes it on the bus, which hangs.
+    late.send_json(&json!({"op": "sub", "room": "new-room"}))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Leaving a room someone else still holds needs no bus round trip.
+    q.unsub("lobby").await?;
+    q.ping(T).await?;
+    let took = paused.elapsed();
+    anyhow::ensure!(
+        took < Duration::from_millis(1500),
+        "unsub + ping took {took:?}: it waited for another room's subscribe"
+    );
+    let synced = late.recv_until(|f| f["op"] == "synced", T).await?;
+    assert!(
+        paused.elapsed() >= pause - Duration::from_millis(500),
+        "the subscribe did not hang: {synced}"
+    );
+    p.ping(T).await?;
+    Ok(())
+}
