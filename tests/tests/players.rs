@@ -126,7 +126,7 @@ async fn start(cfg: ConfigBuilder) -> Result<DtfedProcess> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_within_the_idle_timeout_and_a_live_one_stays() -> Result<()>
 {
-    let idle = Duration::from_millis(1500);
+    let idle = Duration::from_millis(2000);
     let cfg = ConfigBuilder::shared("idle", "seoul")?
         .partitions(1)
         .set("client", "ping_interval_ms", 300)
