@@ -105,7 +105,8 @@ impl LocalRooms {
         Ok(())
     }
 
-    /// Removes `session` from `room`; the last one out unsubscribes the room.
+    /// Removes `session` from `room`; the last one out unsubscribes the room. A no-op for a
+    /// session that is not in the room.
     pub async fn leave(&self, room: &RoomId, id: SessionId) {
         let _serial = self.changes.lock(room).await;
         let last = {

@@ -38,7 +38,11 @@ impl RawFrame {
 
 impl RawWs {
     async fn connect(addr: SocketAddr, query: &str) -> Result<RawWs> {
-        let mut tcp = TcpStream::connect(addr).await?;
+        RawWs::upgrade(TcpStream::connect(addr).await?, addr, query).await
+    }
+
+    /// Does the WebSocket upgrade on an already connected socket.
+    async fn upgrade(mut tcp: TcpStream, addr: SocketAddr, query: &str) -> Result<RawWs> {
         let request = format!(
             "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -461,4 +465,69 @@ async fn a_hung_subscribe_does_not_hold_up_other_rooms() -> Result<()> {
     );
     p.ping(T).await?;
     Ok(())
+}
+
+/// Rooms with local players and open connections, from `/status`.
+fn rooms_and_clients(d: &DtfedProcess) -> Result<(u64, u64)> {
+    let s = d.admin_get("/status", None)?.json()?;
+    Ok((
+        s["rooms"].as_u64().context("rooms")?,
+        s["clients"].as_u64().context("clients")?,
+    ))
+}
+
+/// A player that vanishes in the middle of its `sub` replay (here: it does not read, then
+/// resets the connection while the server is blocked writing the replay) leaves nothing
+/// behind: not its room membership, not the room's bus subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_player_gone_during_its_replay_leaves_its_room() -> Result<()> {
+    let cfg = ConfigBuilder::shared("gone-mid-replay", "seoul")?
+        .partitions(1)
+        .set("client", "publish_rate_per_sec", 10_000)
+        .set("client", "publish_burst", 10_000);
+    let d = start(cfg).await?;
+    // A history larger than the socket buffers between the server and a player that does
+    // not read (its receive buffer shrunk to the minimum).
+    let mut writer = WsClient::connect(&d.ws_url_as("writer")).await?;
+    writer.sub("archive", None, T).await?;
+    let pad = "p".repeat(30_000);
+    const N: usize = 250;
+    for i in 0..N {
+        writer
+            .publish("archive", json!({"i": i, "pad": pad}), T)
+            .await?;
+    }
+    for _ in 0..N {
+        writer.recv_until(|f| f["op"] == "msg", T).await?;
+    }
+    writer.unsub("archive").await?;
+    writer.ping(T).await?;
+    assert_eq!(rooms_and_clients(&d)?, (0, 1));
+
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket.connect(d.client_addr()).await?;
+    let mut raw = RawWs::upgrade(tcp, d.client_addr(), "name=vanishing").await?;
+    raw.send_frame(
+        0x1,
+        br#"{"op":"sub","room":"archive","since":{"seoul":-1}}"#,
+    )
+    .await?;
+    // The server is now blocked writing the replay; the player resets the connection.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    raw.tcp.set_zero_linger()?;
+    drop(raw);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = rooms_and_clients(&d)?;
+        if now == (0, 1) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "(rooms, clients) = {now:?} long after the player left; want (0, 1)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -415,7 +415,7 @@ impl Session {
             // large as its largest state, and an idle player should not pay for a replay.
             Ok(ClientFrame::Sub { room, since }) => match self.gw.foreign_origin(since.as_ref()) {
                 Some(why) => self.error(ErrorCode::BadFrame, why, None).await,
-                None => Box::pin(self.subscribe(room, since)).await,
+                None => self.subscribe_or_leave(room, since).await,
             },
             Ok(ClientFrame::Unsub { room }) => {
                 if self.subs.remove(&room).is_some() {
@@ -492,6 +492,18 @@ impl Session {
         };
         self.subs.insert(room.clone(), cursor.clone());
         self.send(&ServerFrame::Synced { room, cursor }).await
+    }
+
+    /// [`Session::subscribe`]; if the connection ends before the room made it into `subs`
+    /// (the player vanished during its replay), leaves the room again: `finish` leaves only
+    /// the rooms in `subs`, and the membership and the room's bus subscription would stay.
+    async fn subscribe_or_leave(&mut self, room: RoomId, since: Option<Cursor>) -> Result<(), End> {
+        let subscribed = Box::pin(self.subscribe(room.clone(), since)).await;
+        if subscribed.is_err() && !self.subs.contains_key(&room) {
+            // A no-op when the session never joined.
+            self.gw.rooms.leave(&room, self.id).await;
+        }
+        subscribed
     }
 
     async fn sub_failed(&mut self, room: &RoomId, why: String) -> Result<(), End> {
