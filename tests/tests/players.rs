@@ -366,18 +366,27 @@ async fn cursor_bombs_do_not_grow_the_daemon() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_ends_when_its_token_expires() -> Result<()> {
+async fn a_session_ends_when_its_token_expires_and_bad_claims_are_refused() -> Result<()> {
     let secret = "a-test-secret-of-enough-length";
     let cfg = ConfigBuilder::shared("jwt-expiry", "seoul")?
         .partitions(1)
-        .auth_jwt(secret);
+        .auth_jwt(secret)
+        .set("client", "jwt_issuer", "login.example")
+        .set("client", "jwt_audience", "dtfed");
     let d = start(cfg).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
+    let (iss, aud) = ("login.example", "dtfed");
     // Valid for 2 more seconds, plus the 5 s of clock-skew leeway.
-    let short = hs256(secret, &json!({"sub": "ann", "exp": now + 2}));
-    let long = hs256(secret, &json!({"sub": "bob", "exp": now + 600}));
+    let short = hs256(
+        secret,
+        &json!({"sub": "ann", "exp": now + 2, "iss": iss, "aud": aud}),
+    );
+    let long = hs256(
+        secret,
+        &json!({"sub": "bob", "exp": now + 600, "iss": iss, "aud": [aud, "chat"]}),
+    );
     let started = Instant::now();
     let mut ann = WsClient::connect(&d.ws_url_with_token(&short)).await?;
     let mut bob = WsClient::connect(&d.ws_url_with_token(&long)).await?;
@@ -391,10 +400,15 @@ async fn a_session_ends_when_its_token_expires() -> Result<()> {
     );
     bob.ping(T).await?;
 
-    // Not valid yet (nbf an hour ahead) and control characters in sub: refused.
+    // Not valid yet (nbf an hour ahead), control characters in sub, another issuer or
+    // audience, or none: refused.
     for claims in [
-        json!({"sub": "eve", "exp": now + 7200, "nbf": now + 3600}),
-        json!({"sub": "eve\u{1b}[2J", "exp": now + 600}),
+        json!({"sub": "eve", "exp": now + 7200, "nbf": now + 3600, "iss": iss, "aud": aud}),
+        json!({"sub": "eve\u{1b}[2J", "exp": now + 600, "iss": iss, "aud": aud}),
+        json!({"sub": "eve", "exp": now + 600, "iss": "evil.example", "aud": aud}),
+        json!({"sub": "eve", "exp": now + 600, "iss": iss, "aud": "another-service"}),
+        json!({"sub": "eve", "exp": now + 600, "iss": iss}),
+        json!({"sub": "eve", "exp": now + 600, "aud": aud}),
     ] {
         let mut eve = WsClient::connect(&d.ws_url_with_token(&hs256(secret, &claims))).await?;
         let e = eve.recv_until(|f| f["op"] == "error", T).await?;
