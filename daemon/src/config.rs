@@ -57,6 +57,15 @@ pub struct ClientConfig {
     pub jwt_secret: String,
     /// JWT claim listing the room patterns a player may use (`*` suffix wildcards).
     pub jwt_rooms_claim: String,
+    /// When set, a token must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, a token must carry this `aud` (or a list holding it). When not set, a token
+    /// with an `aud` is refused: it was meant for someone else.
+    pub jwt_audience: Option<String>,
+    /// The server pings each connection this often (WebSocket Ping).
+    pub ping_interval_ms: u64,
+    /// A connection from which nothing arrives (no frame, no Pong) for this long is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ClientConfig {
@@ -72,6 +81,10 @@ impl Default for ClientConfig {
             auth: AuthMode::None,
             jwt_secret: String::new(),
             jwt_rooms_claim: "rooms".into(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
         }
     }
 }
@@ -293,6 +306,28 @@ impl Config {
         if c.jwt_rooms_claim.is_empty() {
             errs.push("client.jwt_rooms_claim must not be empty".into());
         }
+        for (key, pinned) in [
+            ("jwt_issuer", &c.jwt_issuer),
+            ("jwt_audience", &c.jwt_audience),
+        ] {
+            if pinned.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errs.push(format!(
+                    "client.{key} must not be empty (leave it out to not pin it)"
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&c.ping_interval_ms) {
+            errs.push(format!(
+                "client.ping_interval_ms = {}: must be 100..=600000",
+                c.ping_interval_ms
+            ));
+        }
+        if c.idle_timeout_ms <= c.ping_interval_ms || c.idle_timeout_ms > 3_600_000 {
+            errs.push(format!(
+                "client.idle_timeout_ms = {}: must be more than client.ping_interval_ms ({}) and at most 3600000",
+                c.idle_timeout_ms, c.ping_interval_ms
+            ));
+        }
         if c.listen == self.admin.listen && c.listen.port() != 0 {
             errs.push(format!(
                 "client.listen and admin.listen are both {}",
@@ -490,6 +525,34 @@ url = "http://x"
         assert!(errs.iter().any(|e| e.contains("region")));
         assert!(errs.iter().any(|e| e.contains("jwt_secret")));
         assert!(errs.iter().any(|e| e.contains("redis.url")));
+    }
+
+    #[test]
+    fn keepalive_and_jwt_pinning_are_validated() {
+        let cfg = Config::from_toml(MINIMAL, |_| None).expect("valid");
+        assert!(cfg.client.idle_timeout_ms > cfg.client.ping_interval_ms);
+        let with = |client: &str| {
+            MINIMAL.replace("auth = \"none\"", &format!("auth = \"none\"\n{client}"))
+        };
+        let ok = Config::from_toml(
+            &with("ping_interval_ms = 500\nidle_timeout_ms = 1500\njwt_issuer = \"login\""),
+            |_| None,
+        )
+        .expect("valid");
+        assert_eq!(ok.client.idle_timeout_ms, 1500);
+        assert_eq!(ok.client.jwt_issuer.as_deref(), Some("login"));
+        for (bad, key) in [
+            ("ping_interval_ms = 0", "client.ping_interval_ms"),
+            (
+                "ping_interval_ms = 5000\nidle_timeout_ms = 5000",
+                "client.idle_timeout_ms",
+            ),
+            ("idle_timeout_ms = 10", "client.idle_timeout_ms"),
+            ("jwt_audience = \"\"", "client.jwt_audience"),
+        ] {
+            let errs = Config::from_toml(&with(bad), |_| None).expect_err(bad).0;
+            assert!(errs.iter().any(|e| e.contains(key)), "{bad}: {errs:#?}");
+        }
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub struct Metrics {
     pub publish_latency: Histogram,
     /// Error frames sent, by code.
     pub errors: Family<CodeLabel, Counter>,
-    /// Connections closed by the server, by reason (`slow_reader`, `flood`, `too_large`, ...).
+    /// Connections closed by the server, by reason (`slow_reader`, `flood`, `too_large`,
+    /// `bad_utf8`, `protocol_error`, `idle`, `token_expired`, ...).
     pub closes: Family<ReasonLabel, Counter>,
     /// Records the fan-out owners wrote to the bus.
     pub fanout_applied: Counter,

@@ -5,13 +5,16 @@
 //! Every session has a bounded outbound queue. The dispatcher never waits on a session: a
 //! session whose queue is full is a reader too slow to keep up, and it is told to close
 //! (its memory stays bounded, and so does the daemon's).
+//!
+//! Joins and leaves are serialized per room (not daemon-wide): a room whose bus subscribe is
+//! slow (a Redis round trip that stalls) holds up only the players joining that room.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use dtfed_proto::{MsgFrame, RoomId};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, BusEvent, BusEvents};
@@ -52,9 +55,9 @@ type RoomTable = HashMap<RoomId, HashMap<SessionId, SessionSink>>;
 pub struct LocalRooms {
     bus: Arc<dyn Bus>,
     rooms: RwLock<RoomTable>,
-    /// Serializes subscribe/unsubscribe against the bus, so an unsubscribe of a room's last
-    /// session can never overtake the subscribe of its next first session.
-    changes: Mutex<()>,
+    /// Serializes subscribe/unsubscribe of each room against the bus, so an unsubscribe of a
+    /// room's last session can never overtake the subscribe of its next first session.
+    changes: RoomLocks,
     metrics: Arc<Metrics>,
 }
 
@@ -63,7 +66,7 @@ impl LocalRooms {
         Arc::new(LocalRooms {
             bus,
             rooms: RwLock::new(HashMap::new()),
-            changes: Mutex::new(()),
+            changes: RoomLocks::default(),
             metrics,
         })
     }
@@ -79,7 +82,7 @@ impl LocalRooms {
         id: SessionId,
         sink: SessionSink,
     ) -> Result<(), BusError> {
-        let _serial = self.changes.lock().await;
+        let _serial = self.changes.lock(room).await;
         let first = {
             let mut rooms = self.write();
             let sessions = rooms.entry(room.clone()).or_default();
@@ -102,9 +105,10 @@ impl LocalRooms {
         Ok(())
     }
 
-    /// Removes `session` from `room`; the last one out unsubscribes the room.
+    /// Removes `session` from `room`; the last one out unsubscribes the room. A no-op for a
+    /// session that is not in the room.
     pub async fn leave(&self, room: &RoomId, id: SessionId) {
-        let _serial = self.changes.lock().await;
+        let _serial = self.changes.lock(room).await;
         let last = {
             let mut rooms = self.write();
             match rooms.get_mut(room) {
@@ -193,6 +197,59 @@ impl LocalRooms {
     }
 }
 
+/// One lock per room with a join or leave under way; a room's lock goes when nobody holds or
+/// awaits it, so the table holds at most the rooms being changed right now.
+#[derive(Default)]
+struct RoomLocks(StdMutex<HashMap<RoomId, Arc<Mutex<()>>>>);
+
+/// Holds one room's lock; dropping it releases the lock and forgets it if nobody waits.
+struct RoomLockGuard<'a> {
+    locks: &'a RoomLocks,
+    room: RoomId,
+    lock: Arc<Mutex<()>>,
+    held: Option<OwnedMutexGuard<()>>,
+}
+
+impl RoomLocks {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<RoomId, Arc<Mutex<()>>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn lock(&self, room: &RoomId) -> RoomLockGuard<'_> {
+        let lock = self.table().entry(room.clone()).or_default().clone();
+        let mut guard = RoomLockGuard {
+            locks: self,
+            room: room.clone(),
+            lock: lock.clone(),
+            held: None,
+        };
+        // Assigned after the await: a join cancelled while waiting still drops `guard`,
+        // which forgets the room's lock if it was the last one to want it.
+        guard.held = Some(lock.lock_owned().await);
+        guard
+    }
+
+    /// Rooms with a lock in the table (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table().len()
+    }
+}
+
+impl Drop for RoomLockGuard<'_> {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut table = self.locks.table();
+        // The table's Arc and ours: nobody else holds or awaits this room's lock. New
+        // waiters clone it under the table's lock, which we hold.
+        if Arc::strong_count(&self.lock) == 2 {
+            table.remove(&self.room);
+        }
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -212,5 +269,106 @@ fn offer(sink: &SessionSink, item: Outbound, metrics: &Metrics) {
         }
         // The session is gone and will leave its rooms shortly.
         Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::config::HistoryConfig;
+    use async_trait::async_trait;
+    use dtfed_proto::{Cursor, LogRecord};
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    /// The in-memory bus, except that subscribing to `stalled` waits until `release` fires
+    /// (a Redis round trip that hangs).
+    struct StallingBus {
+        inner: MemoryBus,
+        stalled: RoomId,
+        release: Arc<Notify>,
+    }
+
+    #[async_trait]
+    impl Bus for StallingBus {
+        async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
+            self.inner.apply(rec).await
+        }
+        async fn history(&self, room: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
+            self.inner.history(room).await
+        }
+        async fn tails(&self, room: &RoomId) -> Result<Cursor, BusError> {
+            self.inner.tails(room).await
+        }
+        async fn subscribe(&self, room: &RoomId) -> Result<(), BusError> {
+            if *room == self.stalled {
+                self.release.notified().await;
+            }
+            self.inner.subscribe(room).await
+        }
+        async fn unsubscribe(&self, room: &RoomId) -> Result<(), BusError> {
+            self.inner.unsubscribe(room).await
+        }
+        async fn ping(&self) -> Result<(), BusError> {
+            self.inner.ping().await
+        }
+    }
+
+    fn sink() -> SessionSink {
+        let (queue, _rx) = mpsc::channel(16);
+        SessionSink {
+            queue,
+            slow: CancellationToken::new(),
+        }
+    }
+
+    fn room(s: &str) -> RoomId {
+        RoomId::parse(s).expect("room id")
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscribe_blocks_only_its_own_room() {
+        let (inner, _events) = MemoryBus::new(&HistoryConfig::default());
+        let release = Arc::new(Notify::new());
+        let bus = Arc::new(StallingBus {
+            inner,
+            stalled: room("stuck"),
+            release: release.clone(),
+        });
+        let rooms = LocalRooms::new(bus, Arc::new(Metrics::new("seoul")));
+
+        let stuck = tokio::spawn({
+            let rooms = rooms.clone();
+            async move { rooms.join(&room("stuck"), 1, sink()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!stuck.is_finished(), "the stalled subscribe returned");
+
+        // Other rooms join and leave while the stalled one waits on the bus.
+        for (i, name) in ["lobby", "table-1", "table-2"].into_iter().enumerate() {
+            let id = 10 + i as u64;
+            tokio::time::timeout(Duration::from_secs(2), rooms.join(&room(name), id, sink()))
+                .await
+                .unwrap_or_else(|_| panic!("join to {name} waited for another room's subscribe"))
+                .expect("join");
+            tokio::time::timeout(Duration::from_secs(2), rooms.leave(&room(name), id))
+                .await
+                .unwrap_or_else(|_| panic!("leave of {name} waited for another room's subscribe"));
+        }
+        // A second join to the stalled room waits its turn behind the first.
+        let second = tokio::spawn({
+            let rooms = rooms.clone();
+            async move { rooms.join(&room("stuck"), 2, sink()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished());
+
+        release.notify_one();
+        stuck.await.expect("task").expect("join");
+        second.await.expect("task").expect("join");
+        assert_eq!(rooms.room_count(), 1);
+        // Only rooms being changed right now have a lock.
+        assert_eq!(rooms.changes.len(), 0);
     }
 }

@@ -134,7 +134,7 @@ struct LooseFrame<'a> {
     op: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     room: Option<&'a RawValue>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::cursor::deserialize_bounded")]
     since: Option<Cursor>,
     #[serde(default)]
     body: Option<Box<RawValue>>,

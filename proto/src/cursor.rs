@@ -2,10 +2,21 @@
 //!
 //! Per (room, origin) offsets only grow, so a cursor is both the resume point and the
 //! dedupe key: anything at or below `cursor[origin]` has been seen already.
+//!
+//! A cursor from a player is read with [`deserialize_bounded`]: at most [`MAX_ORIGINS`]
+//! origins, each a valid region name, so one frame cannot make the gateway hold thousands
+//! of made-up origins.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::room::valid_region_name;
+
+/// Most origins a player's cursor may name (regions of one federation).
+pub const MAX_ORIGINS: usize = 64;
 
 /// `{"<origin>": last_offset_seen, ...}`. An origin that is absent has seen nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,10 +54,89 @@ impl Cursor {
     }
 }
 
+/// Reads an optional cursor from a player: at most [`MAX_ORIGINS`] origins, each a valid
+/// region name. Stops reading at the first origin too many, whatever the frame still holds.
+pub fn deserialize_bounded<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cursor>, D::Error> {
+    struct Bounded;
+    impl<'de> Visitor<'de> for Bounded {
+        type Value = Option<Cursor>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "a cursor: an object of at most {MAX_ORIGINS} region names to offsets"
+            )
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut origins = BTreeMap::new();
+            while let Some(origin) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if origins.len() == MAX_ORIGINS {
+                    return Err(serde::de::Error::custom(format!(
+                        "cursor names more than {MAX_ORIGINS} origins"
+                    )));
+                }
+                if !valid_region_name(&origin) {
+                    return Err(serde::de::Error::custom(
+                        "cursor origin is not a region name (1-32 of [a-z0-9-])",
+                    ));
+                }
+                let offset: i64 = map.next_value()?;
+                origins.insert(origin.into_owned(), offset);
+            }
+            Ok(Some(Cursor(origins)))
+        }
+    }
+    d.deserialize_any(Bounded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[derive(Deserialize)]
+    struct Since {
+        #[serde(default, deserialize_with = "deserialize_bounded")]
+        since: Option<Cursor>,
+    }
+
+    fn since(json: &str) -> Result<Option<Cursor>, serde_json::Error> {
+        serde_json::from_str::<Since>(json).map(|s| s.since)
+    }
+
+    #[test]
+    fn player_cursors_are_bounded() {
+        assert_eq!(since("{}").unwrap(), None);
+        assert_eq!(since(r#"{"since":null}"#).unwrap(), None);
+        let c = since(r#"{"since":{"seoul":4,"tokyo":-1}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.get("seoul"), Some(4));
+        let full: BTreeMap<String, i64> = (0..MAX_ORIGINS).map(|i| (format!("r{i}"), 1)).collect();
+        let json = format!(r#"{{"since":{}}}"#, serde_json::to_string(&full).unwrap());
+        assert_eq!(since(&json).unwrap().unwrap().0.len(), MAX_ORIGINS);
+        let bomb: BTreeMap<String, i64> = (0..3500).map(|i| (format!("r{i}"), 1)).collect();
+        let json = format!(r#"{{"since":{}}}"#, serde_json::to_string(&bomb).unwrap());
+        assert!(since(&json)
+            .unwrap_err()
+            .to_string()
+            .contains("more than 64"));
+        for bad in [
+            r#"{"since":{"Seoul":1}}"#,
+            r#"{"since":{"":1}}"#,
+            r#"{"since":{"a\u0000b":1}}"#,
+            r#"{"since":{"seoul":"1"}}"#,
+            r#"{"since":[1]}"#,
+            r#"{"since":3}"#,
+        ] {
+            assert!(since(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn advance_only_moves_forward() {

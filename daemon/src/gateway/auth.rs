@@ -1,6 +1,11 @@
 //! Who a connection is: `?name=` in auth mode `none`, an HS256 JWT in `?token=` in mode
 //! `jwt`. The JWT's `sub` is the player; an optional claim (default `rooms`) lists the room
 //! patterns the player may use (`table-7`, or `table-*` for a prefix).
+//!
+//! A token is refused before its `nbf` and after its `exp` (both with [`LEEWAY_SECS`] for
+//! clock skew), when `iss`/`aud` do not match the pinned ones (`client.jwt_issuer`,
+//! `client.jwt_audience`), and when `sub` holds control characters. A session ends when its
+//! token expires ([`Player::expires_at`]).
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -10,12 +15,18 @@ use crate::config::{AuthMode, ClientConfig};
 /// Longest player name, in bytes.
 pub const MAX_PLAYER_LEN: usize = 64;
 
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 5;
+
 /// An authenticated player.
 #[derive(Clone, Debug)]
 pub struct Player {
     pub name: String,
     /// Room patterns the player may use; `None` allows every room.
     rooms: Option<Vec<String>>,
+    /// When the credentials stop being valid (the JWT's `exp` plus [`LEEWAY_SECS`]);
+    /// `None` in auth mode `none`.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 impl Player {
@@ -52,8 +63,18 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(cfg: &ClientConfig) -> Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        let mut required = vec!["exp", "sub"];
+        validation.validate_nbf = true;
+        validation.leeway = LEEWAY_SECS;
+        if let Some(iss) = &cfg.jwt_issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &cfg.jwt_audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         Authenticator {
             mode: cfg.auth,
             key: DecodingKey::from_secret(cfg.jwt_secret.as_bytes()),
@@ -80,6 +101,7 @@ impl Authenticator {
                 Ok(Player {
                     name: name.to_owned(),
                     rooms: None,
+                    expires_at: None,
                 })
             }
             AuthMode::Jwt => {
@@ -94,11 +116,27 @@ impl Authenticator {
                 let name = claims
                     .get("sub")
                     .and_then(|v| v.as_str())
-                    .filter(|s| !s.is_empty() && s.len() <= MAX_PLAYER_LEN)
+                    .filter(|s| {
+                        !s.is_empty()
+                            && s.len() <= MAX_PLAYER_LEN
+                            && !s.chars().any(char::is_control)
+                    })
                     .ok_or_else(|| {
-                        AuthError::BadToken("sub must be a player name of 1-64 bytes".into())
+                        AuthError::BadToken(format!(
+                            "sub must be a player name of 1-{MAX_PLAYER_LEN} bytes of printable characters"
+                        ))
                     })?
                     .to_owned();
+                // Validation checked `exp` is a number in the future.
+                let expires_at = claims
+                    .get("exp")
+                    .and_then(serde_json::Value::as_f64)
+                    .filter(|exp| exp.is_finite() && *exp >= 0.0)
+                    .map(|exp| {
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs_f64(exp.min(1e12))
+                            + std::time::Duration::from_secs(LEEWAY_SECS)
+                    });
                 let rooms = match claims.get(&self.rooms_claim) {
                     None => None,
                     Some(v) => Some(Vec::<String>::deserialize(v).map_err(|_| {
@@ -108,7 +146,11 @@ impl Authenticator {
                         ))
                     })?),
                 };
-                Ok(Player { name, rooms })
+                Ok(Player {
+                    name,
+                    rooms,
+                    expires_at,
+                })
             }
         }
     }
@@ -206,6 +248,82 @@ mod tests {
             a.authenticate(None, Some(&no_exp)),
             Err(AuthError::BadToken(_))
         ));
+    }
+
+    #[test]
+    fn refuses_not_yet_valid_tokens_and_control_characters_in_sub() {
+        let a = jwt_auth();
+        let early = token(
+            json!({"sub":"ann","exp":now()+600,"nbf":now()+300}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        assert!(
+            matches!(a.authenticate(None, Some(&early)), Err(AuthError::BadToken(ref m)) if m.contains("ImmatureSignature")),
+            "{:?}",
+            a.authenticate(None, Some(&early))
+        );
+        let valid_now = token(
+            json!({"sub":"ann","exp":now()+600,"nbf":now()-1}),
+            Algorithm::HS256,
+            SECRET,
+        );
+        let p = a
+            .authenticate(None, Some(&valid_now))
+            .expect("nbf in the past");
+        let left = p
+            .expires_at
+            .expect("a JWT session expires")
+            .duration_since(std::time::SystemTime::now())
+            .expect("in the future")
+            .as_secs();
+        assert!((600..=600 + LEEWAY_SECS).contains(&left), "{left}");
+        for sub in ["ann\u{1b}[2J", "a\nb", "\u{7f}", "\u{85}x"] {
+            let t = token(json!({"sub":sub,"exp":now()+60}), Algorithm::HS256, SECRET);
+            assert!(
+                matches!(a.authenticate(None, Some(&t)), Err(AuthError::BadToken(_))),
+                "{sub:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pinned_issuer_and_audience_are_required() {
+        let a = Authenticator::new(&ClientConfig {
+            auth: AuthMode::Jwt,
+            jwt_secret: SECRET.into(),
+            jwt_issuer: Some("login.example".into()),
+            jwt_audience: Some("dtfed".into()),
+            ..ClientConfig::default()
+        });
+        let ok = |claims: serde_json::Value| {
+            a.authenticate(None, Some(&token(claims, Algorithm::HS256, SECRET)))
+                .is_ok()
+        };
+        let exp = now() + 60;
+        assert!(ok(
+            json!({"sub":"ann","exp":exp,"iss":"login.example","aud":"dtfed"})
+        ));
+        assert!(ok(
+            json!({"sub":"ann","exp":exp,"iss":"login.example","aud":["other","dtfed"]})
+        ));
+        assert!(!ok(
+            json!({"sub":"ann","exp":exp,"iss":"evil","aud":"dtfed"})
+        ));
+        assert!(!ok(
+            json!({"sub":"ann","exp":exp,"iss":"login.example","aud":"other"})
+        ));
+        assert!(!ok(json!({"sub":"ann","exp":exp,"aud":"dtfed"})));
+        assert!(!ok(json!({"sub":"ann","exp":exp,"iss":"login.example"})));
+        // Not pinned: any issuer, but a token meant for another audience is still refused.
+        let open = jwt_auth();
+        let t = |c| token(c, Algorithm::HS256, SECRET);
+        assert!(open
+            .authenticate(None, Some(&t(json!({"sub":"ann","exp":exp,"iss":"any"}))))
+            .is_ok());
+        assert!(open
+            .authenticate(None, Some(&t(json!({"sub":"ann","exp":exp,"aud":"other"}))))
+            .is_err());
     }
 
     #[test]

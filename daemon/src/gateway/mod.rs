@@ -4,11 +4,18 @@
 //! room from a cursor; [`limits`] holds the rate limits.
 //!
 //! Close codes the gateway uses (also in `docs/PROTOCOL.md`):
-//! 1001 server shutting down, 1008 unauthorized, 1009 frame over the hard size limit,
-//! 4001 slow reader (outbound queue full), 4002 flood (frames faster than the flood limit).
+//! 1001 server shutting down, 1002 WebSocket protocol error, 1007 text not UTF-8,
+//! 1008 unauthorized or token expired, 1009 frame over the hard size limit,
+//! 4001 slow reader (outbound queue full), 4002 flood (frames faster than the flood limit),
+//! 4003 idle (nothing received, not even a Pong, within `client.idle_timeout_ms`).
+//!
+//! Dead connections: the session pings every `client.ping_interval_ms` and closes a
+//! connection silent for `client.idle_timeout_ms`; TCP keepalive (see [`TCP_KEEPALIVE_IDLE`])
+//! lets the kernel drop a peer that vanished without a FIN.
 
 pub mod auth;
 pub mod limits;
+pub mod read_error;
 pub mod resume;
 pub mod session;
 
@@ -46,11 +53,21 @@ const READ_BUFFER_BYTES: usize = 1024;
 /// buffer grows only as far as a burst needs, so an idle connection does not pay for it.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
+/// TCP keepalive on player connections: the first probe after this much silence, then one
+/// every [`TCP_KEEPALIVE_INTERVAL`]; the kernel drops the connection after
+/// [`TCP_KEEPALIVE_PROBES`] unanswered probes.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const TCP_KEEPALIVE_PROBES: u32 = 6;
+
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+pub const CLOSE_INVALID_DATA: u16 = 1007;
 pub const CLOSE_POLICY: u16 = 1008;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_SLOW_READER: u16 = 4001;
 pub const CLOSE_FLOOD: u16 = 4002;
+pub const CLOSE_IDLE: u16 = 4003;
 
 /// Everything the sessions of one daemon share.
 pub struct Gateway {
@@ -105,6 +122,26 @@ impl Gateway {
         })
     }
 
+    /// Whether `region` is this region or one of its peers: the only origins a player's
+    /// cursor may name.
+    pub fn knows_region(&self, region: &str) -> bool {
+        region == self.region
+            || self
+                .mirror_replay
+                .as_ref()
+                .is_some_and(|m| m.origins.contains_key(region))
+    }
+
+    /// Why a player's cursor cannot be used, if it names a region this one does not know.
+    /// Made-up origins would be kept per subscription and echoed in every `synced`.
+    pub fn foreign_origin(&self, cursor: Option<&dtfed_proto::Cursor>) -> Option<String> {
+        let (origin, _) = cursor?.origins().find(|(o, _)| !self.knows_region(o))?;
+        Some(format!(
+            "cursor names region {origin:?}, which is neither {} nor one of its peers",
+            self.region
+        ))
+    }
+
     /// Open WebSocket connections.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
@@ -136,6 +173,13 @@ pub async fn serve(
         // Nagle plus delayed ACKs add ~20 ms to small frames.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_PROBES);
+        if let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "SO_KEEPALIVE");
         }
     });
     axum::serve(

@@ -14,6 +14,12 @@
 //! [`WRITE_BATCH`] items, acks likewise), so a burst of a room's messages costs one
 //! `sendto` instead of one per frame. A write (feed or flush) the player does not take
 //! within [`WRITE_TIMEOUT`] closes the connection as a slow reader.
+//!
+//! # Liveness
+//!
+//! The session sends a WebSocket Ping every `client.ping_interval_ms` and closes (4003) a
+//! connection from which nothing (no frame, no Pong) arrived for `client.idle_timeout_ms`.
+//! A JWT session closes (1008) when its token expires.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -32,10 +38,9 @@ use tracing::Instrument;
 
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
+use super::read_error;
 use super::resume::{is_hole, replay};
-use super::{
-    Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_READER, CLOSE_TOO_BIG,
-};
+use super::{Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER};
 use crate::append::{AppendError, Appended};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
@@ -151,12 +156,45 @@ impl Session {
         // list) when first polled, so one per turn of the loop would cost that per message.
         let slow = slow_token.cancelled();
         let closing = closing_token.cancelled();
-        tokio::pin!(slow, closing);
+        let ping_every = Duration::from_millis(self.gw.cfg.ping_interval_ms);
+        let idle_after = Duration::from_millis(self.gw.cfg.idle_timeout_ms);
+        let mut pings =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Re-armed lazily: a frame only stamps `heard`; when the timer fires, it either moves
+        // to `heard + idle_after` or closes the connection.
+        let mut heard = tokio::time::Instant::now();
+        let idle = tokio::time::sleep_until(heard + idle_after);
+        let expired = token_expiry(self.player.expires_at);
+        tokio::pin!(slow, closing, idle, expired);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut slow => return Err(End::Close(CLOSE_SLOW_READER, "slow reader: outbound queue full")),
                 _ = &mut closing => return Ok(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
+                _ = &mut expired => {
+                    self.gw.metrics.closed("token_expired");
+                    return Err(End::Close(CLOSE_POLICY, "token expired"));
+                }
+                _ = &mut idle => {
+                    let now = tokio::time::Instant::now();
+                    if heard + idle_after > now {
+                        idle.as_mut().reset(heard + idle_after);
+                        continue;
+                    }
+                    // Not reading (publishes in flight at the limit) is our silence, not theirs.
+                    if self.pending.len() >= MAX_IN_FLIGHT {
+                        idle.as_mut().reset(now + idle_after);
+                        continue;
+                    }
+                    self.gw.metrics.closed("idle");
+                    return Err(End::Close(CLOSE_IDLE, "idle: nothing received within the idle timeout"));
+                }
+                _ = pings.tick() => {
+                    let fed = within_write_timeout(self.socket.feed(Message::Ping(Default::default()))).await;
+                    self.write_outcome(fed)?;
+                    self.unflushed = true;
+                }
                 Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
                     self.acked(ack).await?;
                     for _ in 1..WRITE_BATCH {
@@ -177,16 +215,19 @@ impl Session {
                 }
                 incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
                     None => return Ok(End::ClientClosed),
-                    Some(Ok(msg)) => Box::pin(self.incoming(msg)).await?,
+                    Some(Ok(msg)) => {
+                        heard = tokio::time::Instant::now();
+                        Box::pin(self.incoming(msg)).await?
+                    }
                     Some(Err(e)) => {
-                        // tungstenite refuses frames over the hard limit with a capacity error.
-                        let text = e.to_string();
-                        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
-                            self.gw.metrics.closed("too_large");
-                            return Err(End::Close(CLOSE_TOO_BIG, "frame too large"));
-                        }
-                        tracing::debug!(error = %text, "read failed");
-                        return Ok(End::ClientClosed);
+                        tracing::debug!(error = %e, "read failed");
+                        return match read_error::classify(&e) {
+                            Some(f) => {
+                                self.gw.metrics.closed(f.metric);
+                                Err(End::Close(f.code, f.reason))
+                            }
+                            None => Ok(End::ClientClosed),
+                        };
                     }
                 },
             }
@@ -372,7 +413,10 @@ impl Session {
             }
             // Boxed, like the other rare paths (backfill, finish): a session's task is as
             // large as its largest state, and an idle player should not pay for a replay.
-            Ok(ClientFrame::Sub { room, since }) => Box::pin(self.subscribe(room, since)).await,
+            Ok(ClientFrame::Sub { room, since }) => match self.gw.foreign_origin(since.as_ref()) {
+                Some(why) => self.error(ErrorCode::BadFrame, why, None).await,
+                None => self.subscribe_or_leave(room, since).await,
+            },
             Ok(ClientFrame::Unsub { room }) => {
                 if self.subs.remove(&room).is_some() {
                     self.gw.rooms.leave(&room, self.id).await;
@@ -448,6 +492,18 @@ impl Session {
         };
         self.subs.insert(room.clone(), cursor.clone());
         self.send(&ServerFrame::Synced { room, cursor }).await
+    }
+
+    /// [`Session::subscribe`]; if the connection ends before the room made it into `subs`
+    /// (the player vanished during its replay), leaves the room again: `finish` leaves only
+    /// the rooms in `subs`, and the membership and the room's bus subscription would stay.
+    async fn subscribe_or_leave(&mut self, room: RoomId, since: Option<Cursor>) -> Result<(), End> {
+        let subscribed = Box::pin(self.subscribe(room.clone(), since)).await;
+        if subscribed.is_err() && !self.subs.contains_key(&room) {
+            // A no-op when the session never joined.
+            self.gw.rooms.leave(&room, self.id).await;
+        }
+        subscribed
     }
 
     async fn sub_failed(&mut self, room: &RoomId, why: String) -> Result<(), End> {
@@ -557,6 +613,19 @@ where
         return Ok(done);
     }
     tokio::time::timeout(WRITE_TIMEOUT, write).await
+}
+
+/// Fires when the player's token expires; never without one.
+async fn token_expiry(expires_at: Option<std::time::SystemTime>) {
+    match expires_at {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn now_ms() -> i64 {
