@@ -49,6 +49,21 @@ fn drill(
 
 fn assert_passed(outcome: &DrillOutcome) {
     let r = &outcome.report;
+    // The figures docs/RELIABILITY.md quotes (`--nocapture` shows them).
+    eprintln!(
+        "drill: acked {} lost {} duplicated {} reordered {} gaps {} resume_ms_p99 {} converge_ms {} publish errors {}",
+        r["acked"],
+        r["lost"],
+        r["duplicated"],
+        r["reordered"],
+        r["gaps"],
+        r["resume_ms_p99"],
+        r["converge_ms"],
+        r["canaries"]
+            .as_array()
+            .map(|cs| cs.iter().map(|c| c["publish_errors"].to_string()).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    );
     assert_eq!(outcome.exit_code, 0, "{}", outcome.output);
     assert_eq!(r["verdict"], "pass", "{}", outcome.output);
     for key in ["lost", "duplicated", "reordered"] {
@@ -169,5 +184,34 @@ async fn a_drained_daemon_hands_over_and_loses_nothing() -> Result<()> {
         "{}",
         outcome.output
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_leader_kills_in_a_three_broker_region_lose_nothing() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fault-leader-kill")?;
+    let mut spec = FederationSpec::new("leader-kill", &["seoul", "tokyo"], 1);
+    spec.first_region_kafka_nodes = 3;
+    let mut fed = Federation::start(spec).await?;
+    let topic = fed.region("seoul").cfg.local_topic();
+    let run = drill(&fed, &dir, 20, 100, 70)?;
+    // Five times: SIGKILL the broker leading partition 0 of seoul's local topic (every room
+    // hash lands on some partition; the drill's rooms cover them all), keep it down a few
+    // seconds while the others take over, start it again.
+    let mut killed = Vec::new();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let kafka = &mut fed.region_mut("seoul").kafka;
+        let leader = tokio::task::block_in_place(|| kafka.leader_of(&topic, 0))?;
+        kafka.nodes[leader].kill()?;
+        killed.push(leader + 1);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::block_in_place(|| kafka.nodes[leader].restart())?;
+    }
+    let outcome =
+        tokio::task::spawn_blocking(move || run.finish(Duration::from_secs(300))).await??;
+    eprintln!("killed leaders (node ids): {killed:?}");
+    assert_passed(&outcome);
     Ok(())
 }
