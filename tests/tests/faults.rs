@@ -215,3 +215,86 @@ async fn kafka_leader_kills_in_a_three_broker_region_lose_nothing() -> Result<()
     assert_passed(&outcome);
     Ok(())
 }
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_in_a_busy_room_is_closed_and_nobody_else_slows() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fault-slow-reader")?;
+    let mut spec = FederationSpec::new("slow-reader", &["seoul", "tokyo"], 1);
+    spec.extra_config = "[client]\noutbound_queue = 64\n".into();
+    let fed = Federation::start(spec).await?;
+    let seoul = fed.region("seoul");
+    let pid = seoul.daemons[0].pid();
+    let run = drill(&fed, &dir, 20, 100, 30)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_before = rss_kib(pid);
+
+    // A player who stops reading, in a room where 30 KB messages arrive 50 times a second,
+    // beside a player who reads them all.
+    let mut sloth = dtfed_tests::WsClient::connect(&seoul.ws(0, "sloth")).await?;
+    sloth.sub("busy", None, Duration::from_secs(20)).await?;
+    let mut reader = dtfed_tests::WsClient::connect(&seoul.ws(0, "reader")).await?;
+    reader.sub("busy", None, Duration::from_secs(20)).await?;
+    let mut bard = dtfed_tests::WsClient::connect(&seoul.ws(0, "bard")).await?;
+    let pad = "z".repeat(30_000);
+    let sent = 500;
+    let reading = tokio::spawn(async move {
+        let mut got = 0;
+        while got < sent {
+            reader
+                .recv_until(
+                    |f| f["op"] == "msg" && f["room"] == "busy",
+                    Duration::from_secs(30),
+                )
+                .await?;
+            got += 1;
+        }
+        anyhow::Ok(got)
+    });
+    for i in 0..sent {
+        bard.send_json(
+            &serde_json::json!({"op": "pub", "room": "busy", "ref": format!("{i}"),
+            "body": {"n": i, "pad": pad}}),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, reason) = sloth.expect_close(Duration::from_secs(30)).await?;
+    assert_eq!(code, 4001, "{reason}");
+    assert_eq!(
+        reading.await??,
+        sent,
+        "the reading player got every message"
+    );
+    let rss_after = rss_kib(pid);
+
+    let outcome =
+        tokio::task::spawn_blocking(move || run.finish(Duration::from_secs(200))).await??;
+    assert_passed(&outcome);
+    let p99 = outcome.report["delivery_ms_p99"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    eprintln!(
+        "rss before {rss_before} KiB, after {rss_after} KiB; canaries' delivery p99 {p99} ms"
+    );
+    // Generous bounds for a loaded 2-core machine: the point is "not seconds, not hundreds
+    // of megabytes", which is what an unbounded queue or a blocked dispatcher would give.
+    assert!(p99 < 1_000, "the other players slowed down: p99 {p99} ms");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    Ok(())
+}

@@ -38,6 +38,9 @@ pub struct CanaryReport {
     pub resumes_ms: Vec<u64>,
     /// The URL it was on at the end.
     pub last_url: String,
+    /// Publish → delivery time of every drill message it received (ms; all canaries share
+    /// the drill's clock, so other regions' messages count too).
+    pub delivery_ms: Vec<u64>,
 }
 
 /// One canary player.
@@ -105,7 +108,10 @@ impl Canary {
                         let reference = format!("{}", seq);
                         let frame = json!({
                             "op": "pub", "room": room, "ref": reference,
-                            "body": {"drill": self.run_id, "from": self.name, "seq": seq},
+                            "body": {
+                                "drill": self.run_id, "from": self.name, "seq": seq,
+                                "t": self.epoch.elapsed().as_millis() as u64,
+                            },
                         });
                         seq += 1;
                         if ws.send(Message::text(frame.to_string())).await.is_err() {
@@ -234,6 +240,11 @@ impl Canary {
                 };
                 checker.delivered(&self.name, room, origin, offset, at);
                 advance(cursors, room, origin, offset);
+                if f["body"]["drill"] == self.run_id.as_str() {
+                    if let Some(sent) = f["body"]["t"].as_u64() {
+                        report.delivery_ms.push(at.saturating_sub(sent));
+                    }
+                }
             }
             Some("gap") => {
                 checker.gap(&self.name, room);

@@ -181,6 +181,17 @@ fn print_report(
     let p99 = resumes
         .get((resumes.len() * 99).div_ceil(100).saturating_sub(1))
         .copied();
+    let mut delivery: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.delivery_ms.iter().copied())
+        .collect();
+    delivery.sort_unstable();
+    let quantile = |q: f64| {
+        (!delivery.is_empty()).then(|| {
+            delivery[((delivery.len() as f64 * q).ceil() as usize).clamp(1, delivery.len()) - 1]
+        })
+    };
+    let (d50, d99, dmax) = (quantile(0.5), quantile(0.99), delivery.last().copied());
     let troubled: Vec<_> = v
         .rooms
         .iter()
@@ -226,6 +237,12 @@ fn print_report(
         fmt_ms(p99),
         fmt_ms(t.converge_ms)
     );
+    println!(
+        "delivery (publish to every canary, faults included): p50 {}, p99 {}, max {}",
+        fmt_ms(d50),
+        fmt_ms(d99),
+        fmt_ms(dmax)
+    );
     let verdict = if v.passed() { "pass" } else { "fail" };
     println!("verdict: {verdict}");
     if args.json {
@@ -254,6 +271,9 @@ fn print_report(
             "gaps": v.gaps,
             "resume_ms_p99": p99,
             "converge_ms": t.converge_ms,
+            "delivery_ms_p50": d50,
+            "delivery_ms_p99": d99,
+            "delivery_ms_max": dmax,
             "canaries": canaries,
             "troubled_rooms": troubled,
             "verdict": verdict,

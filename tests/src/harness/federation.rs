@@ -41,6 +41,8 @@ pub struct FederationSpec {
     /// Kafka nodes of the first region (the others have one): 3 gives it replication
     /// factor 3 and `min.insync.replicas` 2.
     pub first_region_kafka_nodes: usize,
+    /// TOML merged into every daemon's config (e.g. `"[client]\noutbound_queue = 64\n"`).
+    pub extra_config: String,
 }
 
 impl FederationSpec {
@@ -52,6 +54,7 @@ impl FederationSpec {
             partitions: 4,
             relayed: false,
             first_region_kafka_nodes: 1,
+            extra_config: String::new(),
         }
     }
 }
@@ -296,7 +299,8 @@ fn start_regions(
                     .set("client", "publish_burst", 100_000)
                     .set("kafka", "session_timeout_ms", 4000)
                     .admin_token(ADMIN_TOKEN)
-                    .merge_toml(&fed),
+                    .merge_toml(&fed)
+                    .merge_toml(&spec.extra_config),
                 ports: ports[&name].clone(),
                 name,
                 kafka,
