@@ -431,23 +431,44 @@ impl Session {
                 )
                 .await;
         }
+        // Joined: from here every way out either records the room in `subs` or leaves it,
+        // so a player who hangs up (or is closed) mid-replay leaves no subscription behind.
+        match self.catch_up(&room, since).await {
+            Ok(Some(cursor)) => {
+                self.subs.insert(room.clone(), cursor.clone());
+                self.send(&ServerFrame::Synced { room, cursor }).await
+            }
+            Ok(None) => Ok(()),
+            Err(end) => {
+                self.gw.rooms.leave(&room, self.id).await;
+                Err(end)
+            }
+        }
+    }
+
+    /// Sends what `room` holds after `since` (or finds the room's tail); the cursor to go
+    /// live with, or `None` when the room was left and the player told why.
+    async fn catch_up(
+        &mut self,
+        room: &RoomId,
+        since: Option<Cursor>,
+    ) -> Result<Option<Cursor>, End> {
         let cursor = match since {
-            Some(mut cursor) => match replay(&self.gw, &room, &mut cursor).await {
+            Some(mut cursor) => match replay(&self.gw, room, &mut cursor).await {
                 Ok(frames) => {
                     for frame in &frames {
                         self.send(frame).await?;
                     }
                     cursor
                 }
-                Err(e) => return self.sub_failed(&room, e.to_string()).await,
+                Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
             },
-            None => match self.gw.rooms.bus().tails(&room).await {
+            None => match self.gw.rooms.bus().tails(room).await {
                 Ok(tails) => tails,
-                Err(e) => return self.sub_failed(&room, e.to_string()).await,
+                Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
             },
         };
-        self.subs.insert(room.clone(), cursor.clone());
-        self.send(&ServerFrame::Synced { room, cursor }).await
+        Ok(Some(cursor))
     }
 
     async fn sub_failed(&mut self, room: &RoomId, why: String) -> Result<(), End> {
