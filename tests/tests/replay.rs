@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dtfed_tests::{ConfigBuilder, DtfedProcess, RedisServer, WsClient};
+use dtfed_tests::{ConfigBuilder, DtfedProcess, KafkaBroker, RedisServer, WsClient};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(20);
@@ -41,6 +41,25 @@ async fn publish_many(client: &mut WsClient, room: &str, n: usize) -> Result<Vec
         offsets.push(f["offset"].as_i64().context("ack without offset")?);
     }
     Ok(offsets)
+}
+
+/// Waits until the bus applied `room`'s message at `offset` of `origin` (a live-only `sub`
+/// answers with the room's tails).
+async fn wait_applied(d: &DtfedProcess, room: &str, origin: &str, offset: i64) -> Result<()> {
+    let deadline = Instant::now() + T;
+    loop {
+        let mut probe = WsClient::connect(&d.ws_url_as("probe")).await?;
+        let s = probe.sub(room, None, T).await?;
+        probe.close().await;
+        if s.cursor()[origin].as_i64().is_some_and(|o| o >= offset) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the bus never applied {origin}/{offset} in {room}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn status(d: &DtfedProcess) -> Result<Value> {
@@ -102,5 +121,56 @@ async fn player_who_leaves_mid_replay_leaves_no_room_subscription_behind() -> Re
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_redis_lost_its_data_reads_the_log() -> Result<()> {
+    // Its own Redis: this test empties it.
+    let redis = tokio::task::spawn_blocking(RedisServer::start).await??;
+    let kafka =
+        tokio::task::spawn_blocking(|| KafkaBroker::shared().map(|k| k.bootstrap())).await??;
+    let cfg = ConfigBuilder::new("redis-lost", "seoul")
+        .set("client", "publish_rate_per_sec", 100_000)
+        .set("client", "publish_burst", 100_000)
+        .kafka(&kafka)
+        .redis(&redis.url())
+        .partitions(1);
+    let region = cfg.region();
+    let d = start(cfg).await?;
+    let mut ann = WsClient::connect(&d.ws_url_as("ann")).await?;
+    let mut offs = publish_many(&mut ann, "harbor", 5).await?;
+    wait_applied(&d, "harbor", &region, offs[4]).await?;
+
+    // Redis loses everything it had (no persistence), then the room goes on.
+    let mut con = redis_con(&redis.url()).await?;
+    redis::cmd("FLUSHALL").query_async::<()>(&mut con).await?;
+    offs.push(
+        ann.publish("harbor", json!({"text": "after the flush"}), T)
+            .await?["offset"]
+            .as_i64()
+            .context("offset")?,
+    );
+    wait_applied(&d, "harbor", &region, offs[5]).await?;
+
+    // A player who had seen the first two resumes: the rest comes from the Kafka log.
+    let mut carol = WsClient::connect(&d.ws_url_as("carol")).await?;
+    let s = carol
+        .sub("harbor", Some(json!({ region.clone(): offs[1] })), T)
+        .await?;
+    assert!(
+        s.frames.iter().all(|f| f["op"] == "msg"),
+        "no gap expected: {:?}",
+        s.frames
+    );
+    let got: Vec<i64> = s
+        .messages()
+        .iter()
+        .filter_map(|m| m["offset"].as_i64())
+        .collect();
+    assert_eq!(got, offs[2..].to_vec(), "frames: {:?}", s.frames);
+    assert_eq!(s.messages()[0]["prev"], offs[1]);
+    assert_eq!(s.cursor()[&region], offs[5]);
+    drop(redis);
     Ok(())
 }

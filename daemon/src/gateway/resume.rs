@@ -11,7 +11,7 @@
 //! that `prev`, nothing is missing; if not (or the history holds nothing of an origin whose
 //! tail is beyond the cursor), the log must fill the hole.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dtfed_proto::{Cursor, MsgFrame, RoomId, ServerFrame};
 
@@ -46,17 +46,35 @@ pub async fn replay(
         .chain(tails.origins().map(|(o, _)| o.to_owned()))
         .collect();
 
+    // Per origin read from the log: the offset of the last message before the history's
+    // first one, which that message's `prev` should name (a bus that lost its data stamped
+    // it `null`).
+    let mut log_prev: BTreeMap<&str, Option<i64>> = BTreeMap::new();
     for origin in &origins {
         let after = cursor.get(origin);
         let first = history.iter().find(|m| &m.origin == origin);
+        let readable = origin == &gw.region
+            || gw
+                .mirror_replay
+                .as_ref()
+                .is_some_and(|m| m.origins.contains_key(origin));
         let (hole, before) = match first {
+            // The history proves continuity only through `prev`: a first entry with no
+            // `prev` after a cursor that has seen this origin means the bus lost its state
+            // (Redis restarted without persistence, or was flushed), not that nothing came
+            // before.
             Some(m) => (
-                m.prev.is_some_and(|p| after.is_none_or(|a| a < p)),
+                match m.prev {
+                    Some(p) => after.is_none_or(|a| a < p),
+                    None => after.is_some_and(|a| a < m.offset),
+                },
                 Some(m.offset),
             ),
             None => match tails.get(origin) {
                 Some(t) => (after.is_none_or(|a| a < t), Some(t + 1)),
-                None => (false, None),
+                // The bus knows nothing of an origin the player has seen: it lost its
+                // state, and only the log can say what came after the cursor.
+                None => (after.is_some() && readable, None),
             },
         };
         if !hole {
@@ -101,6 +119,7 @@ pub async fn replay(
                     cursor.advance(origin, rec.offset);
                     frames.push(ServerFrame::Msg(msg));
                 }
+                log_prev.insert(origin.as_str(), prev);
             }
             Some(Err(e)) => {
                 tracing::warn!(%room, origin, error = %e, "replay from Kafka failed; telling the player");
@@ -111,8 +130,14 @@ pub async fn replay(
         }
     }
 
-    for m in history {
+    for mut m in history {
         if !cursor.has_seen(&m.origin, m.offset) {
+            if m.prev.is_none() {
+                if let Some(&p) = log_prev.get(m.origin.as_str()) {
+                    m.prev = p;
+                }
+            }
+            log_prev.remove(m.origin.as_str());
             cursor.advance(&m.origin, m.offset);
             frames.push(ServerFrame::Msg(m));
         }
@@ -131,9 +156,11 @@ fn gap(room: &RoomId, origin: &str, after: Option<i64>, before: Option<i64>) -> 
 
 /// True when live message `m` does not follow on from `cursor`: something between them was
 /// not delivered, and the session must backfill before delivering `m`.
+/// A message without `prev` after the cursor has seen its origin is a hole too: the bus lost
+/// its state and restarted the chain.
 pub fn is_hole(cursor: &Cursor, m: &MsgFrame) -> bool {
     match m.prev {
-        None => false,
+        None => cursor.get(&m.origin).is_some_and(|c| c < m.offset),
         Some(p) => cursor.get(&m.origin).is_none_or(|c| p > c),
     }
 }
