@@ -11,7 +11,15 @@
 //! librdkafka instance with its own threads and broker connections (a few MB and one TCP
 //! connection per broker), so they are pooled and reused rather than created per read,
 //! and at most [`MAX_CONCURRENT_READS`] reads run at once (each on a blocking thread): when
-//! many players resume together the rest queue, within the overall [`READ_TIMEOUT`].
+//! many players resume together the rest queue (first come, first served), within the
+//! overall [`READ_TIMEOUT`]; a read that could not get a slot in time is an error, which the
+//! player sees as `unavailable` (retry), never as a gap.
+//!
+//! Every read stops at a [`ReadLimit`] ([`READ_LIMIT`]: messages, bytes, and records scanned)
+//! and says where ([`RoomRead::stopped_at`]): memory per read is bounded, and so is the time
+//! one read holds a slot, so slots pass from player to player instead of one resume of a
+//! large partition holding one for its whole scan. The player continues from there with
+//! another `sub`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +41,33 @@ pub const MAX_CONCURRENT_READS: usize = 4;
 /// A whole read (waiting for a slot included) that takes longer fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How much one read takes before it stops (and says where).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// The room's messages returned.
+    pub messages: usize,
+    /// Bytes of the room's messages returned (their values as stored).
+    pub bytes: usize,
+    /// Records of the partition examined, the room's or not: the cost of the scan.
+    pub scanned: i64,
+}
+
+/// The limit of every replay read: about a megabyte per answer, and a scan of a fraction of
+/// a second.
+pub const READ_LIMIT: ReadLimit = ReadLimit {
+    messages: 1000,
+    bytes: 1 << 20,
+    scanned: 100_000,
+};
+
+impl ReadLimit {
+    /// True once a read holding `messages` of `bytes` after examining `scanned` records
+    /// must stop.
+    pub fn reached(&self, messages: usize, bytes: usize, scanned: i64) -> bool {
+        messages >= self.messages || bytes >= self.bytes || scanned >= self.scanned
+    }
+}
+
 /// The room's records found in one partition range.
 #[derive(Debug)]
 pub struct RoomRead {
@@ -42,6 +77,9 @@ pub struct RoomRead {
     pub earliest: i64,
     /// The room's records, in offset order.
     pub records: Vec<LogRecord>,
+    /// `Some(o)` when the read stopped at its [`ReadLimit`] before the end of the range:
+    /// every record of the room up to offset `o` is in `records`, nothing after `o` was read.
+    pub stopped_at: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +98,7 @@ pub struct RoomLogReader {
     idle: Mutex<Vec<Reader>>,
     slots: Arc<Semaphore>,
     timeout: Duration,
+    limit: ReadLimit,
 }
 
 impl std::fmt::Debug for RoomLogReader {
@@ -127,12 +166,18 @@ impl RoomLogReader {
             idle: Mutex::new(vec![first]),
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
             timeout: READ_TIMEOUT,
+            limit: READ_LIMIT,
         })
     }
 
     /// Overrides [`READ_TIMEOUT`] (tests).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Overrides [`READ_LIMIT`] (tests).
+    pub fn set_limit(&mut self, limit: ReadLimit) {
+        self.limit = limit;
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
@@ -176,6 +221,7 @@ impl RoomLogReader {
             after,
             before,
             deadline,
+            limit: self.limit,
         };
         // The slot goes with the blocking read: if the caller gives up, the read still
         // counts until it ends.
@@ -241,6 +287,7 @@ struct Job {
     after: Option<i64>,
     before: Option<i64>,
     deadline: Instant,
+    limit: ReadLimit,
 }
 
 impl Job {
@@ -282,8 +329,11 @@ impl Job {
                 partition: p,
                 earliest: low,
                 records,
+                stopped_at: None,
             });
         }
+        let mut bytes = 0usize;
+        let mut stopped_at = None;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(start))
             .map_err(|e| self.err("offset for", &e))?;
@@ -319,32 +369,36 @@ impl Job {
                 break;
             }
             last = o;
-            if m.key() != Some(room) {
-                continue;
+            if m.key() == Some(room) {
+                match m.payload().map(LogValue::from_json) {
+                    Some(Ok(value)) => {
+                        bytes = bytes.saturating_add(m.payload_len());
+                        records.push(LogRecord {
+                            room: self.room.clone(),
+                            origin: self.region.clone(),
+                            partition: p,
+                            offset: o,
+                            value,
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
+                    }
+                    None => {
+                        tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
+                    }
+                }
             }
-            let value = match m.payload().map(LogValue::from_json) {
-                Some(Ok(v)) => v,
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
-                    continue;
-                }
-                None => {
-                    tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
-                    continue;
-                }
-            };
-            records.push(LogRecord {
-                room: self.room.clone(),
-                origin: self.region.clone(),
-                partition: p,
-                offset: o,
-                value,
-            });
+            if o < end - 1 && self.limit.reached(records.len(), bytes, o - start + 1) {
+                stopped_at = Some(o);
+                break;
+            }
         }
         Ok(RoomRead {
             partition: p,
             earliest: low,
             records,
+            stopped_at,
         })
     }
 

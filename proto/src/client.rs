@@ -289,6 +289,13 @@ pub enum ServerFrame {
         from: i64,
         to: i64,
     },
+    /// The replay of `room` stopped before its end (a replay is answered in pieces), or a
+    /// backfill could not be completed: the connection is not subscribed to `room`, and a
+    /// `sub` with `since: cursor` continues where this left off.
+    More {
+        room: RoomId,
+        cursor: Cursor,
+    },
     Pong,
     Error {
         code: ErrorCode,

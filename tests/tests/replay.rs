@@ -174,3 +174,162 @@ async fn resume_after_redis_lost_its_data_reads_the_log() -> Result<()> {
     drop(redis);
     Ok(())
 }
+
+/// How a `sub` was answered: the room's `msg`/`gap` frames, then the frame that ended it
+/// (`synced`, `more` or `error`).
+struct Answer {
+    frames: Vec<Value>,
+    end: Value,
+}
+
+impl Answer {
+    fn offsets(&self) -> Vec<i64> {
+        self.frames
+            .iter()
+            .filter(|f| f["op"] == "msg")
+            .filter_map(|f| f["offset"].as_i64())
+            .collect()
+    }
+}
+
+async fn sub_answer(client: &mut WsClient, room: &str, since: Value) -> Result<Answer> {
+    client
+        .send_json(&json!({"op": "sub", "room": room, "since": since}))
+        .await?;
+    let mut frames = Vec::new();
+    loop {
+        let f = client
+            .recv_until(
+                |f| {
+                    (f["room"] == room
+                        && matches!(f["op"].as_str(), Some("msg" | "gap" | "synced" | "more")))
+                        || f["op"] == "error"
+                },
+                T,
+            )
+            .await?;
+        match f["op"].as_str() {
+            Some("msg" | "gap") => frames.push(f),
+            _ => return Ok(Answer { frames, end: f }),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_replay_comes_in_pieces_and_log_replays_are_rate_limited() -> Result<()> {
+    let cfg = shared_cfg("replay-pieces")?
+        .partitions(1)
+        .set("history", "max_messages", 10);
+    let region = cfg.region();
+    let d = start(cfg).await?;
+    let mut ann = WsClient::connect(&d.ws_url_as("ann")).await?;
+    let offs = publish_many(&mut ann, "saga", 2500).await?;
+    wait_applied(&d, "saga", &region, offs[2499]).await?;
+
+    // The whole room from an empty cursor: pieces of at most 1,000 messages, each ending
+    // with `more` and the cursor to continue from, the last one with `synced`.
+    let mut bob = WsClient::connect(&d.ws_url_as("bob")).await?;
+    let mut got = Vec::new();
+    let mut since = json!({});
+    let mut pieces = 0;
+    let synced = loop {
+        let a = sub_answer(&mut bob, "saga", since.clone()).await?;
+        pieces += 1;
+        anyhow::ensure!(pieces <= 10, "no end after {pieces} pieces");
+        anyhow::ensure!(
+            a.frames.iter().all(|f| f["op"] == "msg"),
+            "no gap expected: {:?}",
+            a.frames.iter().find(|f| f["op"] != "msg")
+        );
+        let piece = a.offsets();
+        anyhow::ensure!(piece.len() <= 1000, "a piece of {} messages", piece.len());
+        got.extend(piece);
+        match a.end["op"].as_str() {
+            Some("more") => since = a.end["cursor"].clone(),
+            Some("synced") => break a.end,
+            _ => anyhow::bail!("sub answered {}", a.end),
+        }
+    };
+    assert!(pieces >= 3, "{pieces} piece(s) for 2,500 messages");
+    assert_eq!(got, offs, "every message once, in order");
+    assert_eq!(synced["cursor"][&region], offs[2499]);
+    // Live after the last piece.
+    let last = ann.publish("saga", json!({"text": "live"}), T).await?;
+    let live = bob
+        .recv_until(|f| f["op"] == "msg" && f["room"] == "saga", T)
+        .await?;
+    assert_eq!(live["offset"], last["offset"]);
+
+    // A player who keeps asking the log for replays is told to slow down.
+    let mut eve = WsClient::connect(&d.ws_url_as("eve")).await?;
+    let mut limited = None;
+    for i in 0..40 {
+        let a = sub_answer(&mut eve, "saga", json!({ region.clone(): offs[0] })).await?;
+        if a.end["op"] == "error" {
+            limited = Some((i, a.end));
+            break;
+        }
+        anyhow::ensure!(a.end["op"] == "more", "sub answered {}", a.end);
+    }
+    let (i, refused) = limited.context("40 log replays in a row were all served")?;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(i >= 8, "refused after only {i} replays");
+    // Not subscribed: nothing live arrives, and the daemon holds no extra room for eve.
+    ann.publish("saga", json!({"text": "not for eve"}), T)
+        .await?;
+    eve.drain_backlog();
+    eve.expect_silence(Duration::from_millis(500)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_log_means_unavailable_not_gap() -> Result<()> {
+    let (mut kafka, redis) = tokio::task::spawn_blocking(|| -> Result<_> {
+        Ok((KafkaBroker::start()?, RedisServer::shared()?))
+    })
+    .await??;
+    let cfg = ConfigBuilder::new("log-busy", "seoul")
+        .set("client", "publish_rate_per_sec", 100_000)
+        .set("client", "publish_burst", 100_000)
+        .kafka(&kafka.bootstrap())
+        .redis(&redis.url())
+        .partitions(1)
+        .set("history", "max_messages", 5);
+    let region = cfg.region();
+    let d = start(cfg).await?;
+    let mut ann = WsClient::connect(&d.ws_url_as("ann")).await?;
+    let offs = publish_many(&mut ann, "vault", 20).await?;
+    wait_applied(&d, "vault", &region, offs[19]).await?;
+
+    // The log is unreachable: the resume is refused (retry), no gap moves the cursor on.
+    kafka = tokio::task::spawn_blocking(move || kafka.stop().map(|_| kafka)).await??;
+    let mut bob = WsClient::connect(&d.ws_url_as("bob")).await?;
+    let since = json!({ region.clone(): offs[2] });
+    let a = sub_answer(&mut bob, "vault", since.clone()).await?;
+    assert!(
+        a.frames.is_empty(),
+        "nothing before the refusal: {:?}",
+        a.frames
+    );
+    assert_eq!(a.end["op"], "error", "{}", a.end);
+    assert_eq!(a.end["code"], "unavailable", "{}", a.end);
+
+    // Back: the same cursor gets everything.
+    let kafka = tokio::task::spawn_blocking(move || kafka.restart().map(|_| kafka)).await??;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let a = loop {
+        let a = sub_answer(&mut bob, "vault", since.clone()).await?;
+        if a.end["op"] == "synced" {
+            break a;
+        }
+        assert_eq!(a.end["code"], "unavailable", "{}", a.end);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no replay within 60 s of the broker's return"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(a.offsets(), offs[3..].to_vec());
+    drop(kafka);
+    Ok(())
+}

@@ -26,14 +26,41 @@ pub struct MirrorReplay {
     pub origins: std::collections::BTreeMap<String, i32>,
 }
 
+/// What one replay answers.
+#[derive(Debug)]
+pub struct Replay {
+    /// Frames to send, in order.
+    pub frames: Vec<ServerFrame>,
+    /// False when a log read stopped at its limit ([`crate::replay::READ_LIMIT`]): the
+    /// cursor names how far the frames go, and the rest needs another replay from there.
+    pub complete: bool,
+}
+
+/// Why a replay could not be answered. None of these says anything about the data: the
+/// player keeps its cursor and asks again.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The log could not be read now (all read slots busy past the read timeout, or Kafka
+    /// unreachable): retry.
+    #[error("the log cannot be read right now, retry: {0}")]
+    LogBusy(String),
+    /// The caller refused the log read (the player's replay rate limit).
+    #[error("too many replays from the log; retry in a second")]
+    RateLimited,
+}
+
 /// Everything of `room` after `cursor` as frames to send in order, advancing `cursor` past
-/// what it returns. An origin
-/// missing from the cursor is replayed from its oldest retained message.
+/// what it returns: all of it, or as far as one read's limit goes (then
+/// [`Replay::complete`] is false). An origin missing from the cursor is replayed from its
+/// oldest retained message. `may_read_log` is asked once, before the first log read.
 pub async fn replay(
     gw: &Gateway,
     room: &RoomId,
     cursor: &mut Cursor,
-) -> Result<Vec<ServerFrame>, BusError> {
+    may_read_log: &mut (dyn FnMut() -> bool + Send),
+) -> Result<Replay, ResumeError> {
     let bus = gw.rooms.bus();
     let history = bus.history(room).await?;
     let tails = bus.tails(room).await?;
@@ -50,6 +77,7 @@ pub async fn replay(
     // first one, which that message's `prev` should name (a bus that lost its data stamped
     // it `null`).
     let mut log_prev: BTreeMap<&str, Option<i64>> = BTreeMap::new();
+    let mut asked = false;
     for origin in &origins {
         let after = cursor.get(origin);
         let first = history.iter().find(|m| &m.origin == origin);
@@ -79,6 +107,17 @@ pub async fn replay(
         };
         if !hole {
             continue;
+        }
+        if !readable {
+            // An origin this region does not mirror: named, not skipped.
+            frames.push(gap(room, origin, after, before));
+            continue;
+        }
+        if !asked {
+            asked = true;
+            if !may_read_log() {
+                return Err(ResumeError::RateLimited);
+            }
         }
         let read = if origin == &gw.region {
             Some(gw.replay.read_room(room, after, before).await)
@@ -120,12 +159,22 @@ pub async fn replay(
                     frames.push(ServerFrame::Msg(msg));
                 }
                 log_prev.insert(origin.as_str(), prev);
+                if let Some(stop) = read.stopped_at {
+                    // The rest of this origin (and the hot history, which comes after it)
+                    // is for the next replay, from here.
+                    cursor.advance(origin, stop);
+                    return Ok(Replay {
+                        frames,
+                        complete: false,
+                    });
+                }
             }
+            // Only busy or unreachable: a gap would move the player's cursor past messages
+            // that exist. A gap means retention passed, nothing else.
             Some(Err(e)) => {
-                tracing::warn!(%room, origin, error = %e, "replay from Kafka failed; telling the player");
-                frames.push(gap(room, origin, after, before));
+                tracing::warn!(%room, origin, error = %e, "replay from Kafka failed; the player is asked to retry");
+                return Err(ResumeError::LogBusy(e.to_string()));
             }
-            // An origin this region does not mirror: named, not skipped.
             None => frames.push(gap(room, origin, after, before)),
         }
     }
@@ -142,7 +191,10 @@ pub async fn replay(
             frames.push(ServerFrame::Msg(m));
         }
     }
-    Ok(frames)
+    Ok(Replay {
+        frames,
+        complete: true,
+    })
 }
 
 fn gap(room: &RoomId, origin: &str, after: Option<i64>, before: Option<i64>) -> ServerFrame {

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
-use super::resume::{is_hole, replay};
+use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{
     Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_READER, CLOSE_TOO_BIG,
 };
@@ -50,6 +50,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Queued live messages (or ready acks) written before one flush.
 const WRITE_BATCH: usize = 64;
+/// `sub`s with `since` that read the log, per second and in a burst, per connection (the
+/// hot history alone costs nothing and is not counted).
+const LOG_REPLAYS_PER_SEC: u32 = 4;
+const LOG_REPLAY_BURST: u32 = 16;
 
 type PendingAck = Pin<Box<dyn std::future::Future<Output = AckResult> + Send>>;
 
@@ -78,6 +82,7 @@ struct Session {
     slow: CancellationToken,
     publishes: TokenBucket,
     frames: TokenBucket,
+    log_replays: TokenBucket,
     pending: FuturesUnordered<PendingAck>,
     /// Frames fed into the socket since the last flush.
     unflushed: bool,
@@ -122,6 +127,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
                 .saturating_add(20),
             cfg.publish_burst.saturating_mul(4).saturating_add(20),
         ),
+        log_replays: TokenBucket::new(LOG_REPLAYS_PER_SEC, LOG_REPLAY_BURST),
         gw: gw.clone(),
         id,
         player,
@@ -454,15 +460,41 @@ impl Session {
         since: Option<Cursor>,
     ) -> Result<Option<Cursor>, End> {
         let cursor = match since {
-            Some(mut cursor) => match replay(&self.gw, room, &mut cursor).await {
-                Ok(frames) => {
-                    for frame in &frames {
-                        self.send(frame).await?;
+            Some(mut cursor) => {
+                let bucket = &mut self.log_replays;
+                let mut may_read_log = || bucket.take(Instant::now());
+                match replay(&self.gw, room, &mut cursor, &mut may_read_log).await {
+                    Ok(Replay { frames, complete }) => {
+                        for frame in &frames {
+                            self.send(frame).await?;
+                        }
+                        if !complete {
+                            // One piece per `sub`: the player asks for the next one, so a
+                            // long replay shares the log with everyone else's.
+                            self.gw.rooms.leave(room, self.id).await;
+                            let more = ServerFrame::More {
+                                room: room.clone(),
+                                cursor,
+                            };
+                            self.send(&more).await?;
+                            return Ok(None);
+                        }
+                        cursor
                     }
-                    cursor
+                    Err(ResumeError::RateLimited) => {
+                        self.gw.rooms.leave(room, self.id).await;
+                        let per_sec = LOG_REPLAYS_PER_SEC;
+                        self.error(
+                            ErrorCode::RateLimited,
+                            format!("over {per_sec} replays from the log per second; retry {room} in a second"),
+                            None,
+                        )
+                        .await?;
+                        return Ok(None);
+                    }
+                    Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
                 }
-                Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
-            },
+            }
             None => match self.gw.rooms.bus().tails(room).await {
                 Ok(tails) => tails,
                 Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
@@ -545,18 +577,32 @@ impl Session {
             return Ok(());
         };
         let mut cursor = cursor.clone();
-        match replay(&self.gw, room, &mut cursor).await {
-            Ok(frames) => {
+        match replay(&self.gw, room, &mut cursor, &mut || true).await {
+            Ok(Replay { frames, complete }) => {
                 for frame in &frames {
                     if matches!(frame, ServerFrame::Msg(_)) {
                         self.gw.metrics.backfilled.inc();
                     }
                     self.send(frame).await?;
                 }
-                if let Some(c) = self.subs.get_mut(room) {
-                    *c = cursor;
+                if complete {
+                    if let Some(c) = self.subs.get_mut(room) {
+                        *c = cursor;
+                    }
+                    Ok(())
+                } else {
+                    self.stop_live(room, cursor).await
                 }
-                Ok(())
+            }
+            // The log is busy: live delivery cannot go on past the hole without skipping
+            // what is in it, so the player resumes from its cursor (and retries).
+            Err(ResumeError::LogBusy(e)) => {
+                tracing::warn!(%room, error = %e, "backfill from the log failed; the player resumes");
+                // From the cursor as it was: nothing of this replay was sent.
+                let Some(before) = self.subs.get(room).cloned() else {
+                    return Ok(());
+                };
+                self.stop_live(room, before).await
             }
             Err(e) => {
                 // The bus is unreachable: live delivery is down too, and the next resync retries.
@@ -564,6 +610,18 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Takes the connection out of `room` and tells the player to resume from `cursor`.
+    async fn stop_live(&mut self, room: &RoomId, cursor: Cursor) -> Result<(), End> {
+        if self.subs.remove(room).is_some() {
+            self.gw.rooms.leave(room, self.id).await;
+        }
+        let more = ServerFrame::More {
+            room: room.clone(),
+            cursor,
+        };
+        self.send(&more).await
     }
 }
 

@@ -1612,7 +1612,7 @@ fn on_text(shared: &Shared, st: &mut ReaderState, text: &str) {
                 st.idx
             ));
         }
-        ServerFrame::Synced { .. } | ServerFrame::Pong => {}
+        ServerFrame::Synced { .. } | ServerFrame::More { .. } | ServerFrame::Pong => {}
     }
 }
 

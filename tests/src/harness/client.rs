@@ -263,7 +263,8 @@ impl WsClient {
     }
 
     /// Subscribe to `room` (`since`: `None` = live only, or a cursor object) and wait for
-    /// `synced`, collecting the room's `msg`/`gap` frames before it. An `error` frame
+    /// `synced`, collecting the room's `msg`/`gap` frames before it (a replay answered in
+    /// pieces is continued from each `more` cursor). An `error` frame
     /// without `ref` (or naming this room) while waiting is an error.
     pub async fn sub(
         &mut self,
@@ -284,7 +285,7 @@ impl WsClient {
                 .recv_until(
                     |f| {
                         let op = f["op"].as_str().unwrap_or("");
-                        (f["room"] == room && matches!(op, "msg" | "gap" | "synced"))
+                        (f["room"] == room && matches!(op, "msg" | "gap" | "synced" | "more"))
                             || (op == "error"
                                 && (f.get("ref").is_none_or(Value::is_null) || f["room"] == room))
                     },
@@ -294,6 +295,11 @@ impl WsClient {
                 .with_context(|| format!("sub {room}: waiting for synced"))?;
             match f["op"].as_str() {
                 Some("synced") => return Ok(Subscribed { frames, synced: f }),
+                // A replay in pieces: continue from where this one ended, as clients do.
+                Some("more") => {
+                    let next = json!({"op": "sub", "room": room, "since": f["cursor"]});
+                    self.send_json(&next).await?;
+                }
                 Some("error") => anyhow::bail!("sub {room}: server answered {f}"),
                 _ => frames.push(f),
             }
