@@ -24,12 +24,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dtfed_proto::record::LogValue;
+use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_REF};
 use dtfed_proto::{LogRecord, RoomId};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
@@ -196,14 +196,63 @@ impl RoomLogReader {
         after: Option<i64>,
         before: Option<i64>,
     ) -> Result<RoomRead, ReplayError> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let timed_out = || {
-            ReplayError::Kafka(format!(
-                "reading room {room} from {} timed out after {:?}",
-                self.topic, self.timeout
-            ))
+        let what = format!("reading room {room} from {}", self.topic);
+        let job = Job {
+            topic: self.topic.clone(),
+            region: self.region.clone(),
+            partition: partition_for(room, self.partitions),
+            room: room.clone(),
+            after,
+            before,
+            deadline: Instant::now() + self.timeout,
+            limit: self.limit,
         };
+        self.run(&what, job.deadline, move |reader| job.run(reader))
+            .await
+    }
+
+    /// The offset at which `from`'s publish with `reference` in `room` was stored, looking
+    /// at the records of the room's partition appended from `since_ms` (producer time, ms)
+    /// on; `None` when it is not there. The scan stops at the partition's end, or at the
+    /// first record stamped later than `until_ms`.
+    pub async fn find_publish(
+        &self,
+        room: &RoomId,
+        from: &str,
+        reference: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<i64>, ReplayError> {
+        let what = format!("looking for a publish in room {room} in {}", self.topic);
+        let find = FindPublish {
+            job: Job {
+                topic: self.topic.clone(),
+                region: self.region.clone(),
+                partition: partition_for(room, self.partitions),
+                room: room.clone(),
+                after: None,
+                before: None,
+                deadline: Instant::now() + self.timeout,
+                limit: self.limit,
+            },
+            from: from.to_owned(),
+            reference: reference.to_owned(),
+            since_ms,
+            until_ms,
+        };
+        let deadline = find.job.deadline;
+        self.run(&what, deadline, move |reader| find.run(reader))
+            .await
+    }
+
+    /// Runs `job` on a pooled consumer on a blocking thread once a read slot is free, all
+    /// within `deadline`.
+    async fn run<T, F>(&self, what: &str, deadline: Instant, job: F) -> Result<T, ReplayError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Reader) -> Result<T, ReplayError> + Send + 'static,
+    {
+        let timed_out = || ReplayError::Kafka(format!("{what} timed out after {:?}", self.timeout));
         let slot =
             tokio::time::timeout_at(deadline.into(), Arc::clone(&self.slots).acquire_owned())
                 .await
@@ -213,20 +262,10 @@ impl RoomLogReader {
             Some(r) => r,
             None => build(&self.config)?,
         };
-        let job = Job {
-            topic: self.topic.clone(),
-            region: self.region.clone(),
-            partition: partition_for(room, self.partitions),
-            room: room.clone(),
-            after,
-            before,
-            deadline,
-            limit: self.limit,
-        };
         // The slot goes with the blocking read: if the caller gives up, the read still
         // counts until it ends.
         let handle = tokio::task::spawn_blocking(move || {
-            let result = job.run(&reader);
+            let result = job(&reader);
             // Leave nothing of this read behind for the next one on this consumer.
             let _ = reader.unassign();
             for _ in 0..100_000 {
@@ -412,4 +451,88 @@ impl Job {
             })
             .unwrap_or(-1))
     }
+}
+
+/// A search for one publish, run on a blocking thread.
+struct FindPublish {
+    /// Topic, partition, room and deadline (its range fields are unused).
+    job: Job,
+    from: String,
+    reference: String,
+    since_ms: i64,
+    until_ms: i64,
+}
+
+impl FindPublish {
+    fn run(&self, reader: &Reader) -> Result<Option<i64>, ReplayError> {
+        let job = &self.job;
+        let p = job.partition;
+        let (_, high) = reader
+            .fetch_watermarks(&job.topic, p, job.left()?)
+            .map_err(|e| job.err("watermarks of", &e))?;
+        let mut by_time = TopicPartitionList::new();
+        by_time
+            .add_partition_offset(&job.topic, p, Offset::Offset(self.since_ms.max(0)))
+            .map_err(|e| job.err("time for", &e))?;
+        let found = reader
+            .offsets_for_times(by_time, job.left()?)
+            .map_err(|e| job.err("offsets by time of", &e))?;
+        let start = match found.find_partition(&job.topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            // Nothing stamped at or after `since_ms`.
+            _ => return Ok(None),
+        };
+        if start >= high {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&job.topic, p, Offset::Offset(start))
+            .map_err(|e| job.err("offset for", &e))?;
+        reader.assign(&tpl).map_err(|e| job.err("assigning", &e))?;
+        let room = job.room.as_str().as_bytes();
+        let mut last = start - 1;
+        while last < high - 1 {
+            let wait = job.left()?.min(Duration::from_millis(200));
+            let m = match reader.poll(wait) {
+                None => continue,
+                Some(Ok(m)) => m,
+                Some(Err(KafkaError::PartitionEOF(ep))) if ep == p => {
+                    if job.position(reader)? >= high {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                Some(Err(e)) => return Err(job.err("reading", &e)),
+            };
+            if m.topic() != job.topic || m.partition() != p {
+                continue;
+            }
+            let o = m.offset();
+            if o <= last || o < start {
+                continue;
+            }
+            if o >= high {
+                break;
+            }
+            last = o;
+            if m.timestamp().to_millis().is_some_and(|t| t > self.until_ms) {
+                break;
+            }
+            if m.key() == Some(room)
+                && header(&m, HEADER_REF) == Some(self.reference.as_bytes())
+                && header(&m, HEADER_FROM) == Some(self.from.as_bytes())
+            {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn header<'a, M: Message>(m: &'a M, key: &str) -> Option<&'a [u8]> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
 }

@@ -333,3 +333,142 @@ async fn unreadable_log_means_unavailable_not_gap() -> Result<()> {
     drop(kafka);
     Ok(())
 }
+
+/// Publishes with the given `ref` and returns the `ack` or `error` answering it.
+async fn pub_ref(client: &mut WsClient, room: &str, text: &str, r: &str) -> Result<Value> {
+    client
+        .send_json(&json!({"op": "pub", "room": room, "body": {"text": text}, "ref": r}))
+        .await?;
+    client
+        .recv_until(
+            |f| f["ref"] == r && matches!(f["op"].as_str(), Some("ack" | "error")),
+            T,
+        )
+        .await
+}
+
+/// Retries a publish with the same `ref` until it is acknowledged (every refusal must be
+/// `unavailable`, which says "retry").
+async fn pub_until_acked(
+    client: &mut WsClient,
+    room: &str,
+    text: &str,
+    r: &str,
+    within: Duration,
+) -> Result<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let f = pub_ref(client, room, text, r).await?;
+        if f["op"] == "ack" {
+            return Ok(f);
+        }
+        anyhow::ensure!(f["code"] == "unavailable", "refused: {f}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not acknowledged within {within:?}: {f}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The texts and offsets of every message of `room` (once the bus holds the one at offset
+/// `last`), from a replay of all of it.
+async fn room_texts(d: &DtfedProcess, room: &str, last: &Value) -> Result<Vec<(String, i64)>> {
+    let last = last["offset"].as_i64().context("an ack")?;
+    wait_applied(d, room, "seoul", last).await?;
+    let mut reader = WsClient::connect(&d.ws_url_as("reader")).await?;
+    let s = reader.sub(room, Some(json!({})), T).await?;
+    reader.close().await;
+    Ok(s.messages()
+        .iter()
+        .map(|m| {
+            (
+                m["body"]["text"].as_str().unwrap_or_default().to_owned(),
+                m["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_retried_with_the_same_ref_is_stored_once() -> Result<()> {
+    let cfg = shared_cfg("same-ref")?.partitions(1);
+    let d = start(cfg).await?;
+    // The ack is lost with the connection; the player reconnects and retries.
+    let mut first = WsClient::connect(&d.ws_url_as("ann")).await?;
+    let ack = pub_ref(&mut first, "plaza", "hello", "hello-1").await?;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    drop(first);
+    let mut again = WsClient::connect(&d.ws_url_as("ann")).await?;
+    let retry = pub_until_acked(&mut again, "plaza", "hello", "hello-1", T).await?;
+    assert_eq!(
+        retry["offset"], ack["offset"],
+        "the retry names the stored message"
+    );
+    // The same ref from another player, or in another room, is another message.
+    let mut bob = WsClient::connect(&d.ws_url_as("bob")).await?;
+    let other = pub_ref(&mut bob, "plaza", "hi", "hello-1").await?;
+    assert_eq!(other["op"], "ack", "{other}");
+    assert_ne!(other["offset"], ack["offset"]);
+    let elsewhere = pub_ref(&mut again, "market", "hello", "hello-1").await?;
+    assert_eq!(elsewhere["op"], "ack", "{elsewhere}");
+
+    let texts = room_texts(&d, "plaza", &other).await?;
+    let hellos: Vec<i64> = texts
+        .iter()
+        .filter(|(t, _)| t == "hello")
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(
+        hellos,
+        vec![ack["offset"].as_i64().unwrap_or(-2)],
+        "{texts:?}"
+    );
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_with_unknown_outcome_retried_is_stored_once() -> Result<()> {
+    let (kafka, redis) = tokio::task::spawn_blocking(|| -> Result<_> {
+        Ok((KafkaBroker::start()?, RedisServer::shared()?))
+    })
+    .await??;
+    let cfg = ConfigBuilder::new("unknown-outcome", "seoul")
+        .set("client", "publish_rate_per_sec", 100_000)
+        .set("client", "publish_burst", 100_000)
+        .kafka(&kafka.bootstrap())
+        .redis(&redis.url())
+        .partitions(1)
+        .set("kafka", "publish_timeout_ms", 2000);
+    let d = start(cfg).await?;
+    let mut ann = WsClient::connect(&d.ws_url_as("ann")).await?;
+    pub_until_acked(&mut ann, "tower", "before", "b1", T).await?;
+
+    // The broker freezes with the publish in flight: no ack in time, though the broker
+    // still holds the request and writes it when it wakes up.
+    let pid = i32::try_from(kafka.pid().context("kafka pid")?)?;
+    dtfed_tests::harness::sys::send_signal(pid, libc::SIGSTOP)?;
+    let refused = pub_ref(&mut ann, "tower", "during", "d1").await;
+    dtfed_tests::harness::sys::send_signal(pid, libc::SIGCONT)?;
+    let refused = refused?;
+    assert_eq!(refused["op"], "error", "{refused}");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+
+    // The player retries with the same ref until acknowledged: stored once.
+    let ack = pub_until_acked(&mut ann, "tower", "during", "d1", Duration::from_secs(60)).await?;
+    let last = pub_until_acked(&mut ann, "tower", "after", "a1", T).await?;
+    let texts = room_texts(&d, "tower", &last).await?;
+    let during: Vec<i64> = texts
+        .iter()
+        .filter(|(t, _)| t == "during")
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(
+        during,
+        vec![ack["offset"].as_i64().unwrap_or(-2)],
+        "{texts:?}"
+    );
+    drop(kafka);
+    Ok(())
+}

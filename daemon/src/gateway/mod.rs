@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod limits;
+pub mod publish;
 pub mod resume;
 pub mod session;
 

@@ -32,11 +32,11 @@ use tracing::Instrument;
 
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
+use super::publish::{publish, PublishError};
 use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{
     Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_READER, CLOSE_TOO_BIG,
 };
-use crate::append::{AppendError, Appended};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
 /// Rooms one connection may subscribe to at once.
@@ -61,7 +61,8 @@ struct AckResult {
     reference: Option<String>,
     room: RoomId,
     started: Instant,
-    result: Result<Appended, AppendError>,
+    /// The offset stored at.
+    result: Result<i64, PublishError>,
 }
 
 /// Why a session ends.
@@ -363,10 +364,10 @@ impl Session {
                     ts: now_ms(),
                     body,
                 };
-                let appender = self.gw.appender.clone();
+                let gw = self.gw.clone();
                 self.pending.push(Box::pin(async move {
                     let started = Instant::now();
-                    let result = appender.append(&room, &value).await;
+                    let result = publish(&gw, &room, &value, reference.as_deref()).await;
                     AckResult {
                         reference,
                         room,
@@ -515,7 +516,7 @@ impl Session {
 
     async fn acked(&mut self, ack: AckResult) -> Result<(), End> {
         match ack.result {
-            Ok(appended) => {
+            Ok(offset) => {
                 self.gw
                     .metrics
                     .publish_latency
@@ -524,18 +525,14 @@ impl Session {
                     reference: ack.reference,
                     room: ack.room,
                     origin: self.gw.region.clone(),
-                    offset: appended.offset,
+                    offset,
                 };
                 self.send(&frame).await
             }
             Err(e) => {
                 tracing::warn!(room = %ack.room, error = %e, "publish not acknowledged by Kafka");
-                self.error(
-                    ErrorCode::Unavailable,
-                    format!("message not stored, try again: {e}"),
-                    ack.reference,
-                )
-                .await
+                self.error(ErrorCode::Unavailable, e.to_string(), ack.reference)
+                    .await
             }
         }
     }
