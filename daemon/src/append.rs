@@ -28,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, default_node_name, TracingContext};
@@ -201,16 +202,19 @@ impl KafkaAppender {
     /// Appends one message; resolves once Kafka acknowledged it (or did not, within
     /// `kafka.publish_timeout_ms`).
     pub async fn append(&self, room: &RoomId, value: &LogValue) -> Result<Appended, AppendError> {
-        self.append_publish(room, value, None).await
+        self.append_publish(room, value, None, None).await
     }
 
     /// [`KafkaAppender::append`] of a player's publish with its `ref`, recorded in the
     /// [`HEADER_REF`] header so that the log can tell whether a publish was stored.
+    /// `queued` is dropped as soon as the record is in the producer's queue (or refused):
+    /// appends queued one after the other are stored in that order.
     pub async fn append_publish(
         &self,
         room: &RoomId,
         value: &LogValue,
         reference: Option<&str>,
+        queued: Option<oneshot::Sender<()>>,
     ) -> Result<Appended, AppendError> {
         let mut producer = self.current()?;
         if producer.client().fatal_error().is_some() {
@@ -218,7 +222,9 @@ impl KafkaAppender {
             release(producer);
             producer = self.current()?;
         }
-        let result = self.append_with(&producer, room, value, reference).await;
+        let result = self
+            .append_with(&producer, room, value, reference, queued)
+            .await;
         release(producer);
         result
     }
@@ -229,6 +235,7 @@ impl KafkaAppender {
         room: &RoomId,
         value: &LogValue,
         reference: Option<&str>,
+        queued: Option<oneshot::Sender<()>>,
     ) -> Result<Appended, AppendError> {
         let payload = value.to_json();
         let mut headers = OwnedHeaders::new_with_capacity(4)
@@ -254,7 +261,9 @@ impl KafkaAppender {
             .key(room.as_str())
             .payload(&payload)
             .headers(headers);
-        let delivery = match producer.send_result(record) {
+        let sent = producer.send_result(record);
+        drop(queued);
+        let delivery = match sent {
             Ok(d) => d,
             Err((e, _)) => {
                 self.recover_if_fatal(producer);

@@ -23,7 +23,8 @@ async fn start(cfg: ConfigBuilder) -> Result<DtfedProcess> {
 }
 
 /// Publishes `n` messages to `room` without waiting for each ack, then waits for all of
-/// them; returns the acked offsets in the order sent.
+/// them; returns the acked offsets, which must be in the order sent (a player's messages
+/// are stored in the order the player sent them).
 async fn publish_many(client: &mut WsClient, room: &str, n: usize) -> Result<Vec<i64>> {
     for i in 0..n {
         client
@@ -39,6 +40,14 @@ async fn publish_many(client: &mut WsClient, room: &str, n: usize) -> Result<Vec
             .with_context(|| format!("ack of message {i}"))?;
         anyhow::ensure!(f["op"] == "ack", "message {i} refused: {f}");
         offsets.push(f["offset"].as_i64().context("ack without offset")?);
+    }
+    if let Some(i) = (1..offsets.len()).find(|&i| offsets[i] <= offsets[i - 1]) {
+        anyhow::bail!(
+            "message {i} was stored at {} before message {} at {}: not in the order sent",
+            offsets[i],
+            i - 1,
+            offsets[i - 1]
+        );
     }
     Ok(offsets)
 }

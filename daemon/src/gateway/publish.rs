@@ -20,6 +20,10 @@
 //!   [`dtfed_proto::record::HEADER_REF`] header). Found: `ack` with its offset. Not found:
 //!   appended now.
 //!
+//! A connection's publishes are stored in the order it sent them: claims run concurrently,
+//! but each publish enters the producer's queue only after the one before it did
+//! ([`Turn`]).
+//!
 //! While the bus is unreachable the claim cannot be made; the publish is appended without
 //! it (Kafka stays the one dependency of publishing), and a retry in that time may be
 //! stored twice. Publishes without a `ref` are appended as they come.
@@ -28,6 +32,7 @@ use std::time::Duration;
 
 use dtfed_proto::record::LogValue;
 use dtfed_proto::RoomId;
+use tokio::sync::oneshot;
 
 use super::Gateway;
 use crate::append::AppendError;
@@ -55,6 +60,28 @@ pub enum PublishError {
     InFlight,
 }
 
+/// A publish's place in its connection's order: it is queued for Kafka after `after`
+/// fired (or was dropped), and drops `done` once it is queued itself (or will never be).
+#[derive(Debug)]
+pub struct Turn {
+    pub after: Option<oneshot::Receiver<()>>,
+    pub done: oneshot::Sender<()>,
+}
+
+impl Turn {
+    /// The turn of the publish after `previous` (the receiver of the one before).
+    pub fn after(previous: Option<oneshot::Receiver<()>>) -> (Turn, oneshot::Receiver<()>) {
+        let (done, next) = oneshot::channel();
+        (
+            Turn {
+                after: previous,
+                done,
+            },
+            next,
+        )
+    }
+}
+
 /// A pending claim older than this belongs to an attempt that has ended, one way or the
 /// other: the append's own bound (publish timeout plus its guard) and a margin.
 fn stale_after(gw: &Gateway) -> Duration {
@@ -68,9 +95,10 @@ pub async fn publish(
     room: &RoomId,
     value: &LogValue,
     reference: Option<&str>,
+    turn: Turn,
 ) -> Result<i64, PublishError> {
     let Some(reference) = reference else {
-        return append(gw, room, value, None).await;
+        return append(gw, room, value, None, turn).await;
     };
     let key = PublishKey {
         room: room.clone(),
@@ -84,7 +112,7 @@ pub async fn publish(
     match bus.claim_publish(&key, now, stale, window).await {
         Err(e) => {
             tracing::warn!(%room, error = %e, "cannot claim a publish in the bus; appending it without the retry check");
-            return append(gw, room, value, Some(reference)).await;
+            return append(gw, room, value, Some(reference), turn).await;
         }
         Ok(PublishClaim::Stored(offset)) => return Ok(offset),
         Ok(PublishClaim::InFlight) => return Err(PublishError::InFlight),
@@ -117,7 +145,7 @@ pub async fn publish(
         }
         Ok(PublishClaim::Fresh) => {}
     }
-    let result = append(gw, room, value, Some(reference)).await;
+    let result = append(gw, room, value, Some(reference), turn).await;
     let outcome = match &result {
         Ok(offset) => PublishOutcome::Stored(*offset),
         Err(PublishError::NotStored(_)) => PublishOutcome::NotStored,
@@ -132,8 +160,18 @@ async fn append(
     room: &RoomId,
     value: &LogValue,
     reference: Option<&str>,
+    turn: Turn,
 ) -> Result<i64, PublishError> {
-    match gw.appender.append_publish(room, value, reference).await {
+    if let Some(after) = turn.after {
+        // Fired or dropped: either way the publish before this one is queued or never will be.
+        let _ = after.await;
+    }
+    let queued = Some(turn.done);
+    match gw
+        .appender
+        .append_publish(room, value, reference, queued)
+        .await
+    {
         Ok(a) => Ok(a.offset),
         Err(e @ AppendError::MaybeStored(_)) => Err(PublishError::Unknown(e.to_string())),
         Err(e) => Err(PublishError::NotStored(e.to_string())),

@@ -26,13 +26,13 @@ use dtfed_proto::record::LogValue;
 use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
-use super::publish::{publish, PublishError};
+use super::publish::{publish, PublishError, Turn};
 use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{
     Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_SLOW_READER, CLOSE_TOO_BIG,
@@ -85,6 +85,9 @@ struct Session {
     frames: TokenBucket,
     log_replays: TokenBucket,
     pending: FuturesUnordered<PendingAck>,
+    /// Fires once the latest publish is queued for Kafka: the next one waits for it, so a
+    /// player's messages are stored in the order sent.
+    last_publish: Option<oneshot::Receiver<()>>,
     /// Frames fed into the socket since the last flush.
     unflushed: bool,
 }
@@ -137,6 +140,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         queue,
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
+        last_publish: None,
         unflushed: false,
     };
     let end = s.serve(&mut outbound).await;
@@ -365,9 +369,11 @@ impl Session {
                     body,
                 };
                 let gw = self.gw.clone();
+                let (turn, next) = Turn::after(self.last_publish.take());
+                self.last_publish = Some(next);
                 self.pending.push(Box::pin(async move {
                     let started = Instant::now();
-                    let result = publish(&gw, &room, &value, reference.as_deref()).await;
+                    let result = publish(&gw, &room, &value, reference.as_deref(), turn).await;
                     AckResult {
                         reference,
                         room,
