@@ -24,6 +24,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dtfed_proto::client::Body;
 use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_REF};
 use dtfed_proto::{LogRecord, RoomId};
 use rdkafka::config::FromClientConfigAndContext;
@@ -211,7 +212,7 @@ impl RoomLogReader {
             .await
     }
 
-    /// The offset at which `from`'s publish with `reference` in `room` was stored, looking
+    /// The offset at which `from`'s publish of `body` with `reference` in `room` was stored, looking
     /// at the records of the room's partition appended from `since_ms` (producer time, ms)
     /// on; `None` when it is not there. The scan stops at the partition's end, or at the
     /// first record stamped later than `until_ms`.
@@ -220,6 +221,7 @@ impl RoomLogReader {
         room: &RoomId,
         from: &str,
         reference: &str,
+        body: &Body,
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Option<i64>, ReplayError> {
@@ -237,6 +239,7 @@ impl RoomLogReader {
             },
             from: from.to_owned(),
             reference: reference.to_owned(),
+            body: body.as_json().to_owned(),
             since_ms,
             until_ms,
         };
@@ -459,6 +462,8 @@ struct FindPublish {
     job: Job,
     from: String,
     reference: String,
+    /// The body's JSON text.
+    body: String,
     since_ms: i64,
     until_ms: i64,
 }
@@ -522,6 +527,9 @@ impl FindPublish {
             if m.key() == Some(room)
                 && header(&m, HEADER_REF) == Some(self.reference.as_bytes())
                 && header(&m, HEADER_FROM) == Some(self.from.as_bytes())
+                && m.payload()
+                    .and_then(|p| LogValue::from_json(p).ok())
+                    .is_some_and(|v| v.body.as_json() == self.body)
             {
                 return Ok(Some(o));
             }

@@ -834,6 +834,7 @@ async fn publish_claim_semantics<B: Bus>(bus: &B) {
         room: room(r),
         player: player.into(),
         reference: reference.into(),
+        body: 7,
     };
     let (stale, window) = (5_000, 60_000);
     let t = now_ms();
@@ -853,6 +854,11 @@ async fn publish_claim_semantics<B: Bus>(bus: &B) {
         key("ann", "claims", "r2"),
         // Length-prefixed names: "an" + "n:r1" must not meet "ann" + "r1".
         key("an", "claims", "n:r1"),
+        // Another body under the same ref: another message.
+        PublishKey {
+            body: 8,
+            ..key("ann", "claims", "r1")
+        },
     ] {
         assert_eq!(
             bus.claim_publish(&other, t, stale, window).await.unwrap(),

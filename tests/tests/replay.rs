@@ -421,8 +421,13 @@ async fn publish_retried_with_the_same_ref_is_stored_once() -> Result<()> {
     assert_ne!(other["offset"], ack["offset"]);
     let elsewhere = pub_ref(&mut again, "market", "hello", "hello-1").await?;
     assert_eq!(elsewhere["op"], "ack", "{elsewhere}");
+    // A client that reuses a ref for another message (a counter restarting with each
+    // connection) loses nothing: another body is another message.
+    let reused = pub_ref(&mut again, "plaza", "hello again", "hello-1").await?;
+    assert_eq!(reused["op"], "ack", "{reused}");
+    assert_ne!(reused["offset"], ack["offset"]);
 
-    let texts = room_texts(&d, "plaza", &other).await?;
+    let texts = room_texts(&d, "plaza", &reused).await?;
     let hellos: Vec<i64> = texts
         .iter()
         .filter(|(t, _)| t == "hello")
@@ -433,7 +438,7 @@ async fn publish_retried_with_the_same_ref_is_stored_once() -> Result<()> {
         vec![ack["offset"].as_i64().unwrap_or(-2)],
         "{texts:?}"
     );
-    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(texts.len(), 3, "{texts:?}");
     Ok(())
 }
 

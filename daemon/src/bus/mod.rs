@@ -50,12 +50,15 @@ pub enum BusError {
 /// Receiver of [`BusEvent`]s, handed out once when the bus is built.
 pub type BusEvents = mpsc::Receiver<BusEvent>;
 
-/// One idempotent publish: a player's `ref` in a room (see `gateway::publish`).
+/// One idempotent publish: a player's `ref` in a room, for one body (see
+/// `gateway::publish`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PublishKey {
     pub room: RoomId,
     pub player: String,
     pub reference: String,
+    /// A digest of the body's JSON text: a `ref` reused for another message is not a retry.
+    pub body: u64,
 }
 
 /// What [`Bus::claim_publish`] found.

@@ -205,9 +205,10 @@ impl Keys {
     /// spell another's key.
     fn publish(&self, key: &PublishKey) -> String {
         format!(
-            "{}:{{{}}}:p:{}:{}:{}",
+            "{}:{{{}}}:p:{:016x}:{}:{}:{}",
             self.prefix,
             key.room,
+            key.body,
             key.player.len(),
             key.player,
             key.reference

@@ -1,6 +1,8 @@
 //! Idempotent publishes: a player's publish with a `ref` is stored at most once per
-//! (player, room, `ref`) within [`WINDOW`], however often the player retries it, from
-//! whichever connection or daemon of the region.
+//! (player, room, `ref`, body) within [`WINDOW`], however often the player retries it, from
+//! whichever connection or daemon of the region. The body is part of it so that a client
+//! that reuses `ref`s (a counter that restarts with each connection) loses no message: the
+//! same `ref` with another body is another message.
 //!
 //! Why: a publish Kafka did not acknowledge in time may still be stored (the write can
 //! happen after the producer gave up on it), and an `ack` can be lost with the connection.
@@ -104,6 +106,7 @@ pub async fn publish(
         room: room.clone(),
         player: value.from.clone(),
         reference: reference.to_owned(),
+        body: digest(value.body.as_json().as_bytes()),
     };
     let bus = gw.rooms.bus();
     let now = now_ms();
@@ -123,6 +126,7 @@ pub async fn publish(
                     room,
                     &value.from,
                     reference,
+                    &value.body,
                     since.saturating_sub(CLOCK_SKEW_MS),
                     since.saturating_add(stale).saturating_add(CLOCK_SKEW_MS),
                 )
@@ -190,6 +194,14 @@ fn settle(gw: &Gateway, key: PublishKey, outcome: PublishOutcome) {
     });
 }
 
+/// FNV-1a, 64 bits: the same on every daemon and version (a claim is shared by the
+/// region's daemons), and plenty to tell one player's messages under one `ref` apart.
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -199,4 +211,17 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(millis)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::digest;
+
+    #[test]
+    fn digest_is_fnv1a() {
+        // Reference values of FNV-1a 64.
+        assert_eq!(digest(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(digest(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(digest(br#"{"text":"hi"}"#), digest(br#"{"text":"ho"}"#));
+    }
 }

@@ -9,6 +9,7 @@
 //! first. [`backlog`](WsClient::backlog) shows what is waiting.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -50,6 +51,9 @@ enum Incoming {
     Closed(u16, String),
     TimedOut,
 }
+
+/// Numbers this process's connections, for their `ref`s.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// A WebSocket client for protocol v1.
 pub struct WsClient {
@@ -130,7 +134,9 @@ impl WsClient {
                 url: url.to_string(),
                 backlog: VecDeque::new(),
                 closed: None,
-                next_ref: 0,
+                // Unique across the process's connections: a `ref` is a player's idempotency
+                // key, so a reconnecting client must not start its refs over.
+                next_ref: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed) << 32,
             })),
             Ok(Err(WsError::Http(resp))) => {
                 let body = resp
