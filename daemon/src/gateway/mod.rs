@@ -1,7 +1,8 @@
 //! The WebSocket gateway: players connect to `/ws`, speak client protocol v1
 //! (`docs/PROTOCOL.md`), and each connection runs one [`session`]. Admission (Origin
 //! allowlist, connection limit, authentication) happens at the upgrade; [`resume`] replays a
-//! room from a cursor; [`limits`] holds the rate limits.
+//! room from a cursor; [`publish`] stores a publish with a `ref` at most once; [`limits`]
+//! holds the rate limits.
 //!
 //! Close codes the gateway uses (also in `docs/PROTOCOL.md`):
 //! 1001 server shutting down, 1008 unauthorized, 1009 frame over the hard size limit,

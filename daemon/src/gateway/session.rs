@@ -1,8 +1,11 @@
 //! One player's WebSocket connection, from upgrade to close.
 //!
 //! A session is one task that owns its socket: it reads client frames, writes server frames,
-//! and drains its outbound queue of live messages (filled by [`crate::rooms`]). Publishes are
-//! appended concurrently and acknowledged as Kafka confirms them. Per room, the session keeps
+//! and drains its outbound queue of live messages (filled by [`crate::rooms`]). Publishes go
+//! through [`super::publish`] concurrently (queued for Kafka in the order sent) and are
+//! acknowledged as Kafka confirms them. A `sub` with `since` answers one piece of a long
+//! replay, then `more`; a room joined for a `sub` is left on every way out that does not
+//! end subscribed. Per room, the session keeps
 //! a cursor and drops every live message at or below it, so replays after an owner change or
 //! a backfill never reach the player twice; a live message whose `prev` is beyond the cursor
 //! makes the session backfill first, so nothing is skipped either.
