@@ -3,9 +3,11 @@
 //! Kafka's acknowledgement.
 //!
 //! Failure model: a message is either acknowledged by Kafka (all in-sync replicas have it)
-//! and [`KafkaAppender::append`] returns where it landed, or the caller gets
-//! [`AppendError::Unavailable`] within `kafka.publish_timeout_ms` (plus a small margin) and
-//! tells the player. Nothing waits forever: the producer's `message.timeout.ms` bounds the
+//! and [`KafkaAppender::append`] returns where it landed, or the caller gets an error within
+//! `kafka.publish_timeout_ms` (plus a small margin) and tells the player:
+//! [`AppendError::Unavailable`] when the message never left this daemon,
+//! [`AppendError::MaybeStored`] when it was handed to Kafka and its fate is unknown (a
+//! timeout can hide a write that happened; `gateway::publish` finds out from the log). Nothing waits forever: the producer's `message.timeout.ms` bounds the
 //! delivery, a full local queue is an immediate error, and a guard timer backs both up.
 //!
 //! An idempotent producer can enter a fatal state (for example after the broker lost the
@@ -18,7 +20,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_ORIGIN};
+use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_ORIGIN, HEADER_REF};
 use dtfed_proto::RoomId;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::KafkaError;
@@ -26,6 +28,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, default_node_name, TracingContext};
@@ -44,9 +47,15 @@ pub struct Appended {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// Kafka did not acknowledge the record (down, timed out, refused): nothing is durable.
+    /// The record never left this daemon (local queue full, producer unusable): nothing is
+    /// durable.
     #[error("kafka did not acknowledge the message: {0}")]
     Unavailable(String),
+    /// The record was handed to Kafka but not acknowledged (timed out, failed after being
+    /// sent, producer gone): it may or may not be stored, and may still land. The caller
+    /// cannot know without reading the log.
+    #[error("kafka did not acknowledge the message, which may still be stored: {0}")]
+    MaybeStored(String),
     #[error("kafka producer: {0}")]
     Setup(String),
 }
@@ -128,6 +137,11 @@ impl KafkaAppender {
         })
     }
 
+    /// `kafka.publish_timeout_ms`: every append ends within it (and a one-second guard).
+    pub fn publish_timeout(&self) -> Duration {
+        self.publish_timeout
+    }
+
     /// The topic this appender writes to.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -188,13 +202,29 @@ impl KafkaAppender {
     /// Appends one message; resolves once Kafka acknowledged it (or did not, within
     /// `kafka.publish_timeout_ms`).
     pub async fn append(&self, room: &RoomId, value: &LogValue) -> Result<Appended, AppendError> {
+        self.append_publish(room, value, None, None).await
+    }
+
+    /// [`KafkaAppender::append`] of a player's publish with its `ref`, recorded in the
+    /// [`HEADER_REF`] header so that the log can tell whether a publish was stored.
+    /// `queued` is dropped as soon as the record is in the producer's queue (or refused):
+    /// appends queued one after the other are stored in that order.
+    pub async fn append_publish(
+        &self,
+        room: &RoomId,
+        value: &LogValue,
+        reference: Option<&str>,
+        queued: Option<oneshot::Sender<()>>,
+    ) -> Result<Appended, AppendError> {
         let mut producer = self.current()?;
         if producer.client().fatal_error().is_some() {
             self.recover_if_fatal(&producer);
             release(producer);
             producer = self.current()?;
         }
-        let result = self.append_with(&producer, room, value).await;
+        let result = self
+            .append_with(&producer, room, value, reference, queued)
+            .await;
         release(producer);
         result
     }
@@ -204,9 +234,11 @@ impl KafkaAppender {
         producer: &Arc<Prod>,
         room: &RoomId,
         value: &LogValue,
+        reference: Option<&str>,
+        queued: Option<oneshot::Sender<()>>,
     ) -> Result<Appended, AppendError> {
         let payload = value.to_json();
-        let headers = OwnedHeaders::new_with_capacity(3)
+        let mut headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header {
                 key: HEADER_ORIGIN,
                 value: Some(self.region.as_str()),
@@ -219,11 +251,19 @@ impl KafkaAppender {
                 key: HEADER_CONTENT_TYPE,
                 value: Some(CONTENT_TYPE_JSON),
             });
+        if let Some(r) = reference {
+            headers = headers.insert(Header {
+                key: HEADER_REF,
+                value: Some(r),
+            });
+        }
         let record = FutureRecord::to(&self.topic)
             .key(room.as_str())
             .payload(&payload)
             .headers(headers);
-        let delivery = match producer.send_result(record) {
+        let sent = producer.send_result(record);
+        drop(queued);
+        let delivery = match sent {
             Ok(d) => d,
             Err((e, _)) => {
                 self.recover_if_fatal(producer);
@@ -240,12 +280,12 @@ impl KafkaAppender {
             }),
             Ok(Ok(Err((e, _)))) => {
                 self.recover_if_fatal(producer);
-                Err(unavailable(&e))
+                Err(not_acknowledged(&e))
             }
-            Ok(Err(_canceled)) => Err(AppendError::Unavailable(
+            Ok(Err(_canceled)) => Err(AppendError::MaybeStored(
                 "the producer was shut down before Kafka answered".into(),
             )),
-            Err(_) => Err(AppendError::Unavailable(format!(
+            Err(_) => Err(AppendError::MaybeStored(format!(
                 "no answer from Kafka within {guard:?}"
             ))),
         }
@@ -290,6 +330,19 @@ fn drop_off_runtime(p: Arc<Prod>) {
         drop(tokio::task::spawn_blocking(move || drop(p)));
     } else {
         drop(p);
+    }
+}
+
+/// A delivery failure: the record was queued, and may have been sent before it failed
+/// (librdkafka knows whether it was, but does not say through this API), unless it was
+/// purged from the queue.
+fn not_acknowledged(e: &KafkaError) -> AppendError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::PurgeQueue) => unavailable(e),
+        _ => match unavailable(e) {
+            AppendError::Unavailable(text) => AppendError::MaybeStored(text),
+            other => other,
+        },
     }
 }
 

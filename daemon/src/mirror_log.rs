@@ -64,7 +64,9 @@ use crate::config::KafkaConfig;
 use crate::kafka::{
     client_config, default_node_name, ensure_topic, partition_for, KafkaSetupError, TracingContext,
 };
-use crate::replay::{reader_config, ReplayError, RoomRead, MAX_CONCURRENT_READS, READ_TIMEOUT};
+use crate::replay::{
+    reader_config, ReadLimit, ReplayError, RoomRead, MAX_CONCURRENT_READS, READ_LIMIT, READ_TIMEOUT,
+};
 
 /// Mirror topics are named `<prefix><origin region>`.
 pub const MIRROR_TOPIC_PREFIX: &str = "dtfed.mirror.";
@@ -1408,6 +1410,7 @@ pub struct MirrorRoomReader {
     region: String,
     reads: ProbePool,
     timeout: Duration,
+    limit: ReadLimit,
 }
 
 impl std::fmt::Debug for MirrorRoomReader {
@@ -1433,12 +1436,18 @@ impl MirrorRoomReader {
             region: region.to_owned(),
             reads: ProbePool::new(cfg, region, node).map_err(ReplayError::Kafka)?,
             timeout: READ_TIMEOUT,
+            limit: READ_LIMIT,
         })
     }
 
     /// Overrides [`READ_TIMEOUT`] (tests).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Overrides [`READ_LIMIT`] (tests).
+    pub fn set_limit(&mut self, limit: ReadLimit) {
+        self.limit = limit;
     }
 
     /// The records of `room` from `origin` with `after < origin offset < before`, read from
@@ -1473,6 +1482,7 @@ impl MirrorRoomReader {
             partition,
             after,
             before,
+            limit: self.limit,
         };
         self.reads
             .run(&what, self.timeout, move |consumer, deadline| {
@@ -1499,6 +1509,7 @@ struct RoomJob {
     partition: i32,
     after: Option<i64>,
     before: Option<i64>,
+    limit: ReadLimit,
 }
 
 impl RoomJob {
@@ -1508,6 +1519,7 @@ impl RoomJob {
             partition: p,
             earliest,
             records: Vec::new(),
+            stopped_at: None,
         };
         let nothing_held = self.after.map_or(0, |a| a.saturating_add(1)).max(0);
         let (low, high) = reads.watermarks()?;
@@ -1527,6 +1539,7 @@ impl RoomJob {
         let room = self.room.as_str().as_bytes();
         let mut last = self.after.unwrap_or(i64::MIN);
         let mut records = Vec::new();
+        let (mut bytes, mut scanned, mut stopped_at) = (0usize, 0i64, None);
         reads.read(start, high, &mut |m| {
             let o = origin_offset(m).ok_or_else(|| reads.corrupt(m.offset()))?;
             if self.before.is_some_and(|b| o >= b) {
@@ -1537,23 +1550,31 @@ impl RoomJob {
                 return Ok(true);
             }
             last = o;
-            if m.key() != Some(room) {
-                return Ok(true);
+            scanned += 1;
+            if m.key() == Some(room) {
+                match m.payload().map(LogValue::from_json) {
+                    Some(Ok(value)) => {
+                        bytes = bytes.saturating_add(m.payload_len());
+                        records.push(LogRecord {
+                            room: self.room.clone(),
+                            origin: self.origin.clone(),
+                            partition: p,
+                            offset: o,
+                            value,
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(origin = %self.origin, partition = p, offset = o, error = %e, "mirror replay: skipping a record that is not a chat message");
+                    }
+                    None => {
+                        tracing::warn!(origin = %self.origin, partition = p, offset = o, "mirror replay: skipping a record without a value");
+                    }
+                }
             }
-            match m.payload().map(LogValue::from_json) {
-                Some(Ok(value)) => records.push(LogRecord {
-                    room: self.room.clone(),
-                    origin: self.origin.clone(),
-                    partition: p,
-                    offset: o,
-                    value,
-                }),
-                Some(Err(e)) => {
-                    tracing::warn!(origin = %self.origin, partition = p, offset = o, error = %e, "mirror replay: skipping a record that is not a chat message");
-                }
-                None => {
-                    tracing::warn!(origin = %self.origin, partition = p, offset = o, "mirror replay: skipping a record without a value");
-                }
+            if self.limit.reached(records.len(), bytes, scanned) {
+                // The end of the range may be right here; then the next read finds nothing.
+                stopped_at = Some(o);
+                return Ok(false);
             }
             Ok(true)
         })?;
@@ -1561,6 +1582,7 @@ impl RoomJob {
             partition: p,
             earliest,
             records,
+            stopped_at,
         })
     }
 }

@@ -11,17 +11,26 @@
 //! librdkafka instance with its own threads and broker connections (a few MB and one TCP
 //! connection per broker), so they are pooled and reused rather than created per read,
 //! and at most [`MAX_CONCURRENT_READS`] reads run at once (each on a blocking thread): when
-//! many players resume together the rest queue, within the overall [`READ_TIMEOUT`].
+//! many players resume together the rest queue (first come, first served), within the
+//! overall [`READ_TIMEOUT`]; a read that could not get a slot in time is an error, which the
+//! player sees as `unavailable` (retry), never as a gap.
+//!
+//! Every read stops at a [`ReadLimit`] ([`READ_LIMIT`]: messages, bytes, and records scanned)
+//! and says where ([`RoomRead::stopped_at`]): memory per read is bounded, and so is the time
+//! one read holds a slot, so slots pass from player to player instead of one resume of a
+//! large partition holding one for its whole scan. The player continues from there with
+//! another `sub`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dtfed_proto::record::LogValue;
+use dtfed_proto::client::Body;
+use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_REF};
 use dtfed_proto::{LogRecord, RoomId};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
@@ -33,6 +42,33 @@ pub const MAX_CONCURRENT_READS: usize = 4;
 /// A whole read (waiting for a slot included) that takes longer fails.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How much one read takes before it stops (and says where).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// The room's messages returned.
+    pub messages: usize,
+    /// Bytes of the room's messages returned (their values as stored).
+    pub bytes: usize,
+    /// Records of the partition examined, the room's or not: the cost of the scan.
+    pub scanned: i64,
+}
+
+/// The limit of every replay read: about a megabyte per answer, and a scan of a fraction of
+/// a second.
+pub const READ_LIMIT: ReadLimit = ReadLimit {
+    messages: 1000,
+    bytes: 1 << 20,
+    scanned: 100_000,
+};
+
+impl ReadLimit {
+    /// True once a read holding `messages` of `bytes` after examining `scanned` records
+    /// must stop.
+    pub fn reached(&self, messages: usize, bytes: usize, scanned: i64) -> bool {
+        messages >= self.messages || bytes >= self.bytes || scanned >= self.scanned
+    }
+}
+
 /// The room's records found in one partition range.
 #[derive(Debug)]
 pub struct RoomRead {
@@ -42,6 +78,9 @@ pub struct RoomRead {
     pub earliest: i64,
     /// The room's records, in offset order.
     pub records: Vec<LogRecord>,
+    /// `Some(o)` when the read stopped at its [`ReadLimit`] before the end of the range:
+    /// every record of the room up to offset `o` is in `records`, nothing after `o` was read.
+    pub stopped_at: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +99,7 @@ pub struct RoomLogReader {
     idle: Mutex<Vec<Reader>>,
     slots: Arc<Semaphore>,
     timeout: Duration,
+    limit: ReadLimit,
 }
 
 impl std::fmt::Debug for RoomLogReader {
@@ -127,12 +167,18 @@ impl RoomLogReader {
             idle: Mutex::new(vec![first]),
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
             timeout: READ_TIMEOUT,
+            limit: READ_LIMIT,
         })
     }
 
     /// Overrides [`READ_TIMEOUT`] (tests).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Overrides [`READ_LIMIT`] (tests).
+    pub fn set_limit(&mut self, limit: ReadLimit) {
+        self.limit = limit;
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
@@ -151,14 +197,65 @@ impl RoomLogReader {
         after: Option<i64>,
         before: Option<i64>,
     ) -> Result<RoomRead, ReplayError> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let timed_out = || {
-            ReplayError::Kafka(format!(
-                "reading room {room} from {} timed out after {:?}",
-                self.topic, self.timeout
-            ))
+        let what = format!("reading room {room} from {}", self.topic);
+        let job = Job {
+            topic: self.topic.clone(),
+            region: self.region.clone(),
+            partition: partition_for(room, self.partitions),
+            room: room.clone(),
+            after,
+            before,
+            deadline: Instant::now() + self.timeout,
+            limit: self.limit,
         };
+        self.run(&what, job.deadline, move |reader| job.run(reader))
+            .await
+    }
+
+    /// The offset at which `from`'s publish of `body` with `reference` in `room` was stored, looking
+    /// at the records of the room's partition appended from `since_ms` (producer time, ms)
+    /// on; `None` when it is not there. The scan stops at the partition's end, or at the
+    /// first record stamped later than `until_ms`.
+    pub async fn find_publish(
+        &self,
+        room: &RoomId,
+        from: &str,
+        reference: &str,
+        body: &Body,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<i64>, ReplayError> {
+        let what = format!("looking for a publish in room {room} in {}", self.topic);
+        let find = FindPublish {
+            job: Job {
+                topic: self.topic.clone(),
+                region: self.region.clone(),
+                partition: partition_for(room, self.partitions),
+                room: room.clone(),
+                after: None,
+                before: None,
+                deadline: Instant::now() + self.timeout,
+                limit: self.limit,
+            },
+            from: from.to_owned(),
+            reference: reference.to_owned(),
+            body: body.as_json().to_owned(),
+            since_ms,
+            until_ms,
+        };
+        let deadline = find.job.deadline;
+        self.run(&what, deadline, move |reader| find.run(reader))
+            .await
+    }
+
+    /// Runs `job` on a pooled consumer on a blocking thread once a read slot is free, all
+    /// within `deadline`.
+    async fn run<T, F>(&self, what: &str, deadline: Instant, job: F) -> Result<T, ReplayError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Reader) -> Result<T, ReplayError> + Send + 'static,
+    {
+        let timed_out = || ReplayError::Kafka(format!("{what} timed out after {:?}", self.timeout));
         let slot =
             tokio::time::timeout_at(deadline.into(), Arc::clone(&self.slots).acquire_owned())
                 .await
@@ -168,19 +265,10 @@ impl RoomLogReader {
             Some(r) => r,
             None => build(&self.config)?,
         };
-        let job = Job {
-            topic: self.topic.clone(),
-            region: self.region.clone(),
-            partition: partition_for(room, self.partitions),
-            room: room.clone(),
-            after,
-            before,
-            deadline,
-        };
         // The slot goes with the blocking read: if the caller gives up, the read still
         // counts until it ends.
         let handle = tokio::task::spawn_blocking(move || {
-            let result = job.run(&reader);
+            let result = job(&reader);
             // Leave nothing of this read behind for the next one on this consumer.
             let _ = reader.unassign();
             for _ in 0..100_000 {
@@ -241,6 +329,7 @@ struct Job {
     after: Option<i64>,
     before: Option<i64>,
     deadline: Instant,
+    limit: ReadLimit,
 }
 
 impl Job {
@@ -282,8 +371,11 @@ impl Job {
                 partition: p,
                 earliest: low,
                 records,
+                stopped_at: None,
             });
         }
+        let mut bytes = 0usize;
+        let mut stopped_at = None;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(start))
             .map_err(|e| self.err("offset for", &e))?;
@@ -319,32 +411,36 @@ impl Job {
                 break;
             }
             last = o;
-            if m.key() != Some(room) {
-                continue;
+            if m.key() == Some(room) {
+                match m.payload().map(LogValue::from_json) {
+                    Some(Ok(value)) => {
+                        bytes = bytes.saturating_add(m.payload_len());
+                        records.push(LogRecord {
+                            room: self.room.clone(),
+                            origin: self.region.clone(),
+                            partition: p,
+                            offset: o,
+                            value,
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
+                    }
+                    None => {
+                        tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
+                    }
+                }
             }
-            let value = match m.payload().map(LogValue::from_json) {
-                Some(Ok(v)) => v,
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
-                    continue;
-                }
-                None => {
-                    tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
-                    continue;
-                }
-            };
-            records.push(LogRecord {
-                room: self.room.clone(),
-                origin: self.region.clone(),
-                partition: p,
-                offset: o,
-                value,
-            });
+            if o < end - 1 && self.limit.reached(records.len(), bytes, o - start + 1) {
+                stopped_at = Some(o);
+                break;
+            }
         }
         Ok(RoomRead {
             partition: p,
             earliest: low,
             records,
+            stopped_at,
         })
     }
 
@@ -358,4 +454,93 @@ impl Job {
             })
             .unwrap_or(-1))
     }
+}
+
+/// A search for one publish, run on a blocking thread.
+struct FindPublish {
+    /// Topic, partition, room and deadline (its range fields are unused).
+    job: Job,
+    from: String,
+    reference: String,
+    /// The body's JSON text.
+    body: String,
+    since_ms: i64,
+    until_ms: i64,
+}
+
+impl FindPublish {
+    fn run(&self, reader: &Reader) -> Result<Option<i64>, ReplayError> {
+        let job = &self.job;
+        let p = job.partition;
+        let (_, high) = reader
+            .fetch_watermarks(&job.topic, p, job.left()?)
+            .map_err(|e| job.err("watermarks of", &e))?;
+        let mut by_time = TopicPartitionList::new();
+        by_time
+            .add_partition_offset(&job.topic, p, Offset::Offset(self.since_ms.max(0)))
+            .map_err(|e| job.err("time for", &e))?;
+        let found = reader
+            .offsets_for_times(by_time, job.left()?)
+            .map_err(|e| job.err("offsets by time of", &e))?;
+        let start = match found.find_partition(&job.topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            // Nothing stamped at or after `since_ms`.
+            _ => return Ok(None),
+        };
+        if start >= high {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&job.topic, p, Offset::Offset(start))
+            .map_err(|e| job.err("offset for", &e))?;
+        reader.assign(&tpl).map_err(|e| job.err("assigning", &e))?;
+        let room = job.room.as_str().as_bytes();
+        let mut last = start - 1;
+        while last < high - 1 {
+            let wait = job.left()?.min(Duration::from_millis(200));
+            let m = match reader.poll(wait) {
+                None => continue,
+                Some(Ok(m)) => m,
+                Some(Err(KafkaError::PartitionEOF(ep))) if ep == p => {
+                    if job.position(reader)? >= high {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => continue,
+                Some(Err(e)) => return Err(job.err("reading", &e)),
+            };
+            if m.topic() != job.topic || m.partition() != p {
+                continue;
+            }
+            let o = m.offset();
+            if o <= last || o < start {
+                continue;
+            }
+            if o >= high {
+                break;
+            }
+            last = o;
+            if m.timestamp().to_millis().is_some_and(|t| t > self.until_ms) {
+                break;
+            }
+            if m.key() == Some(room)
+                && header(&m, HEADER_REF) == Some(self.reference.as_bytes())
+                && header(&m, HEADER_FROM) == Some(self.from.as_bytes())
+                && m.payload()
+                    .and_then(|p| LogValue::from_json(p).ok())
+                    .is_some_and(|v| v.body.as_json() == self.body)
+            {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn header<'a, M: Message>(m: &'a M, key: &str) -> Option<&'a [u8]> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
 }

@@ -276,6 +276,7 @@ fn offer(sink: &SessionSink, item: Outbound, metrics: &Metrics) {
 mod tests {
     use super::*;
     use crate::bus::memory::MemoryBus;
+    use crate::bus::{PublishClaim, PublishKey, PublishOutcome};
     use crate::config::HistoryConfig;
     use async_trait::async_trait;
     use dtfed_proto::{Cursor, LogRecord};
@@ -312,6 +313,25 @@ mod tests {
         }
         async fn ping(&self) -> Result<(), BusError> {
             self.inner.ping().await
+        }
+        async fn claim_publish(
+            &self,
+            key: &PublishKey,
+            now_ms: i64,
+            stale_ms: i64,
+            window_ms: i64,
+        ) -> Result<PublishClaim, BusError> {
+            self.inner
+                .claim_publish(key, now_ms, stale_ms, window_ms)
+                .await
+        }
+        async fn settle_publish(
+            &self,
+            key: &PublishKey,
+            outcome: PublishOutcome,
+            window_ms: i64,
+        ) -> Result<(), BusError> {
+            self.inner.settle_publish(key, outcome, window_ms).await
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dtfed::bus::memory::MemoryBus;
 use dtfed::bus::redis::RedisBus;
-use dtfed::bus::{Bus, BusEvent, BusEvents};
+use dtfed::bus::{Bus, BusEvent, BusEvents, PublishClaim, PublishKey, PublishOutcome};
 use dtfed::config::{HistoryConfig, RedisConfig};
 use dtfed_proto::client::Body;
 use dtfed_proto::record::LogValue;
@@ -825,4 +825,101 @@ async fn bus_memory_slow_gateway_gets_resync_not_a_stall() {
     assert_eq!(msgs, dtfed::bus::memory::EVENTS_CAPACITY);
     bus.apply(&rec("flood", "o", n, now, "1")).await.unwrap();
     assert_eq!(next_msg(&mut events).await.offset, n);
+}
+
+/// Publish claims: first claim, in flight, stored, released, unknown after going stale,
+/// and keys that differ only in player, room or ref are separate.
+async fn publish_claim_semantics<B: Bus>(bus: &B) {
+    let key = |player: &str, r: &str, reference: &str| PublishKey {
+        room: room(r),
+        player: player.into(),
+        reference: reference.into(),
+        body: 7,
+    };
+    let (stale, window) = (5_000, 60_000);
+    let t = now_ms();
+    let k = key("ann", "claims", "r1");
+    assert_eq!(
+        bus.claim_publish(&k, t, stale, window).await.unwrap(),
+        PublishClaim::Fresh
+    );
+    assert_eq!(
+        bus.claim_publish(&k, t + 100, stale, window).await.unwrap(),
+        PublishClaim::InFlight
+    );
+    // The same ref of another player, in another room, or another ref: fresh.
+    for other in [
+        key("bob", "claims", "r1"),
+        key("ann", "claims-2", "r1"),
+        key("ann", "claims", "r2"),
+        // Length-prefixed names: "an" + "n:r1" must not meet "ann" + "r1".
+        key("an", "claims", "n:r1"),
+        // Another body under the same ref: another message.
+        PublishKey {
+            body: 8,
+            ..key("ann", "claims", "r1")
+        },
+    ] {
+        assert_eq!(
+            bus.claim_publish(&other, t, stale, window).await.unwrap(),
+            PublishClaim::Fresh,
+            "{other:?}"
+        );
+    }
+    bus.settle_publish(&k, PublishOutcome::Stored(17), window)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.claim_publish(&k, t + 200, stale, window).await.unwrap(),
+        PublishClaim::Stored(17)
+    );
+    // Released: claimable again.
+    let k2 = key("ann", "claims", "r2");
+    bus.settle_publish(&k2, PublishOutcome::NotStored, window)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.claim_publish(&k2, t + 300, stale, window)
+            .await
+            .unwrap(),
+        PublishClaim::Fresh
+    );
+    // Unknown: in flight until stale, then unknown once, re-claimed by that caller.
+    let k3 = key("ann", "claims", "r3");
+    bus.settle_publish(&k3, PublishOutcome::Unknown { since: t }, window)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.claim_publish(&k3, t + stale - 1, stale, window)
+            .await
+            .unwrap(),
+        PublishClaim::InFlight
+    );
+    assert_eq!(
+        bus.claim_publish(&k3, t + stale, stale, window)
+            .await
+            .unwrap(),
+        PublishClaim::Unknown { since: t }
+    );
+    assert_eq!(
+        bus.claim_publish(&k3, t + stale + 1, stale, window)
+            .await
+            .unwrap(),
+        PublishClaim::InFlight
+    );
+}
+
+#[tokio::test]
+async fn bus_memory_publish_claims() {
+    let (bus, _events) = MemoryBus::new(&history_cfg());
+    publish_claim_semantics(&bus).await;
+}
+
+#[tokio::test]
+async fn bus_redis_publish_claims() {
+    let server = RedisServer::start();
+    let (bus, _events) = RedisBus::connect(&redis_cfg(&server), &history_cfg())
+        .await
+        .unwrap();
+    publish_claim_semantics(&bus).await;
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dtfed::append::{producer_config, KafkaAppender};
-use dtfed::bus::{Bus, BusError};
+use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
 use dtfed::config::KafkaConfig;
 use dtfed::fanout::FanoutOwner;
 use dtfed::kafka::{ensure_topic, partition_for};
@@ -89,6 +89,25 @@ impl Bus for RecordingBus {
         Ok(())
     }
     async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn claim_publish(
+        &self,
+        _key: &PublishKey,
+        _now_ms: i64,
+        _stale_ms: i64,
+        _window_ms: i64,
+    ) -> Result<PublishClaim, BusError> {
+        Ok(PublishClaim::Fresh)
+    }
+
+    async fn settle_publish(
+        &self,
+        _key: &PublishKey,
+        _outcome: PublishOutcome,
+        _window_ms: i64,
+    ) -> Result<(), BusError> {
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dtfed::append::KafkaAppender;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::{partition_for, MockKafka};
-use dtfed::replay::RoomLogReader;
+use dtfed::replay::{ReadLimit, RoomLogReader};
 use dtfed_proto::client::Body;
 use dtfed_proto::record::LogValue;
 use dtfed_proto::RoomId;
@@ -114,6 +114,53 @@ async fn reads_exactly_the_rooms_records_in_a_range() {
             .expect("read")
             .records
             .is_empty());
+    }
+    drop(f.mock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stop_at_their_limit_and_continue_from_there() {
+    let f = fixture("r.limit", 2, 140).await;
+    for limit in [
+        ReadLimit {
+            messages: 3,
+            bytes: usize::MAX,
+            scanned: i64::MAX,
+        },
+        ReadLimit {
+            messages: usize::MAX,
+            bytes: usize::MAX,
+            scanned: 10,
+        },
+        ReadLimit {
+            messages: usize::MAX,
+            bytes: 100,
+            scanned: i64::MAX,
+        },
+    ] {
+        let mut reader = RoomLogReader::with_node(&f.cfg, "seoul", "n1", 2).expect("reader");
+        reader.set_limit(limit);
+        for (r, offsets) in &f.sent {
+            let mut after = None;
+            let mut got = Vec::new();
+            let mut pieces = 0;
+            loop {
+                let read = reader.read_room(r, after, None).await.expect("read");
+                pieces += 1;
+                assert!(pieces < 1000, "room {r}: no end with {limit:?}");
+                assert!(read.records.len() <= limit.messages);
+                got.extend(read.records.iter().map(|x| x.offset));
+                match read.stopped_at {
+                    Some(stop) => {
+                        assert!(got.last().is_none_or(|l| *l <= stop));
+                        after = Some(stop);
+                    }
+                    None => break,
+                }
+            }
+            assert!(pieces > 1, "room {r}: one piece with {limit:?}");
+            assert_eq!(&got, offsets, "room {r} in pieces with {limit:?}");
+        }
     }
     drop(f.mock);
 }

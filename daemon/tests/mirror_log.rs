@@ -19,6 +19,7 @@ use dtfed::mirror_log::{
     ensure_mirror_topic, mirror_topic, KafkaMirrorLog, KafkaOriginLog, MirrorRoomReader,
     OriginReaderTuning,
 };
+use dtfed::replay::ReadLimit;
 use dtfed_proto::client::Body;
 use dtfed_proto::link::codec::record_len_bound;
 use dtfed_proto::link::LinkRecord;
@@ -596,6 +597,55 @@ async fn check_room_reader(c: &Cluster) {
     }
     tracing::info!(?slowest, "slowest room read");
     assert!(slowest < Duration::from_secs(5), "a read took {slowest:?}");
+
+    // Reads stop at their limit and say where: continued from there, they give the room's
+    // records exactly once.
+    for limit in [
+        ReadLimit {
+            messages: 5,
+            bytes: usize::MAX,
+            scanned: i64::MAX,
+        },
+        ReadLimit {
+            messages: usize::MAX,
+            bytes: usize::MAX,
+            scanned: 25,
+        },
+        ReadLimit {
+            messages: usize::MAX,
+            bytes: 200,
+            scanned: i64::MAX,
+        },
+    ] {
+        let mut limited = MirrorRoomReader::with_node(&cfg, "seoul", "n1").expect("reader");
+        limited.set_limit(limit);
+        for (origin, rooms) in &expected {
+            let (r, want) = rooms.iter().next().expect("a room");
+            let mut after = None;
+            let mut got = Vec::new();
+            let mut pieces = 0;
+            loop {
+                let read = limited
+                    .read_room(origin, r, 3, after, None)
+                    .await
+                    .expect("read");
+                pieces += 1;
+                assert!(pieces < 1000, "{origin} {r}: no end with {limit:?}");
+                assert!(read.records.len() <= limit.messages);
+                got.extend(read.records.iter().map(|x| x.offset));
+                match read.stopped_at {
+                    Some(stop) => {
+                        assert!(got.last().is_none_or(|l| *l <= stop));
+                        after = Some(stop);
+                    }
+                    None => break,
+                }
+            }
+            assert!(pieces > 1, "{origin} {r}: one piece with {limit:?}");
+            let offsets: Vec<i64> = want.iter().map(|(o, _)| *o).collect();
+            assert_eq!(got, offsets, "{origin} {r} in pieces with {limit:?}");
+        }
+    }
 
     // A partition holding nothing: no records, no gap claimed.
     let empty = c.name("kyoto");

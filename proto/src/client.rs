@@ -289,6 +289,13 @@ pub enum ServerFrame {
         from: i64,
         to: i64,
     },
+    /// The replay of `room` stopped before its end (a replay is answered in pieces), or a
+    /// backfill could not be completed: the connection is not subscribed to `room`, and a
+    /// `sub` with `since: cursor` continues where this left off.
+    More {
+        room: RoomId,
+        cursor: Cursor,
+    },
     Pong,
     Error {
         code: ErrorCode,
@@ -496,6 +503,7 @@ mod tests {
                     offset
                 }),
             (room(), cursor()).prop_map(|(room, cursor)| ServerFrame::Synced { room, cursor }),
+            (room(), cursor()).prop_map(|(room, cursor)| ServerFrame::More { room, cursor }),
             (room(), "[a-z]{1,8}", 0i64..1000, 0i64..1000).prop_map(|(room, origin, from, to)| {
                 ServerFrame::Gap {
                     room,
@@ -516,6 +524,18 @@ mod tests {
                     reference
                 }),
         ]
+    }
+
+    #[test]
+    fn more_frame_matches_the_protocol_text() {
+        let more = ServerFrame::More {
+            room: RoomId::parse("r").unwrap(),
+            cursor: Cursor([("seoul".to_owned(), 4)].into_iter().collect()),
+        };
+        assert_eq!(
+            more.to_json(),
+            r#"{"op":"more","room":"r","cursor":{"seoul":4}}"#
+        );
     }
 
     proptest! {

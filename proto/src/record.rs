@@ -1,7 +1,8 @@
 //! One chat message as stored in a region's Kafka log.
 //!
 //! Key: the room id. Value: JSON `{"from":P,"ts":MS,"body":ANY}`, readable by any Kafka tool.
-//! Headers: [`HEADER_ORIGIN`] (the region that accepted it) and [`HEADER_FROM`] (the player),
+//! Headers: [`HEADER_ORIGIN`] (the region that accepted it), [`HEADER_FROM`] (the player) and
+//! [`HEADER_REF`] (the publish's `ref`, if any),
 //! so operators can filter with `kafka-console-consumer --property print.headers=true`.
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,9 @@ use crate::room::RoomId;
 pub const HEADER_ORIGIN: &str = "dtfed-origin";
 /// Header naming the player who sent it.
 pub const HEADER_FROM: &str = "dtfed-from";
+/// Header holding the publish's `ref`, when it had one: with [`HEADER_FROM`] and the room,
+/// what tells whether a publish whose outcome was unknown was stored.
+pub const HEADER_REF: &str = "dtfed-ref";
 /// On mirror topics: the message's offset in its origin's local topic (decimal text).
 pub const HEADER_ORIGIN_OFFSET: &str = "dtfed-origin-offset";
 /// On mirror topics: the origin append time, ms since the epoch (decimal text).

@@ -350,6 +350,18 @@ async fn kafka_down_means_unavailable_then_publishes_recover() -> Result<()> {
         .await?;
     assert_eq!(refused["op"], "error", "{refused}");
     assert_eq!(refused["code"], "unavailable");
+    // The player is told what to do, not Kafka's internals (those are in the daemon's log).
+    let said = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("try again") || said.contains("retry"),
+        "{said}"
+    );
+    for internal in ["Local:", "Broker", "KafkaError", "librdkafka", "127.0.0.1"] {
+        assert!(
+            !said.contains(internal),
+            "internal detail {internal:?} sent to a player: {said}"
+        );
+    }
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "took {:?}",

@@ -26,7 +26,10 @@ use async_trait::async_trait;
 use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, BusEvent, BusEvents};
+use super::{
+    claim_value, parse_claim, Bus, BusError, BusEvent, BusEvents, PublishClaim, PublishKey,
+    PublishOutcome,
+};
 use crate::config::HistoryConfig;
 
 /// Capacity of each handle's events channel.
@@ -51,7 +54,12 @@ struct State {
     rooms: HashMap<RoomId, RoomState>,
     /// Room → subscribed handles.
     subs: HashMap<RoomId, HashMap<u64, Arc<Sink>>>,
+    /// Publish claims: value and expiry (ms).
+    publishes: HashMap<PublishKey, (String, i64)>,
 }
+
+/// Expired publish claims are swept when there are more than this many.
+const PUBLISH_SWEEP_AT: usize = 4096;
 
 /// A room's hot history (oldest first) and tails.
 #[derive(Default)]
@@ -176,7 +184,7 @@ impl Bus for MemoryBus {
         let shared = &self.member.shared;
         let cutoff = self.cutoff();
         let mut st = shared.lock();
-        let State { rooms, subs } = &mut *st;
+        let State { rooms, subs, .. } = &mut *st;
         let room = rooms.entry(rec.room.clone()).or_default();
         let last = room.tails.get(&rec.origin);
         if last.is_some_and(|last| rec.offset <= last) {
@@ -252,6 +260,50 @@ impl Bus for MemoryBus {
     }
 
     async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn claim_publish(
+        &self,
+        key: &PublishKey,
+        now_ms: i64,
+        stale_ms: i64,
+        window_ms: i64,
+    ) -> Result<PublishClaim, BusError> {
+        let mut st = self.member.shared.lock();
+        if st.publishes.len() > PUBLISH_SWEEP_AT {
+            st.publishes.retain(|_, (_, expires)| *expires > now_ms);
+        }
+        let previous = st
+            .publishes
+            .get(key)
+            .filter(|(_, expires)| *expires > now_ms)
+            .map(|(v, _)| v.as_str());
+        let claim = parse_claim(previous, now_ms, stale_ms);
+        if matches!(claim, PublishClaim::Fresh | PublishClaim::Unknown { .. }) {
+            let pending = format!("p{now_ms}");
+            st.publishes
+                .insert(key.clone(), (pending, now_ms.saturating_add(window_ms)));
+        }
+        Ok(claim)
+    }
+
+    async fn settle_publish(
+        &self,
+        key: &PublishKey,
+        outcome: PublishOutcome,
+        window_ms: i64,
+    ) -> Result<(), BusError> {
+        let mut st = self.member.shared.lock();
+        match claim_value(outcome) {
+            Some(v) => {
+                let expires = now_ms().saturating_add(window_ms);
+                st.publishes.insert(key.clone(), (v, expires));
+            }
+            None => {
+                st.publishes.remove(key);
+            }
+        }
         Ok(())
     }
 }

@@ -7,6 +7,9 @@
 //! A record at or below the room's last offset for its origin was applied already (a new owner
 //! replaying after a crash) and is skipped, so `apply` is idempotent.
 //!
+//! The bus also keeps the claims that make a publish with a `ref` idempotent
+//! ([`Bus::claim_publish`], [`Bus::settle_publish`]; see `gateway::publish`).
+//!
 //! Gateways [`Bus::subscribe`] to the rooms that have local players and receive
 //! [`BusEvent`]s. Live delivery is fire-and-forget (Redis Pub/Sub), so the subscriber says
 //! [`BusEvent::Resync`] whenever its connection was re-established: anything may have been
@@ -47,6 +50,66 @@ pub enum BusError {
 /// Receiver of [`BusEvent`]s, handed out once when the bus is built.
 pub type BusEvents = mpsc::Receiver<BusEvent>;
 
+/// One idempotent publish: a player's `ref` in a room, for one body (see
+/// `gateway::publish`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PublishKey {
+    pub room: RoomId,
+    pub player: String,
+    pub reference: String,
+    /// A digest of the body's JSON text: a `ref` reused for another message is not a retry.
+    pub body: u64,
+}
+
+/// What [`Bus::claim_publish`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishClaim {
+    /// Not seen within the window: claimed, pending since now.
+    Fresh,
+    /// Stored at this offset of the local topic.
+    Stored(i64),
+    /// Claimed by another attempt less than `stale_ms` ago, which may still be in flight.
+    InFlight,
+    /// Claimed at `since` (ms) by an attempt whose outcome is unknown; claimed again now.
+    Unknown { since: i64 },
+}
+
+/// What became of a claimed publish, for [`Bus::settle_publish`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    Stored(i64),
+    /// Certainly not stored: the claim is released.
+    NotStored,
+    /// Maybe stored; the attempt began at `since` (ms).
+    Unknown {
+        since: i64,
+    },
+}
+
+/// A claim's stored form: `a<offset>` (stored) or `p<ms>` (pending since).
+fn claim_value(outcome: PublishOutcome) -> Option<String> {
+    match outcome {
+        PublishOutcome::Stored(o) => Some(format!("a{o}")),
+        PublishOutcome::NotStored => None,
+        PublishOutcome::Unknown { since } => Some(format!("p{since}")),
+    }
+}
+
+/// Reads what a claim held before this attempt (`None`: nothing); `stale_ms` decides
+/// between in flight and unknown. Unreadable values count as nothing.
+fn parse_claim(previous: Option<&str>, now_ms: i64, stale_ms: i64) -> PublishClaim {
+    let Some(v) = previous else {
+        return PublishClaim::Fresh;
+    };
+    let number = v.get(1..).and_then(|n| n.parse::<i64>().ok());
+    match (v.as_bytes().first(), number) {
+        (Some(b'a'), Some(o)) => PublishClaim::Stored(o),
+        (Some(b'p'), Some(t)) if now_ms.saturating_sub(t) < stale_ms => PublishClaim::InFlight,
+        (Some(b'p'), Some(t)) => PublishClaim::Unknown { since: t },
+        _ => PublishClaim::Fresh,
+    }
+}
+
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     /// Appends `rec` to its room's history and publishes it, atomically. Returns the message
@@ -86,4 +149,50 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Checks the bus is reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), BusError>;
+
+    /// Claims publish `key` for `window_ms`, atomically: nothing or a stale pending claim
+    /// (older than `stale_ms`) is replaced by "pending since `now_ms`"; a stored one or a
+    /// fresh pending one is left as it is. Says what was there.
+    async fn claim_publish(
+        &self,
+        key: &PublishKey,
+        now_ms: i64,
+        stale_ms: i64,
+        window_ms: i64,
+    ) -> Result<PublishClaim, BusError>;
+
+    /// Records what became of a claimed publish (kept for `window_ms`).
+    async fn settle_publish(
+        &self,
+        key: &PublishKey,
+        outcome: PublishOutcome,
+        window_ms: i64,
+    ) -> Result<(), BusError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_claims_read_back_as_written() {
+        let stale = 5_000;
+        assert_eq!(parse_claim(None, 10_000, stale), PublishClaim::Fresh);
+        let stored = claim_value(PublishOutcome::Stored(42));
+        assert_eq!(
+            parse_claim(stored.as_deref(), 10_000, stale),
+            PublishClaim::Stored(42)
+        );
+        let pending = claim_value(PublishOutcome::Unknown { since: 9_000 });
+        assert_eq!(
+            parse_claim(pending.as_deref(), 10_000, stale),
+            PublishClaim::InFlight
+        );
+        assert_eq!(
+            parse_claim(pending.as_deref(), 14_000, stale),
+            PublishClaim::Unknown { since: 9_000 }
+        );
+        assert_eq!(claim_value(PublishOutcome::NotStored), None);
+        assert_eq!(parse_claim(Some("zz"), 10_000, stale), PublishClaim::Fresh);
+    }
 }

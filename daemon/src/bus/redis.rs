@@ -93,7 +93,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusError, BusEvent, BusEvents};
+use super::{
+    claim_value, parse_claim, Bus, BusError, BusEvent, BusEvents, PublishClaim, PublishKey,
+    PublishOutcome,
+};
 use crate::config::{HistoryConfig, RedisConfig};
 
 /// Capacity of the events channel handed out by [`RedisBus::connect`].
@@ -158,6 +161,23 @@ end
 return out
 "#;
 
+/// Claims an idempotent publish (see [`Bus::claim_publish`]).
+///
+/// KEYS: 1 = the claim. ARGV: 1 = now_ms, 2 = stale_ms, 3 = window_ms.
+/// Returns what was there (`""` for nothing): `a<offset>` stored, `p<ms>` pending since, or
+/// `"i"` for a pending claim younger than stale_ms (left as it is).
+const CLAIM_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then
+  local kind = string.sub(v, 1, 1)
+  local n = tonumber(string.sub(v, 2))
+  if kind == 'a' and n then return v end
+  if kind == 'p' and n and tonumber(ARGV[1]) - n < tonumber(ARGV[2]) then return 'i' end
+end
+redis.call('SET', KEYS[1], 'p' .. ARGV[1], 'PX', ARGV[3])
+return v or ''
+"#;
+
 /// Records per script call at most (a hot room's share of a batch is split over several
 /// calls of the same pipeline, which keeps each Lua run short).
 const RECORDS_PER_CALL: usize = 64;
@@ -181,6 +201,20 @@ impl Keys {
         format!("{}:{{{}}}:c", self.prefix, room)
     }
 
+    /// A publish claim: the player's name is length-prefixed, so no name and ref pair can
+    /// spell another's key.
+    fn publish(&self, key: &PublishKey) -> String {
+        format!(
+            "{}:{{{}}}:p:{:016x}:{}:{}:{}",
+            self.prefix,
+            key.room,
+            key.body,
+            key.player.len(),
+            key.player,
+            key.reference
+        )
+    }
+
     /// The room part of a channel name, for logs.
     fn room_of_channel<'a>(&self, channel: &'a str) -> &'a str {
         channel
@@ -202,6 +236,7 @@ struct Inner {
     con: ConnectionManager,
     keys: Keys,
     script: redis::Script,
+    claim: redis::Script,
     max_messages: usize,
     max_age_ms: i64,
     sub: Arc<SubShared>,
@@ -296,6 +331,7 @@ impl RedisBus {
                 con,
                 keys,
                 script: redis::Script::new(APPLY_LUA),
+                claim: redis::Script::new(CLAIM_LUA),
                 max_messages: history.max_messages,
                 max_age_ms,
                 sub,
@@ -556,6 +592,54 @@ impl Bus for RedisBus {
             .await
             .map_err(|e| redis_err("ping", e))?;
         Ok(())
+    }
+
+    async fn claim_publish(
+        &self,
+        key: &PublishKey,
+        now_ms: i64,
+        stale_ms: i64,
+        window_ms: i64,
+    ) -> Result<PublishClaim, BusError> {
+        let mut con = self.inner.con.clone();
+        let previous: String = self
+            .inner
+            .claim
+            .key(self.inner.keys.publish(key))
+            .arg(now_ms)
+            .arg(stale_ms)
+            .arg(window_ms.max(1))
+            .invoke_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&format!("claiming a publish in room {}", key.room), e))?;
+        Ok(match previous.as_str() {
+            "" => PublishClaim::Fresh,
+            "i" => PublishClaim::InFlight,
+            v => parse_claim(Some(v), now_ms, stale_ms),
+        })
+    }
+
+    async fn settle_publish(
+        &self,
+        key: &PublishKey,
+        outcome: PublishOutcome,
+        window_ms: i64,
+    ) -> Result<(), BusError> {
+        let mut con = self.inner.con.clone();
+        let name = self.inner.keys.publish(key);
+        let done: Result<(), RedisError> = match claim_value(outcome) {
+            Some(v) => {
+                redis::cmd("SET")
+                    .arg(&name)
+                    .arg(v)
+                    .arg("PX")
+                    .arg(window_ms.max(1))
+                    .query_async(&mut con)
+                    .await
+            }
+            None => redis::cmd("DEL").arg(&name).query_async(&mut con).await,
+        };
+        done.map_err(|e| redis_err(&format!("settling a publish in room {}", key.room), e))
     }
 }
 

@@ -213,6 +213,14 @@ impl Canary {
                         cursors.insert(r.to_owned(), f["cursor"].clone());
                     }
                 }
+                Some("more") => {
+                    // A long replay comes in pieces: ask for the next one from where it
+                    // stopped.
+                    let room = f["room"].as_str().unwrap_or_default();
+                    cursors.insert(room.to_owned(), f["cursor"].clone());
+                    let sub = json!({"op": "sub", "room": room, "since": f["cursor"]});
+                    ws.send(Message::text(sub.to_string())).await?;
+                }
                 Some("error") if f.get("ref").is_none_or(Value::is_null) => {
                     anyhow::bail!("{url}: {f}");
                 }

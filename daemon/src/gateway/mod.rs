@@ -1,7 +1,8 @@
 //! The WebSocket gateway: players connect to `/ws`, speak client protocol v1
 //! (`docs/PROTOCOL.md`), and each connection runs one [`session`]. Admission (Origin
 //! allowlist, connection limit, authentication) happens at the upgrade; [`resume`] replays a
-//! room from a cursor; [`limits`] holds the rate limits.
+//! room from a cursor; [`publish`] stores a publish with a `ref` at most once; [`limits`]
+//! holds the rate limits.
 //!
 //! Close codes the gateway uses (also in `docs/PROTOCOL.md`):
 //! 1001 server shutting down, 1002 WebSocket protocol error, 1007 text not UTF-8,
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod limits;
+pub mod publish;
 pub mod read_error;
 pub mod resume;
 pub mod session;

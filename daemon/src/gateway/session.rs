@@ -1,8 +1,11 @@
 //! One player's WebSocket connection, from upgrade to close.
 //!
 //! A session is one task that owns its socket: it reads client frames, writes server frames,
-//! and drains its outbound queue of live messages (filled by [`crate::rooms`]). Publishes are
-//! appended concurrently and acknowledged as Kafka confirms them. Per room, the session keeps
+//! and drains its outbound queue of live messages (filled by [`crate::rooms`]). Publishes go
+//! through [`super::publish`] concurrently (queued for Kafka in the order sent) and are
+//! acknowledged as Kafka confirms them. A `sub` with `since` answers one piece of a long
+//! replay, then `more`; a room joined for a `sub` is left on every way out that does not
+//! end subscribed. Per room, the session keeps
 //! a cursor and drops every live message at or below it, so replays after an owner change or
 //! a backfill never reach the player twice; a live message whose `prev` is beyond the cursor
 //! makes the session backfill first, so nothing is skipped either.
@@ -32,16 +35,16 @@ use dtfed_proto::record::LogValue;
 use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
+use super::publish::{publish, PublishError, Turn};
 use super::read_error;
-use super::resume::{is_hole, replay};
+use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER};
-use crate::append::{AppendError, Appended};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
 /// Rooms one connection may subscribe to at once.
@@ -55,6 +58,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Queued live messages (or ready acks) written before one flush.
 const WRITE_BATCH: usize = 64;
+/// `sub`s with `since` that read the log, per second and in a burst, per connection (the
+/// hot history alone costs nothing and is not counted).
+const LOG_REPLAYS_PER_SEC: u32 = 4;
+const LOG_REPLAY_BURST: u32 = 16;
 
 type PendingAck = Pin<Box<dyn std::future::Future<Output = AckResult> + Send>>;
 
@@ -62,7 +69,8 @@ struct AckResult {
     reference: Option<String>,
     room: RoomId,
     started: Instant,
-    result: Result<Appended, AppendError>,
+    /// The offset stored at.
+    result: Result<i64, PublishError>,
 }
 
 /// Why a session ends.
@@ -83,7 +91,11 @@ struct Session {
     slow: CancellationToken,
     publishes: TokenBucket,
     frames: TokenBucket,
+    log_replays: TokenBucket,
     pending: FuturesUnordered<PendingAck>,
+    /// Fires once the latest publish is queued for Kafka: the next one waits for it, so a
+    /// player's messages are stored in the order sent.
+    last_publish: Option<oneshot::Receiver<()>>,
     /// Frames fed into the socket since the last flush.
     unflushed: bool,
 }
@@ -127,6 +139,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
                 .saturating_add(20),
             cfg.publish_burst.saturating_mul(4).saturating_add(20),
         ),
+        log_replays: TokenBucket::new(LOG_REPLAYS_PER_SEC, LOG_REPLAY_BURST),
         gw: gw.clone(),
         id,
         player,
@@ -135,6 +148,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         queue,
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
+        last_publish: None,
         unflushed: false,
     };
     let end = s.serve(&mut outbound).await;
@@ -398,10 +412,12 @@ impl Session {
                     ts: now_ms(),
                     body,
                 };
-                let appender = self.gw.appender.clone();
+                let gw = self.gw.clone();
+                let (turn, next) = Turn::after(self.last_publish.take());
+                self.last_publish = Some(next);
                 self.pending.push(Box::pin(async move {
                     let started = Instant::now();
-                    let result = appender.append(&room, &value).await;
+                    let result = publish(&gw, &room, &value, reference.as_deref(), turn).await;
                     AckResult {
                         reference,
                         room,
@@ -415,7 +431,7 @@ impl Session {
             // large as its largest state, and an idle player should not pay for a replay.
             Ok(ClientFrame::Sub { room, since }) => match self.gw.foreign_origin(since.as_ref()) {
                 Some(why) => self.error(ErrorCode::BadFrame, why, None).await,
-                None => self.subscribe_or_leave(room, since).await,
+                None => Box::pin(self.subscribe(room, since)).await,
             },
             Ok(ClientFrame::Unsub { room }) => {
                 if self.subs.remove(&room).is_some() {
@@ -467,50 +483,89 @@ impl Session {
         // Live delivery starts first (into the queue), then the replay or the tail snapshot:
         // whatever is published in between is in both, and the cursor drops the second copy.
         if let Err(e) = self.gw.rooms.join(&room, self.id, sink).await {
+            tracing::warn!(%room, error = %e, "subscribing a room on the bus failed");
             return self
                 .error(
                     ErrorCode::Unavailable,
-                    format!("cannot subscribe to {room} right now: {e}"),
+                    format!("cannot subscribe to {room} right now; try again"),
                     None,
                 )
                 .await;
         }
+        // Joined: from here every way out either records the room in `subs` or leaves it,
+        // so a player who hangs up (or is closed) mid-replay leaves no subscription behind.
+        match self.catch_up(&room, since).await {
+            Ok(Some(cursor)) => {
+                self.subs.insert(room.clone(), cursor.clone());
+                self.send(&ServerFrame::Synced { room, cursor }).await
+            }
+            Ok(None) => Ok(()),
+            Err(end) => {
+                self.gw.rooms.leave(&room, self.id).await;
+                Err(end)
+            }
+        }
+    }
+
+    /// Sends what `room` holds after `since` (or finds the room's tail); the cursor to go
+    /// live with, or `None` when the room was left and the player told why.
+    async fn catch_up(
+        &mut self,
+        room: &RoomId,
+        since: Option<Cursor>,
+    ) -> Result<Option<Cursor>, End> {
         let cursor = match since {
-            Some(mut cursor) => match replay(&self.gw, &room, &mut cursor).await {
-                Ok(frames) => {
-                    for frame in &frames {
-                        self.send(frame).await?;
+            Some(mut cursor) => {
+                let bucket = &mut self.log_replays;
+                let mut may_read_log = || bucket.take(Instant::now());
+                match replay(&self.gw, room, &mut cursor, &mut may_read_log).await {
+                    Ok(Replay { frames, complete }) => {
+                        for frame in &frames {
+                            self.send(frame).await?;
+                        }
+                        if !complete {
+                            // One piece per `sub`: the player asks for the next one, so a
+                            // long replay shares the log with everyone else's.
+                            self.gw.rooms.leave(room, self.id).await;
+                            let more = ServerFrame::More {
+                                room: room.clone(),
+                                cursor,
+                            };
+                            self.send(&more).await?;
+                            return Ok(None);
+                        }
+                        cursor
                     }
-                    cursor
+                    Err(ResumeError::RateLimited) => {
+                        self.gw.rooms.leave(room, self.id).await;
+                        let per_sec = LOG_REPLAYS_PER_SEC;
+                        self.error(
+                            ErrorCode::RateLimited,
+                            format!("over {per_sec} replays from the log per second; retry {room} in a second"),
+                            None,
+                        )
+                        .await?;
+                        return Ok(None);
+                    }
+                    Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
                 }
-                Err(e) => return self.sub_failed(&room, e.to_string()).await,
-            },
-            None => match self.gw.rooms.bus().tails(&room).await {
+            }
+            None => match self.gw.rooms.bus().tails(room).await {
                 Ok(tails) => tails,
-                Err(e) => return self.sub_failed(&room, e.to_string()).await,
+                Err(e) => return self.sub_failed(room, e.to_string()).await.map(|()| None),
             },
         };
-        self.subs.insert(room.clone(), cursor.clone());
-        self.send(&ServerFrame::Synced { room, cursor }).await
+        Ok(Some(cursor))
     }
 
-    /// [`Session::subscribe`]; if the connection ends before the room made it into `subs`
-    /// (the player vanished during its replay), leaves the room again: `finish` leaves only
-    /// the rooms in `subs`, and the membership and the room's bus subscription would stay.
-    async fn subscribe_or_leave(&mut self, room: RoomId, since: Option<Cursor>) -> Result<(), End> {
-        let subscribed = Box::pin(self.subscribe(room.clone(), since)).await;
-        if subscribed.is_err() && !self.subs.contains_key(&room) {
-            // A no-op when the session never joined.
-            self.gw.rooms.leave(&room, self.id).await;
-        }
-        subscribed
-    }
-
+    /// Leaves `room` and tells the player to try again; `why` (Kafka's or Redis's own
+    /// words) goes to the log, not to the player.
     async fn sub_failed(&mut self, room: &RoomId, why: String) -> Result<(), End> {
+        tracing::warn!(%room, error = %why, "subscribe failed");
         self.gw.rooms.leave(room, self.id).await;
         self.error(
             ErrorCode::Unavailable,
-            format!("cannot subscribe to {room} right now: {why}"),
+            format!("cannot subscribe to {room} right now; try again"),
             None,
         )
         .await
@@ -518,7 +573,7 @@ impl Session {
 
     async fn acked(&mut self, ack: AckResult) -> Result<(), End> {
         match ack.result {
-            Ok(appended) => {
+            Ok(offset) => {
                 self.gw
                     .metrics
                     .publish_latency
@@ -527,18 +582,14 @@ impl Session {
                     reference: ack.reference,
                     room: ack.room,
                     origin: self.gw.region.clone(),
-                    offset: appended.offset,
+                    offset,
                 };
                 self.send(&frame).await
             }
             Err(e) => {
                 tracing::warn!(room = %ack.room, error = %e, "publish not acknowledged by Kafka");
-                self.error(
-                    ErrorCode::Unavailable,
-                    format!("message not stored, try again: {e}"),
-                    ack.reference,
-                )
-                .await
+                self.error(ErrorCode::Unavailable, e.for_player(), ack.reference)
+                    .await
             }
         }
     }
@@ -580,18 +631,32 @@ impl Session {
             return Ok(());
         };
         let mut cursor = cursor.clone();
-        match replay(&self.gw, room, &mut cursor).await {
-            Ok(frames) => {
+        match replay(&self.gw, room, &mut cursor, &mut || true).await {
+            Ok(Replay { frames, complete }) => {
                 for frame in &frames {
                     if matches!(frame, ServerFrame::Msg(_)) {
                         self.gw.metrics.backfilled.inc();
                     }
                     self.send(frame).await?;
                 }
-                if let Some(c) = self.subs.get_mut(room) {
-                    *c = cursor;
+                if complete {
+                    if let Some(c) = self.subs.get_mut(room) {
+                        *c = cursor;
+                    }
+                    Ok(())
+                } else {
+                    self.stop_live(room, cursor).await
                 }
-                Ok(())
+            }
+            // The log is busy: live delivery cannot go on past the hole without skipping
+            // what is in it, so the player resumes from its cursor (and retries).
+            Err(ResumeError::LogBusy(e)) => {
+                tracing::warn!(%room, error = %e, "backfill from the log failed; the player resumes");
+                // From the cursor as it was: nothing of this replay was sent.
+                let Some(before) = self.subs.get(room).cloned() else {
+                    return Ok(());
+                };
+                self.stop_live(room, before).await
             }
             Err(e) => {
                 // The bus is unreachable: live delivery is down too, and the next resync retries.
@@ -599,6 +664,18 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Takes the connection out of `room` and tells the player to resume from `cursor`.
+    async fn stop_live(&mut self, room: &RoomId, cursor: Cursor) -> Result<(), End> {
+        if self.subs.remove(room).is_some() {
+            self.gw.rooms.leave(room, self.id).await;
+        }
+        let more = ServerFrame::More {
+            room: room.clone(),
+            cursor,
+        };
+        self.send(&more).await
     }
 }
 

@@ -9,6 +9,7 @@
 //! first. [`backlog`](WsClient::backlog) shows what is waiting.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -50,6 +51,9 @@ enum Incoming {
     Closed(u16, String),
     TimedOut,
 }
+
+/// Numbers this process's connections, for their `ref`s.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// A WebSocket client for protocol v1.
 pub struct WsClient {
@@ -130,7 +134,9 @@ impl WsClient {
                 url: url.to_string(),
                 backlog: VecDeque::new(),
                 closed: None,
-                next_ref: 0,
+                // Unique across the process's connections: a `ref` is a player's idempotency
+                // key, so a reconnecting client must not start its refs over.
+                next_ref: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed) << 32,
             })),
             Ok(Err(WsError::Http(resp))) => {
                 let body = resp
@@ -263,7 +269,8 @@ impl WsClient {
     }
 
     /// Subscribe to `room` (`since`: `None` = live only, or a cursor object) and wait for
-    /// `synced`, collecting the room's `msg`/`gap` frames before it. An `error` frame
+    /// `synced`, collecting the room's `msg`/`gap` frames before it (a replay answered in
+    /// pieces is continued from each `more` cursor). An `error` frame
     /// without `ref` (or naming this room) while waiting is an error.
     pub async fn sub(
         &mut self,
@@ -284,7 +291,7 @@ impl WsClient {
                 .recv_until(
                     |f| {
                         let op = f["op"].as_str().unwrap_or("");
-                        (f["room"] == room && matches!(op, "msg" | "gap" | "synced"))
+                        (f["room"] == room && matches!(op, "msg" | "gap" | "synced" | "more"))
                             || (op == "error"
                                 && (f.get("ref").is_none_or(Value::is_null) || f["room"] == room))
                     },
@@ -294,6 +301,11 @@ impl WsClient {
                 .with_context(|| format!("sub {room}: waiting for synced"))?;
             match f["op"].as_str() {
                 Some("synced") => return Ok(Subscribed { frames, synced: f }),
+                // A replay in pieces: continue from where this one ended, as clients do.
+                Some("more") => {
+                    let next = json!({"op": "sub", "room": room, "since": f["cursor"]});
+                    self.send_json(&next).await?;
+                }
                 Some("error") => anyhow::bail!("sub {room}: server answered {f}"),
                 _ => frames.push(f),
             }
