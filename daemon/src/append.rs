@@ -56,6 +56,12 @@ pub enum AppendError {
     /// cannot know without reading the log.
     #[error("kafka did not acknowledge the message, which may still be stored: {0}")]
     MaybeStored(String),
+    /// Kafka acknowledged the record without saying where it is: the idempotent producer
+    /// re-sent a batch the broker had already written (after a leader change), and the
+    /// broker answers a duplicate sequence with no offset. Stored, exactly once, in
+    /// `partition`; its offset must be read from the log.
+    #[error("kafka stored the message in partition {partition} but did not say at which offset")]
+    StoredAtUnknownOffset { partition: i32 },
     #[error("kafka producer: {0}")]
     Setup(String),
 }
@@ -274,6 +280,10 @@ impl KafkaAppender {
         // something below misbehaves.
         let guard = self.publish_timeout + Duration::from_secs(1);
         match tokio::time::timeout(guard, delivery).await {
+            // Never acknowledge a player with an offset that is not one.
+            Ok(Ok(Ok(d))) if d.offset < 0 => Err(AppendError::StoredAtUnknownOffset {
+                partition: d.partition,
+            }),
             Ok(Ok(Ok(d))) => Ok(Appended {
                 partition: d.partition,
                 offset: d.offset,

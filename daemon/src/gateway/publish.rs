@@ -183,12 +183,44 @@ async fn append(
         let _ = after.await;
     }
     let queued = Some(turn.done);
+    let started = now_ms();
     match gw
         .appender
         .append_publish(room, value, reference, queued)
         .await
     {
         Ok(a) => Ok(a.offset),
+        Err(e @ AppendError::StoredAtUnknownOffset { .. }) => {
+            // Stored once, somewhere in the room's partition: a publish with a ref can be
+            // found there (its `dtfed-ref` header); one without can only be called unknown.
+            let Some(reference) = reference else {
+                return Err(PublishError::Unknown(e.to_string()));
+            };
+            let until = now_ms().saturating_add(CLOCK_SKEW_MS);
+            match gw
+                .replay
+                .find_publish(
+                    room,
+                    &value.from,
+                    reference,
+                    &value.body,
+                    started.saturating_sub(CLOCK_SKEW_MS),
+                    until,
+                )
+                .await
+            {
+                Ok(Some(offset)) => {
+                    tracing::info!(%room, offset, "Kafka stored a publish without saying where; found it in the log");
+                    Ok(offset)
+                }
+                Ok(None) => Err(PublishError::Unknown(format!(
+                    "{e}, and it is not in the log yet"
+                ))),
+                Err(read) => Err(PublishError::Unknown(format!(
+                    "{e}, and the log could not be read: {read}"
+                ))),
+            }
+        }
         Err(e @ AppendError::MaybeStored(_)) => Err(PublishError::Unknown(e.to_string())),
         Err(e) => Err(PublishError::NotStored(e.to_string())),
     }
