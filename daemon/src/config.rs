@@ -329,6 +329,9 @@ impl Config {
         }
         if let Some(f) = &self.federation {
             errs.extend(f.validate(&self.region));
+            if let Some(e) = frame_limit_vs_link(c.max_frame_bytes) {
+                errs.push(e);
+            }
             let clash = f.listen == self.client.listen || f.listen == self.admin.listen;
             if clash && f.listen.port() != 0 {
                 errs.push(format!(
@@ -349,6 +352,24 @@ impl Config {
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+/// Room id, player, timestamp and headers a stored record adds to the publish frame's body,
+/// bounded from above (room ≤ 128 B, player ≤ 64 B, the link's mirror headers).
+const RECORD_OVERHEAD_BOUND: usize = 4 * 1024;
+
+/// A publish as large as `client.max_frame_bytes` must still fit in one link frame once
+/// stored, or the record could never be mirrored and its partition's mirror would stop at
+/// it for good.
+fn frame_limit_vs_link(max_frame_bytes: usize) -> Option<String> {
+    let max = dtfed_proto::link::MAX_RECORD_BYTES - RECORD_OVERHEAD_BOUND;
+    (max_frame_bytes > max).then(|| {
+        format!(
+            "client.max_frame_bytes = {max_frame_bytes}: with [federation], must be at most \
+             {max} (a stored message must fit in one region link frame of {} bytes)",
+            dtfed_proto::link::MAX_FRAME_BYTES
+        )
+    })
 }
 
 fn valid_topic(t: &str) -> bool {
@@ -416,6 +437,30 @@ url = "http://x"
         assert!(errs.iter().any(|e| e.contains("region")));
         assert!(errs.iter().any(|e| e.contains("jwt_secret")));
         assert!(errs.iter().any(|e| e.contains("redis.url")));
+    }
+
+    #[test]
+    fn frame_limit_must_fit_the_region_link() {
+        let fed = "[federation]\nlisten = \"127.0.0.1:7000\"\nca_cert = \"ca.crt\"\n\
+                   cert = \"c.crt\"\nkey = \"c.key\"\n";
+        let big = MINIMAL.replace("[kafka]", "[client]\nmax_frame_bytes = 10485760\n[kafka]");
+        // Alone, a region may take large frames; with federation they could never be
+        // mirrored. Every other error is still reported beside it.
+        assert!(Config::from_toml(&big, |_| None).is_ok());
+        let text = format!("{}{fed}", big.replace("[kafka]", "[kafka]\npartitions = 0"));
+        let errs = Config::from_toml(&text, |_| None).expect_err("invalid").0;
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("client.max_frame_bytes") && e.contains("region link")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("kafka.partitions")),
+            "{errs:#?}"
+        );
+        let ok = MINIMAL.replace("[kafka]", "[client]\nmax_frame_bytes = 4194304\n[kafka]");
+        assert!(Config::from_toml(&format!("{ok}{fed}"), |_| None).is_ok());
     }
 
     #[test]

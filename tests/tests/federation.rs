@@ -682,3 +682,50 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     regions.clear();
     Ok(())
 }
+
+/// `client.max_frame_bytes` above what one region link frame can carry is refused by
+/// `dtfed check-config` (a message that large could never be mirrored and would stop its
+/// partition's mirror for good), beside every other problem of the file.
+#[test]
+fn check_config_refuses_a_frame_limit_the_link_cannot_carry() -> Result<()> {
+    let dir = TestDir::new("fed-frame-limit")?;
+    let write = |name: &str, frame: usize| -> Result<PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "region = \"seoul\"\n[client]\nmax_frame_bytes = {frame}\n\
+                 [kafka]\nbrokers = \"127.0.0.1:9092\"\nlinger_ms = 5000\n\
+                 [redis]\nurl = \"redis://127.0.0.1:6379\"\n\
+                 [federation]\nlisten = \"127.0.0.1:7443\"\nca_cert = \"ca.crt\"\n\
+                 cert = \"seoul.crt\"\nkey = \"seoul.key\"\n"
+            ),
+        )?;
+        Ok(path)
+    };
+    let check = |path: &Path| -> Result<(Option<i32>, String)> {
+        let out = Command::new(DtfedProcess::binary()?)
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .context("running dtfed check-config")?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stderr) = check(&write("big.toml", 10 * 1024 * 1024)?)?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("client.max_frame_bytes = 10485760") && stderr.contains("region link"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("kafka.linger_ms"),
+        "every problem at once: {stderr}"
+    );
+    let (code, stderr) = check(&write("fits.toml", 1024 * 1024)?)?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("max_frame_bytes"), "{stderr}");
+    Ok(())
+}

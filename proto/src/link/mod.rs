@@ -38,7 +38,9 @@ pub mod codec;
 pub mod frame;
 pub mod session;
 
-pub use codec::{decode_payload, encode, CodecError, FrameDecoder, MAX_FRAME_BYTES};
+pub use codec::{
+    decode_payload, encode, CodecError, FrameDecoder, MAX_FRAME_BYTES, MAX_RECORD_BYTES,
+};
 pub use frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
 pub use session::{
     LinkTimers, MirrorPull, MirrorServe, PullConfig, PullEvent, ServeConfig, ServeEvent,

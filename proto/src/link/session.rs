@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::codec::{record_len_bound, BATCH_OVERHEAD_BOUND, MAX_FRAME_BYTES};
+use super::codec::{record_len_bound, BATCH_OVERHEAD_BOUND, MAX_RECORD_BYTES};
 use super::frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
 
 /// Default budget for one `Batch` frame's payload.
@@ -751,7 +751,7 @@ impl MirrorServe {
             ServeState::Closed => return Err(SessionError::Closed),
             _ => return Err(SessionError::NotServing),
         };
-        let frame_budget = MAX_FRAME_BYTES - BATCH_OVERHEAD_BOUND;
+        let frame_budget = MAX_RECORD_BYTES;
         if let Some((offset, bytes)) = records
             .iter()
             .map(|r| (r.offset, record_len_bound(r)))
@@ -931,7 +931,7 @@ impl MirrorServe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::codec::{encode, FrameDecoder};
+    use crate::link::codec::{encode, FrameDecoder, MAX_FRAME_BYTES};
 
     const SEC: Duration = Duration::from_secs(1);
     const TOPIC: &str = "dtfed.local";
