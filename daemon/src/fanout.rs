@@ -15,9 +15,10 @@
 //! few records again; [`Bus::apply`] is idempotent per (room, origin, offset), so players
 //! see no duplicates. The only records skipped are poison records (no room key, a key that
 //! is not a room id, a value that is not a [`LogValue`], a mirror record without its origin
-//! headers): they are logged with topic/partition/offset, counted in
-//! [`FanoutStatus::skipped`], and stepped over so that one bad record cannot stall a
-//! partition (and every room on it) forever.
+//! offset header) and mirror records whose `dtfed-origin` header disagrees with their topic
+//! (see [`topic_origin`]): they are logged with topic/partition/offset, counted in
+//! [`FanoutStatus::skipped`] and the `fanout_skipped{reason}` metric, and stepped over so
+//! that one bad record cannot stall a partition (and every room on it) forever.
 //!
 //! # Group settings
 //!
@@ -61,7 +62,8 @@ use tracing::Instrument;
 use crate::bus::Bus;
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, TracingContext};
-use crate::metrics::{Metrics, PartitionLabel};
+use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
+use crate::mirror_log::MIRROR_TOPIC_PREFIX;
 
 /// One partition this daemon owns, for `/status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -126,6 +128,15 @@ impl Shared {
                 })
                 .set((p.high_watermark - p.position).max(0));
         }
+    }
+
+    /// Counts one record stepped over (status and metric).
+    fn skipped(&self, reason: &'static str) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .fanout_skipped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Records that `offset` of `topic`/`partition` was applied (or skipped).
@@ -296,8 +307,9 @@ impl FanoutOwner {
     /// Joins the group `<kafka.fanout_group>.<region>` over `topics` and starts owning.
     ///
     /// Records of `kafka.local_topic` have origin `region` and their own offset; records of
-    /// any other topic (the mirror topics `dtfed.mirror.<origin>`) carry their origin region
-    /// and origin offset in the `dtfed-origin` and `dtfed-origin-offset` headers.
+    /// a mirror topic `dtfed.mirror.<origin>` have origin `<origin>` (from the topic name,
+    /// never from a header: a record whose `dtfed-origin` header names another region is
+    /// skipped and counted) and their origin offset in the `dtfed-origin-offset` header.
     ///
     /// Must be called inside a tokio runtime.
     pub fn start(
@@ -418,7 +430,7 @@ impl ErrorLog {
 /// librdkafka message is released at once.
 enum Item {
     Record(LogRecord),
-    Poison(String),
+    Poison(Skip),
 }
 
 impl Run {
@@ -501,16 +513,17 @@ impl Run {
                 };
                 for (offset, item) in items {
                     match item {
-                        Item::Poison(why) => {
+                        Item::Poison(skip) => {
                             tracing::warn!(
                                 region = %self.region,
                                 topic,
                                 partition,
                                 offset,
-                                reason = %why,
-                                "fan-out: skipping a record that is not a chat message"
+                                reason = skip.reason,
+                                detail = %skip.detail,
+                                "fan-out: skipping a record that is not a chat message of this topic's origin"
                             );
-                            self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                            self.shared.skipped(skip.reason);
                         }
                         Item::Record(rec) => records.push(rec),
                     }
@@ -685,35 +698,87 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {
         .and_then(|h| h.value)
 }
 
+/// Why a consumed record was stepped over instead of applied.
+#[derive(Debug)]
+struct Skip {
+    /// Metric label (`fanout_skipped{reason}`).
+    reason: &'static str,
+    detail: String,
+}
+
+impl Skip {
+    fn not_a_message(detail: impl Into<String>) -> Skip {
+        Skip {
+            reason: SKIP_NOT_A_MESSAGE,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// `fanout_skipped` reasons.
+const SKIP_NOT_A_MESSAGE: &str = "not_a_message";
+const SKIP_ORIGIN_MISMATCH: &str = "origin_mismatch";
+
+/// The origin region whose records topic `topic` holds: this region for the local topic,
+/// `O` for the mirror topic `dtfed.mirror.<O>`. Never a record's own say: a peer (or
+/// anyone who can write its local topic) controls the record's headers, and an origin
+/// taken from them could name another region, or this one, with offsets that would make
+/// the bus step drop that origin's genuine messages as already applied.
+fn topic_origin<'a>(topic: &'a str, local_topic: &str, region: &'a str) -> Option<&'a str> {
+    if topic == local_topic {
+        return Some(region);
+    }
+    topic
+        .strip_prefix(MIRROR_TOPIC_PREFIX)
+        .filter(|o| valid_region_name(o) && *o != region)
+}
+
 /// Turns one consumed record into a [`LogRecord`], or says why it is not one.
 fn decode_record(
     m: &BorrowedMessage<'_>,
     local_topic: &str,
     region: &str,
-) -> Result<LogRecord, String> {
-    let key = m.key().ok_or("no key (a room id is required)")?;
-    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_owned())?;
-    let room = RoomId::parse(key).map_err(|e| format!("key {key:?}: {e}"))?;
-    let payload = m.payload().ok_or("no value")?;
-    let value = LogValue::from_json(payload).map_err(|e| format!("value: {e}"))?;
-    let (origin, offset) = if m.topic() == local_topic {
-        (region.to_owned(), m.offset())
+) -> Result<LogRecord, Skip> {
+    let origin = topic_origin(m.topic(), local_topic, region)
+        .ok_or_else(|| Skip::not_a_message(format!("topic {} names no origin", m.topic())))?;
+    let key = m
+        .key()
+        .ok_or_else(|| Skip::not_a_message("no key (a room id is required)"))?;
+    let key = std::str::from_utf8(key).map_err(|_| Skip::not_a_message("key is not UTF-8"))?;
+    let room = RoomId::parse(key).map_err(|e| Skip::not_a_message(format!("key {key:?}: {e}")))?;
+    let payload = m.payload().ok_or_else(|| Skip::not_a_message("no value"))?;
+    let value =
+        LogValue::from_json(payload).map_err(|e| Skip::not_a_message(format!("value: {e}")))?;
+    let offset = if m.topic() == local_topic {
+        m.offset()
     } else {
-        let origin = header(m, HEADER_ORIGIN).ok_or("mirror record without dtfed-origin")?;
-        let origin = std::str::from_utf8(origin)
-            .ok()
-            .filter(|o| valid_region_name(o))
-            .ok_or("mirror record with an invalid dtfed-origin")?;
-        let offset = header(m, HEADER_ORIGIN_OFFSET)
+        // The mirror client writes the origin header from the peer's certificate region; a
+        // record saying otherwise was not written by it (or was written before that rule)
+        // and is not trusted with any origin.
+        let claims = m.headers().into_iter().flat_map(|h| h.iter());
+        for claimed in claims.filter(|h| h.key == HEADER_ORIGIN).map(|h| h.value) {
+            let claimed = claimed.unwrap_or_default();
+            if claimed != origin.as_bytes() {
+                return Err(Skip {
+                    reason: SKIP_ORIGIN_MISMATCH,
+                    detail: format!(
+                        "dtfed-origin {:?} in the mirror topic of {origin}",
+                        String::from_utf8_lossy(claimed)
+                    ),
+                });
+            }
+        }
+        header(m, HEADER_ORIGIN_OFFSET)
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse::<i64>().ok())
             .filter(|o| *o >= 0)
-            .ok_or("mirror record without a valid dtfed-origin-offset")?;
-        (origin.to_owned(), offset)
+            .ok_or_else(|| {
+                Skip::not_a_message("mirror record without a valid dtfed-origin-offset")
+            })?
     };
     Ok(LogRecord {
         room,
-        origin,
+        origin: origin.to_owned(),
         partition: m.partition(),
         offset,
         value,

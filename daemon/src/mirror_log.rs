@@ -1212,7 +1212,7 @@ impl KafkaMirrorLog {
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 2);
-            for (k, v) in r.mirror_headers() {
+            for (k, v) in r.mirror_headers(origin) {
                 headers = headers.insert(Header {
                     key: k.as_str(),
                     value: Some(v.as_slice()),

@@ -482,3 +482,111 @@ async fn an_owner_with_an_empty_assignment_is_joined() {
             .expect("owner stops");
     }
 }
+
+/// A record in `dtfed.mirror.tokyo` labelled as this region (seoul) or as a third region,
+/// with a huge offset: the origin of a mirror record is its topic's, so the forged labels
+/// are skipped (logged, counted in `fanout_skipped{reason="origin_mismatch"}`) and every
+/// genuine message of seoul and tokyo in the room still reaches the bus's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_record_labelled_as_another_origin_suppresses_nothing() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.local", 1).expect("topic");
+    let mirror = "dtfed.mirror.tokyo";
+    mock.create_topic(mirror, 1).expect("topic");
+    let cfg = cfg(&mock, "f.local", 1, "g-forged");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap())
+        .create()
+        .expect("producer");
+    let send = |topic: &'static str, claim: Option<&'static str>, offset: i64, i: usize| {
+        let producer = producer.clone();
+        async move {
+            let payload = value(i).to_json();
+            let mut headers = OwnedHeaders::new();
+            if let Some(claim) = claim {
+                headers = headers.insert(Header {
+                    key: HEADER_ORIGIN,
+                    value: Some(claim),
+                });
+            }
+            let headers = headers.insert(Header {
+                key: HEADER_ORIGIN_OFFSET,
+                value: Some(offset.to_string().as_str()),
+            });
+            let rec: FutureRecord<'_, str, String> = FutureRecord::to(topic)
+                .key("r1")
+                .payload(&payload)
+                .partition(0)
+                .headers(headers);
+            producer
+                .send(rec, Duration::from_secs(5))
+                .await
+                .expect("produce");
+        }
+    };
+    // The values are from 2023: keep them in the history.
+    let history = dtfed::config::HistoryConfig {
+        max_messages: 100,
+        max_age_secs: 100 * 365 * 86_400,
+    };
+    let (bus, _events) = dtfed::bus::memory::MemoryBus::new(&history);
+    let bus = Arc::new(bus);
+    let metrics = Arc::new(Metrics::new("seoul"));
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.local".into(), mirror.into()],
+        bus.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .expect("start");
+    // The forgeries first: as the receiver itself and as a third region, far ahead.
+    send(mirror, Some("seoul"), 1_000_000, 0).await;
+    send(mirror, Some("frankfurt"), 1_000_000, 1).await;
+    wait_for("the forgeries skipped", Duration::from_secs(30), || {
+        owner.status().skipped == 2
+    })
+    .await;
+    // Then the genuine messages: seoul's own (local topic, offset 0) and tokyo's.
+    send("f.local", Some("seoul"), 0, 2).await;
+    send(mirror, Some("tokyo"), 5, 3).await;
+    send(mirror, None, 6, 4).await;
+    let room = RoomId::parse("r1").expect("room");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 && Instant::now() < deadline {
+        seen = bus
+            .history(&room)
+            .await
+            .expect("history")
+            .iter()
+            .map(|m| (m.origin.clone(), m.offset, m.from.clone()))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("seoul".into(), 0, "p2".into()),
+            ("tokyo".into(), 5, "p3".into()),
+            ("tokyo".into(), 6, "p4".into()),
+        ]
+    );
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dtfed_fanout_skipped_total{")
+                && l.contains("reason=\"origin_mismatch\"")
+                && l.ends_with(" 2")),
+        "{text}"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}

@@ -257,7 +257,7 @@ async fn check_append_tail_read_back(c: &Cluster) {
             assert_eq!(g.offset, m as i64);
             assert_eq!(g.key, w.key);
             assert_eq!(g.value, w.value);
-            assert_eq!(g.headers, w.mirror_headers());
+            assert_eq!(g.headers, w.mirror_headers(&origin));
             assert_eq!(g.timestamp_ms, w.timestamp_ms);
         }
     }
@@ -759,7 +759,12 @@ async fn real_tail_walks_back_over_control_records() {
     log.append(&origin, 0, &[link(7, &r, &value(7))])
         .await
         .expect("append");
-    let (brokers, t, txn_room) = (cfg.brokers.clone(), topic.clone(), r.clone());
+    let (brokers, t, txn_room, from) = (
+        cfg.brokers.clone(),
+        topic.clone(),
+        r.clone(),
+        origin.clone(),
+    );
     tokio::task::spawn_blocking(move || {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -773,7 +778,7 @@ async fn real_tail_walks_back_over_control_records() {
             for o in batch {
                 let lr = link(o, &txn_room, &value(o as usize));
                 let mut headers = OwnedHeaders::new();
-                for (k, v) in lr.mirror_headers() {
+                for (k, v) in lr.mirror_headers(&from) {
                     headers = headers.insert(Header {
                         key: &k,
                         value: Some(&v),

@@ -293,7 +293,7 @@ fn assert_mirror_equals(mirror: &MemoryMirrorLog, partition: i32, want: &[LinkRe
         assert_eq!(g.timestamp_ms, w.timestamp_ms);
         assert_eq!(g.key, w.key);
         assert_eq!(g.value, w.value);
-        assert_eq!(g.headers, w.mirror_headers());
+        assert_eq!(g.headers, w.mirror_headers(ORIGIN));
     }
 }
 
@@ -1103,6 +1103,55 @@ async fn an_origin_log_behind_the_mirror_is_retried_not_written() {
     want.extend(origin.records(0).into_iter().filter(|r| r.offset > 1_000));
     assert_mirror_equals(&mirror, 0, &want);
 
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+/// A peer (or anyone who can write its local topic) labels records with a third region, or
+/// with the receiver's own name: the mirror writes every one of them as the peer's own
+/// (the origin is the region the link authenticated), so no label can pass for another
+/// region's messages downstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_labelled_with_another_region_are_mirrored_as_the_peers_own() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 1);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    for (i, claim) in ["frankfurt", LOCAL, ORIGIN, "frankfurt", LOCAL]
+        .iter()
+        .enumerate()
+    {
+        let mut r = record(&mut rng, i as i64);
+        r.headers.retain(|(k, _)| k != HEADER_ORIGIN);
+        r.headers
+            .push((HEADER_ORIGIN.to_owned(), claim.as_bytes().to_vec()));
+        if i == 4 {
+            // Two labels, the peer's first: still only the peer's name comes out.
+            r.headers
+                .insert(0, (HEADER_ORIGIN.to_owned(), ORIGIN.as_bytes().to_vec()));
+        }
+        origin.push(0, r).expect("push");
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..1, &stop);
+    wait_caught_up(&origin, &mirror, 0..1).await;
+    let got = mirror.records(ORIGIN, 0);
+    assert_eq!(origin_offsets(&got), [0, 1, 2, 3, 4]);
+    for r in &got {
+        let origins: Vec<&[u8]> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == HEADER_ORIGIN)
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(origins, [ORIGIN.as_bytes()], "{r:?}");
+    }
     stop_partitions(&stop, tasks).await;
     client.close("test over");
     daemon.stop().await;

@@ -729,3 +729,95 @@ fn check_config_refuses_a_frame_limit_the_link_cannot_carry() -> Result<()> {
     assert!(!stderr.contains("max_frame_bytes"), "{stderr}");
     Ok(())
 }
+
+/// Writes `n` records into `topic` of `brokers` as a forger would: chat messages of `room`
+/// (in the room's partition, as dtfed's partitioner puts it) whose `dtfed-origin` header
+/// names `claim`.
+async fn forge(brokers: &str, topic: &str, room: &str, claim: &str, n: usize) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("forger's producer");
+    for i in 0..n {
+        let value =
+            json!({"from": "mallory", "ts": 1, "body": {"forged": claim, "i": i}}).to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dtfed-origin",
+                value: Some(claim),
+            })
+            .insert(Header {
+                key: "dtfed-origin-offset",
+                value: Some("999999999"),
+            });
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(room)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("forged record written");
+    }
+}
+
+/// Someone who can write seoul's local topic labels records as tokyo (the receiver
+/// itself) and as frankfurt (a region that is not even in the federation). Tokyo's
+/// players must still get every genuine message of tokyo and seoul in the room: the
+/// forged records are seoul's (they are in seoul's log), and nothing is suppressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_forged_as_another_origin_suppress_nothing() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fed-forged")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("forged", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
+        Ok(r)
+    })
+    .await??;
+    let mut listener = WsClient::connect(&regions[1].ws(0, "listener")).await?;
+    listener.sub("tavern", None, T).await?;
+    let s_first = publish_n(&regions[0].ws(0, "sage"), "tavern", 3, "seoul").await?;
+    // Forged into seoul's local topic: as tokyo's messages (they take seoul offsets 3..=12,
+    // above tokyo's first ten) and as frankfurt's.
+    let (brokers, topic) = (regions[0].kafka.bootstrap(), regions[0].cfg.local_topic());
+    forge(&brokers, &topic, "tavern", "tokyo", 10).await;
+    forge(&brokers, &topic, "tavern", "frankfurt", 2).await;
+    let before = collect(&mut listener, "tavern", 3 + 12, Duration::from_secs(60)).await?;
+    let origins = by_origin(&before);
+    assert_eq!(
+        origins.keys().collect::<Vec<_>>(),
+        ["seoul"],
+        "forged labels are not origins: {origins:?}"
+    );
+    // Now tokyo's own players talk (tokyo offsets 0.., which the forgeries claimed), and
+    // seoul's again.
+    let t_acked = publish_n(&regions[1].ws(0, "ronin"), "tavern", 10, "tokyo").await?;
+    let s_more = publish_n(&regions[0].ws(0, "sage"), "tavern", 3, "seoul-late").await?;
+    let after = collect(&mut listener, "tavern", 13, Duration::from_secs(60)).await?;
+    let after = by_origin(&after);
+    assert_eq!(
+        after.get("tokyo"),
+        Some(&t_acked),
+        "every genuine tokyo message"
+    );
+    assert_eq!(
+        after.get("seoul"),
+        Some(&s_more),
+        "every genuine seoul message"
+    );
+    let seoul_seen = &origins["seoul"];
+    assert!(
+        s_first.iter().all(|o| seoul_seen.contains(o)),
+        "seoul's first messages: {s_first:?} in {seoul_seen:?}"
+    );
+    regions.clear();
+    Ok(())
+}
