@@ -332,6 +332,13 @@ impl Config {
             if let Some(e) = frame_limit_vs_link(c.max_frame_bytes) {
                 errs.push(e);
             }
+            if f.max_streams_per_peer < usize::try_from(k.partitions).unwrap_or(0) {
+                errs.push(format!(
+                    "federation.max_streams_per_peer = {}: must be at least kafka.partitions \
+                     ({}): a peer mirrors each partition over a stream of its own",
+                    f.max_streams_per_peer, k.partitions
+                ));
+            }
             let clash = f.listen == self.client.listen || f.listen == self.admin.listen;
             if clash && f.listen.port() != 0 {
                 errs.push(format!(
@@ -461,6 +468,17 @@ url = "http://x"
         );
         let ok = MINIMAL.replace("[kafka]", "[client]\nmax_frame_bytes = 4194304\n[kafka]");
         assert!(Config::from_toml(&format!("{ok}{fed}"), |_| None).is_ok());
+        // A peer mirrors each partition over a stream of its own.
+        let few = format!(
+            "{}{fed}max_streams_per_peer = 4\n",
+            MINIMAL.replace("[kafka]", "[kafka]\npartitions = 8")
+        );
+        let errs = Config::from_toml(&few, |_| None).expect_err("invalid").0;
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("federation.max_streams_per_peer = 4")),
+            "{errs:#?}"
+        );
     }
 
     #[test]

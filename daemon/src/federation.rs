@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use async_trait::async_trait;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
-use dtfed_regions::mirror::server::MirrorServer;
+use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
 use dtfed_regions::{FederationConfig, RegionEndpoint, RegionIdentity};
 use serde::Serialize;
@@ -138,7 +138,13 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
-        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
+        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log)).with_config(
+            MirrorServerConfig {
+                max_links_per_peer: fed.max_links_per_peer,
+                max_streams_per_peer: fed.max_streams_per_peer,
+                ..MirrorServerConfig::default()
+            },
+        );
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 

@@ -1157,3 +1157,93 @@ async fn records_labelled_with_another_region_are_mirrored_as_the_peers_own() {
     daemon.stop().await;
     local.close();
 }
+
+/// A peer region may hold at most `max_streams_per_peer` streams and `max_links_per_peer`
+/// links: one more stream is refused with an `unavailable` error naming the limit (the
+/// receiving task shows and logs it, and retries), one more link is closed with a reason;
+/// what is within the limits keeps mirroring, and a freed stream is taken up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_links_beyond_the_per_peer_limits_are_refused() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 3);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(5);
+    for p in 0..3 {
+        fill(&origin, &mut rng, p, 50);
+    }
+    let daemon = OriginDaemon::start(
+        &ca,
+        &origin,
+        &tuning,
+        MirrorServerConfig {
+            max_streams_per_peer: 2,
+            max_links_per_peer: 1,
+            ..server_config()
+        },
+    );
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_two = CancellationToken::new();
+    let two = run_partitions(&client, 0..2, &stop_two);
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    let stop_third = CancellationToken::new();
+    let third = run_partitions(&client, 2..3, &stop_third);
+    wait_until(
+        "the third stream to be refused, with the limit named",
+        || {
+            client.status().iter().any(|s| {
+                s.partition == 2
+                    && matches!(&s.state, MirrorTaskState::Backoff(why)
+                    if why.contains("too many mirror streams from region tokyo: at most 2"))
+            })
+        },
+    )
+    .await;
+    assert!(mirror.is_empty(ORIGIN, 2));
+    let usage = daemon.status.peer_usage();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].0, LOCAL);
+    assert!(usage[0].1.refused_streams >= 1, "{usage:?}");
+    assert!(usage[0].1.streams <= 2, "{usage:?}");
+    // The refused stream never opened a reader of the origin log.
+    assert_eq!(origin.opens(), 2);
+
+    // A second daemon of the receiving region: its link is one too many.
+    let (other_local, other) =
+        receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_other = CancellationToken::new();
+    let mut other_task = {
+        let other = other.clone();
+        let stop = stop_other.clone();
+        tokio::spawn(async move { other.run_partition(ORIGIN, TOPIC, 2, stop).await })
+    };
+    wait_until(
+        "the second link to be refused, with the limit named",
+        || {
+            other.status().iter().any(|s| {
+                matches!(&s.state, MirrorTaskState::Backoff(why)
+                if why.contains("too many mirror links from region tokyo: at most 1"))
+            })
+        },
+    )
+    .await;
+    assert!(daemon.status.peer_usage()[0].1.refused_links >= 1);
+    stop_other.cancel();
+    tokio::time::timeout(WAIT, &mut other_task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran");
+    other.close("test over");
+    other_local.close();
+
+    // One stream freed: the third partition gets in and catches up.
+    stop_partitions(&stop_two, two).await;
+    wait_caught_up(&origin, &mirror, 2..3).await;
+    assert_mirror_equals(&mirror, 2, &origin.records(2));
+    stop_partitions(&stop_third, third).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
