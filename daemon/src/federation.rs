@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
 use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
-use dtfed_regions::{FederationConfig, RegionEndpoint, RegionIdentity};
+use dtfed_regions::{FederationConfig, PeerRegion, RegionEndpoint, RegionIdentity};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -167,7 +167,17 @@ impl Federation {
         }
         let mirror_log = KafkaMirrorLog::with_node(&cfg.kafka, region, node)
             .context("starting the mirror producer")?;
-        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), fed.peers.clone());
+        // Each peer with the partition count of its mirror topic here: the client checks
+        // the origin's own count against it before mirroring (a mismatch is refused).
+        let peers = fed
+            .peers
+            .iter()
+            .map(|p| PeerRegion {
+                partitions: origins.get(&p.name).copied(),
+                ..p.clone()
+            })
+            .collect();
+        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), peers);
         let mirror_topics = topics.iter().map(|t| t.mirror_topic.clone()).collect();
         let tasks = if topics.is_empty() {
             None

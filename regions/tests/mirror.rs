@@ -110,11 +110,23 @@ fn receiver(
     tuning: &LinkTuning,
     config: MirrorClientConfig,
 ) -> (Arc<RegionEndpoint>, MirrorClient) {
+    receiver_with_partitions(ca, mirror, addrs, tuning, config, None)
+}
+
+/// [`receiver`] whose mirror topic has `partitions` partitions (`None`: not checked).
+fn receiver_with_partitions(
+    ca: &FederationCa,
+    mirror: &MemoryMirrorLog,
+    addrs: Vec<String>,
+    tuning: &LinkTuning,
+    config: MirrorClientConfig,
+    partitions: Option<i32>,
+) -> (Arc<RegionEndpoint>, MirrorClient) {
     let endpoint = bind(ca, LOCAL, ORIGIN, tuning);
     let peers = vec![PeerRegion {
         name: ORIGIN.to_owned(),
         addrs,
-        partitions: None,
+        partitions,
         topic: None,
     }];
     let client =
@@ -1243,6 +1255,77 @@ async fn streams_and_links_beyond_the_per_peer_limits_are_refused() {
     wait_caught_up(&origin, &mirror, 2..3).await;
     assert_mirror_equals(&mirror, 2, &origin.records(2));
     stop_partitions(&stop_third, third).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+/// The origin's local topic has more partitions than the mirror topic here (it grew, or
+/// the count was configured wrong): the receiver learns the origin's count on the link and
+/// refuses to mirror, saying why in every task's state, the link's last error and the logs,
+/// instead of silently never mirroring the extra partitions. With matching counts, it
+/// mirrors as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_count_mismatch_with_the_origin_is_refused_loudly() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mut rng = StdRng::seed_from_u64(3);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 20);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+
+    let mirror = MemoryMirrorLog::new();
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        client_config(),
+        Some(2),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    let want = "partition count mismatch: seoul's topic dtfed.local has 4 partitions, \
+                the mirror topic here has 2";
+    wait_until("both tasks to refuse, saying why", || {
+        let status = client.status();
+        status.len() == 2
+            && status
+                .iter()
+                .all(|s| matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains(want)))
+    })
+    .await;
+    let links = client.links();
+    assert!(
+        links[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(want)),
+        "{links:?}"
+    );
+    assert!(mirror.is_empty(ORIGIN, 0) && mirror.is_empty(ORIGIN, 1));
+    assert_eq!(origin.opens(), 0, "nothing was streamed");
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    local.close();
+
+    // The same origin with a mirror topic of 4 partitions: mirrored.
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        client_config(),
+        Some(4),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
+    assert!(client.links()[0].last_error.is_none());
+    stop_partitions(&stop, tasks).await;
     client.close("test over");
     daemon.stop().await;
     local.close();

@@ -100,6 +100,21 @@ pub enum LinkFrame {
         /// given). Informational: lets logs show the peer's timers are running.
         now_ms: i64,
     },
+    /// Pull side to serve side, instead of `Subscribe`, on a stream of its own: how many
+    /// partitions does `topic` have? Answered by `Described`, then the stream ends. (An
+    /// origin older than this frame answers `Error { protocol_violation }`.)
+    Describe {
+        /// The origin's local topic.
+        #[serde(deserialize_with = "text::deserialize")]
+        topic: String,
+    },
+    /// Serve side to pull side: the answer to `Describe`.
+    Described {
+        #[serde(deserialize_with = "text::deserialize")]
+        topic: String,
+        /// The topic's partition count: the receiver mirrors exactly these partitions.
+        partitions: i32,
+    },
 }
 
 /// Why a peer refused or ended a stream. Carried in [`LinkFrame::Error`].
@@ -251,6 +266,8 @@ impl LinkFrame {
             LinkFrame::Batch { .. } => "batch",
             LinkFrame::Progress { .. } => "progress",
             LinkFrame::Heartbeat { .. } => "heartbeat",
+            LinkFrame::Describe { .. } => "describe",
+            LinkFrame::Described { .. } => "described",
         }
     }
 }

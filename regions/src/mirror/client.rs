@@ -22,6 +22,10 @@
 //!   lost (the tail is what is durably written) and nothing is written twice (the session
 //!   drops offsets at or below where it resumed, and [`MirrorClient::run_partition`] checks
 //!   again right before every append).
+//! - **Partition count.** Once per link, before streaming, the origin is asked how many
+//!   partitions its topic has ([`MirrorDescribe`]); if that is not the mirror topic's count
+//!   ([`PeerRegion::partitions`]), nothing of that origin is mirrored and every task says
+//!   why (an origin partition beyond the mirror topic's would never be mirrored, silently).
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
@@ -39,7 +43,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dtfed_proto::link::{
-    encode, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorPull, PullConfig, PullEvent,
+    encode, DescribeAnswer, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorDescribe,
+    MirrorPull, PullConfig, PullEvent,
 };
 use futures::FutureExt;
 use quinn::{RecvStream, SendStream};
@@ -255,6 +260,8 @@ impl MirrorClient {
                     current: Mutex::new(None),
                     info: Mutex::new(LinkInfo::default()),
                     paused: watch::channel(false).0,
+                    described: tokio::sync::Mutex::new(None),
+                    expected_partitions: p.partitions,
                     addrs: p.addrs,
                     region: p.name.clone(),
                 };
@@ -446,6 +453,12 @@ struct PeerLink {
     current: Mutex<Option<PeerConnection>>,
     info: Mutex<LinkInfo>,
     paused: watch::Sender<bool>,
+    /// The origin's partition count as it told it on a link: (that link's id, answer;
+    /// `None` from an origin too old to tell).
+    described: tokio::sync::Mutex<Option<(usize, Option<i32>)>>,
+    /// The partition count of the mirror topic here ([`PeerRegion::partitions`]): the
+    /// origin's must be the same. `None`: not checked.
+    expected_partitions: Option<i32>,
 }
 
 struct Redial {
@@ -600,6 +613,36 @@ impl PeerLink {
         }
     }
 
+    /// The origin's partition count, asked once per link (see [`describe_origin`]).
+    async fn origin_partitions(
+        &self,
+        conn: &PeerConnection,
+        local_region: &str,
+        topic: &str,
+        limit: Duration,
+    ) -> Result<Option<i32>, String> {
+        let id = conn.connection().stable_id();
+        let mut described = self.described.lock().await;
+        if let Some((link, answer)) = *described {
+            if link == id {
+                return Ok(answer);
+            }
+        }
+        let answer = describe_origin(conn, local_region, &self.region, topic, limit).await?;
+        match answer {
+            Some(n) => {
+                info!(peer = %self.region, topic, partitions = n, "origin's partition count")
+            }
+            None => warn!(
+                peer = %self.region,
+                topic,
+                "the origin does not tell its partition count (an older dtfed): not checked"
+            ),
+        }
+        *described = Some((id, answer));
+        Ok(answer)
+    }
+
     /// The next address to dial: the peer's addresses in a random order, round robin.
     fn pick_addr(&self, redial: &mut Redial) -> String {
         if redial.addr_order.is_empty() {
@@ -631,6 +674,65 @@ async fn dial_addr(
         }
     }
     Err(last)
+}
+
+/// Asks the origin on `conn` how many partitions `topic` has, on a stream of its own
+/// ([`MirrorDescribe`]), within `limit`. `Ok(None)`: the origin is too old to tell.
+async fn describe_origin(
+    conn: &PeerConnection,
+    local_region: &str,
+    origin: &str,
+    topic: &str,
+    limit: Duration,
+) -> Result<Option<i32>, String> {
+    let mut ask = MirrorDescribe::new(local_region, origin, topic);
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .connection()
+            .open_bi()
+            .await
+            .map_err(|e| format!("cannot open a stream: {e}"))?;
+        let mut out = Vec::new();
+        for frame in ask.request() {
+            encode(&frame, &mut out)
+                .map_err(|e| format!("cannot encode a {} frame: {e}", frame.kind()))?;
+        }
+        send.write_all(&out)
+            .await
+            .map_err(|e| format!("stream write failed: {e}"))?;
+        let _ = send.finish();
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = recv
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("stream failed: {e}"))?
+                .ok_or_else(|| "the origin ended the stream without an answer".to_owned())?;
+            decoder.extend(buf.get(..n).unwrap_or_default());
+            while let Some(frame) = decoder
+                .next_frame()
+                .map_err(|e| format!("undecodable input from the origin: {e}"))?
+            {
+                if let Some(answer) = ask
+                    .handle_frame(frame)
+                    .map_err(|e| format!("origin broke the protocol: {e}"))?
+                {
+                    return Ok::<DescribeAnswer, String>(answer);
+                }
+            }
+        }
+    };
+    let answer = timeout(limit, exchange)
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))??;
+    match answer {
+        DescribeAnswer::Partitions(n) => Ok(Some(n)),
+        DescribeAnswer::NotSupported => Ok(None),
+        DescribeAnswer::Refused { code, message } => {
+            Err(format!("the origin refused: {code}: {message}"))
+        }
+    }
 }
 
 /// Decodes `bytes` from the origin into `session`. Returns how the stream ends if the
@@ -839,10 +941,57 @@ impl PartitionTask {
             Ok(conn) => conn,
             Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
         };
+        if let Some(refused) = self.check_partitions(&conn, shutdown, paused).await {
+            return refused;
+        }
         let span = info_span!("stream", peer = %conn.remote_address());
         self.subscribe(conn, tail, shutdown, paused)
             .instrument(span)
             .await
+    }
+
+    /// Checks that the origin's partition count is the mirror topic's (once per link):
+    /// partition p is mirrored into mirror partition p, so an origin partition beyond the
+    /// mirror topic's would never be mirrored, and one the origin lacks would never be
+    /// served. A mismatch refuses the link for every task of the origin, with a reason the
+    /// operator sees in the task's state, the link's last error and the logs.
+    async fn check_partitions(
+        &self,
+        conn: &PeerConnection,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        let expected = self.peer.expected_partitions?;
+        let limit = self.inner.config.timers.idle_timeout;
+        let local = self.inner.endpoint.region();
+        let told = tokio::select! {
+            () = shutdown.cancelled() => return Some(Outcome::Shutdown),
+            () = until_paused(paused) => return Some(Outcome::Paused),
+            told = self.peer.origin_partitions(conn, local, &self.topic, limit) => told,
+        };
+        match told {
+            Ok(Some(n)) if n != expected => {
+                let reason = format!(
+                    "partition count mismatch: {}'s topic {} has {n} partitions, the mirror \
+                     topic here has {expected}; mirroring from {} is refused until they match \
+                     (set [[federation.peers]] partitions = {n} for {} and give \
+                     dtfed.mirror.{} {n} partitions)",
+                    self.origin, self.topic, self.origin, self.origin, self.origin
+                );
+                lock(&self.peer.info).last_error = Some(reason.clone());
+                Some(Outcome::Failed {
+                    reason,
+                    transient: false,
+                    progressed: false,
+                })
+            }
+            Ok(_) => None,
+            Err(e) => Some(Outcome::Failed {
+                reason: format!("cannot learn the origin's partition count: {e}"),
+                transient: true,
+                progressed: false,
+            }),
+        }
     }
 
     /// Stream and session on `conn`, resuming after `tail` (the mirror partition's tail,

@@ -46,6 +46,9 @@ use crate::endpoint::{PeerConnection, RegionEndpoint};
 /// `max_batch_bytes`).
 const FIRST_BATCH_BYTES: usize = 16 * 1024;
 
+/// Longest wait for the local topic's partition count when a receiver asks for it.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Bytes read from a stream at a time (the receiver only sends small frames).
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -498,6 +501,8 @@ struct StreamServer {
     /// The log reader of the subscription (at most one), aborted on drop.
     reader: JoinSet<()>,
     batches: Option<mpsc::Receiver<Result<OriginBatch, LogError>>>,
+    /// A `Describe` waits for its answer.
+    describe: bool,
     slot: StreamSlot,
 }
 
@@ -521,6 +526,7 @@ impl StreamServer {
             out: Vec::new(),
             reader: JoinSet::new(),
             batches: None,
+            describe: false,
             slot,
             shared,
         }
@@ -535,6 +541,9 @@ impl StreamServer {
         debug!("mirror stream opened");
         loop {
             self.handle_events();
+            if std::mem::take(&mut self.describe) {
+                self.answer_describe().await;
+            }
             if let Err(why) = self.flush(&cancel).await {
                 debug!(reason = %why, "mirror stream abandoned");
                 let _ = self.send.reset(STREAM_ABANDONED);
@@ -636,6 +645,10 @@ impl StreamServer {
                     );
                     self.batches = Some(rx);
                 }
+                ServeEvent::Describe { topic } => {
+                    debug!(topic = %topic, "receiver asks for the partition count");
+                    self.describe = true;
+                }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");
                     self.slot
@@ -651,6 +664,30 @@ impl StreamServer {
                 ServeEvent::PeerSilent => {
                     warn!("receiver silent too long; ending the stream");
                 }
+            }
+        }
+    }
+
+    /// Answers a `Describe` with the local topic's partition count (bounded wait).
+    async fn answer_describe(&mut self) {
+        let counted = timeout(DESCRIBE_TIMEOUT, self.shared.log.partitions()).await;
+        match counted {
+            Ok(Ok(n)) => {
+                if let Err(e) = self.session.describe(n) {
+                    debug!(error = %e, "describe not answered");
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot count the local topic's partitions");
+                self.session
+                    .close(LinkErrorCode::Unavailable, e.to_string());
+            }
+            Err(_) => {
+                warn!("counting the local topic's partitions timed out");
+                self.session.close(
+                    LinkErrorCode::Unavailable,
+                    format!("the local topic's partitions not counted within {DESCRIBE_TIMEOUT:?}"),
+                );
             }
         }
     }
