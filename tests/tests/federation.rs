@@ -821,3 +821,77 @@ async fn records_forged_as_another_origin_suppress_nothing() -> Result<()> {
     regions.clear();
     Ok(())
 }
+
+/// Tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns seoul's count on
+/// the link and refuses to mirror (rather than silently never mirroring partitions 2 and
+/// 3): each mirror task and the link say why in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_partition_count_is_refused_and_shown() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fed-count")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("count", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r[..1])?;
+        let tokyo = &r[1];
+        let text = tokyo
+            .cfg
+            .clone()
+            .node("tokyo-0")
+            .set(
+                "federation",
+                "listen",
+                format!("127.0.0.1:{}", tokyo.quic_ports[0]),
+            )
+            .build();
+        let at = text
+            .find("[[federation.peers]]")
+            .context("peers in the config")?;
+        let (head, peers) = text.split_at(at);
+        let wrong = format!(
+            "{head}{}",
+            peers.replace(&format!("partitions = {PARTITIONS}"), "partitions = 2")
+        );
+        anyhow::ensure!(wrong.contains("partitions = 2"), "{wrong}");
+        let d = DtfedProcess::start(&wrong)?;
+        r[1].daemons.push(d);
+        Ok(r)
+    })
+    .await??;
+    let want = format!(
+        "partition count mismatch: seoul's topic {} has {PARTITIONS} partitions, the mirror \
+         topic here has 2",
+        regions[0].cfg.local_topic()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = regions[1].daemons[0].admin_get("/status", None)?.json()?;
+        let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
+        let refused = tasks.len() == 2
+            && tasks.iter().all(|t| {
+                t["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("backoff: ") && s.contains(&want))
+            });
+        let link_says = status["links"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&want));
+        if refused && link_says {
+            assert!(tasks.iter().all(|t| t["records_mirrored"] == 0), "{status}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "tokyo does not show the mismatch: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        regions[1].daemons[0]
+            .log()
+            .contains("partition count mismatch"),
+        "logged"
+    );
+    regions.clear();
+    Ok(())
+}
