@@ -1327,6 +1327,44 @@ async fn a_partition_count_mismatch_with_the_origin_is_refused_loudly() {
     assert!(client.links()[0].last_error.is_none());
     stop_partitions(&stop, tasks).await;
     client.close("test over");
+    local.close();
+
+    // While streaming, the origin grows to 6 partitions: the task of partition 0 finds out
+    // on its next check and refuses, saying so.
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        MirrorClientConfig {
+            partitions_recheck: Duration::from_millis(300),
+            ..client_config()
+        },
+        Some(4),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    wait_until("streaming", || {
+        client
+            .status()
+            .iter()
+            .any(|s| s.partition == 0 && s.state == MirrorTaskState::Streaming)
+    })
+    .await;
+    origin.add_partitions(2);
+    let grown = "seoul's topic dtfed.local has 6 partitions, the mirror topic here has 4";
+    wait_until("the growth to show", || {
+        client.status().iter().any(|s| {
+            s.partition == 0
+                && matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains(grown))
+        }) && client.links()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(grown))
+    })
+    .await;
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
     daemon.stop().await;
     local.close();
 }

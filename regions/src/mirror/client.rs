@@ -26,6 +26,8 @@
 //!   partitions its topic has ([`MirrorDescribe`]); if that is not the mirror topic's count
 //!   ([`PeerRegion::partitions`]), nothing of that origin is mirrored and every task says
 //!   why (an origin partition beyond the mirror topic's would never be mirrored, silently).
+//!   While streaming, partition 0's task asks again every `partitions_recheck` (60 s), so
+//!   a topic grown at run time shows too.
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
@@ -91,6 +93,9 @@ pub struct MirrorClientConfig {
     /// How long the goodbye (`Error` frame) may take to write when a stream is closed on
     /// purpose (shutdown, pause, local failure) (1 s).
     pub close_grace: Duration,
+    /// How often the task of partition 0 asks a streaming origin its partition count again,
+    /// so a count changed at run time shows (60 s).
+    pub partitions_recheck: Duration,
 }
 
 impl Default for MirrorClientConfig {
@@ -102,6 +107,7 @@ impl Default for MirrorClientConfig {
             redial_max: Duration::from_millis(500),
             append_grace: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
+            partitions_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -620,11 +626,12 @@ impl PeerLink {
         local_region: &str,
         topic: &str,
         limit: Duration,
+        fresh: bool,
     ) -> Result<Option<i32>, String> {
         let id = conn.connection().stable_id();
         let mut described = self.described.lock().await;
         if let Some((link, answer)) = *described {
-            if link == id {
+            if link == id && !fresh {
                 return Ok(answer);
             }
         }
@@ -633,11 +640,12 @@ impl PeerLink {
             Some(n) => {
                 info!(peer = %self.region, topic, partitions = n, "origin's partition count")
             }
-            None => warn!(
+            None if !fresh => warn!(
                 peer = %self.region,
                 topic,
                 "the origin does not tell its partition count (an older dtfed): not checked"
             ),
+            None => {}
         }
         *described = Some((id, answer));
         Ok(answer)
@@ -961,14 +969,34 @@ impl PartitionTask {
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
     ) -> Option<Outcome> {
-        let expected = self.peer.expected_partitions?;
-        let limit = self.inner.config.timers.idle_timeout;
-        let local = self.inner.endpoint.region();
         let told = tokio::select! {
             () = shutdown.cancelled() => return Some(Outcome::Shutdown),
             () = until_paused(paused) => return Some(Outcome::Paused),
-            told = self.peer.origin_partitions(conn, local, &self.topic, limit) => told,
+            told = self.ask_partitions(conn, self.inner.config.timers.idle_timeout, false) => told?,
         };
+        self.judge_partitions(told)
+    }
+
+    /// The origin's partition count (`None`: not checked for this peer); `fresh` asks again
+    /// even if this link answered before.
+    async fn ask_partitions(
+        &self,
+        conn: &PeerConnection,
+        limit: Duration,
+        fresh: bool,
+    ) -> Option<Result<Option<i32>, String>> {
+        self.peer.expected_partitions?;
+        let local = self.inner.endpoint.region();
+        Some(
+            self.peer
+                .origin_partitions(conn, local, &self.topic, limit, fresh)
+                .await,
+        )
+    }
+
+    /// What the origin's answer means for this task: `None` to go on.
+    fn judge_partitions(&self, told: Result<Option<i32>, String>) -> Option<Outcome> {
+        let expected = self.peer.expected_partitions?;
         match told {
             Ok(Some(n)) if n != expected => {
                 let reason = format!(
@@ -1034,12 +1062,14 @@ impl PartitionTask {
             }
         };
         self.update(|s| s.streams_opened += 1);
-        self.stream(send, recv, resume_from, shutdown, paused).await
+        self.stream(&conn, send, recv, resume_from, shutdown, paused)
+            .await
     }
 
     /// Runs one [`MirrorPull`] session on a fresh stream.
     async fn stream(
         &mut self,
+        conn: &PeerConnection,
         mut send: SendStream,
         mut recv: RecvStream,
         resume_from: i64,
@@ -1062,6 +1092,10 @@ impl PartitionTask {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut progressed = false;
         let mut end: Option<Outcome> = None;
+        // The origin's partition count may change while streams run (an operator added
+        // partitions): partition 0's task asks again now and then, so the mismatch shows.
+        let recheck = self.partition == 0 && self.peer.expected_partitions.is_some();
+        let mut recheck_at = Instant::now() + config.partitions_recheck;
         debug!(resume_from, "subscribing");
         loop {
             // 1. Act on events, in order: appends happen here. Records decoded before a
@@ -1271,6 +1305,19 @@ impl PartitionTask {
                     }
                 },
                 () = sleep_until(deadline) => session.handle_timeout(epoch.elapsed()),
+                () = sleep_until(recheck_at), if recheck => {
+                    recheck_at = Instant::now() + config.partitions_recheck;
+                    // Bounded well below the dead-peer timeout: the stream is not read
+                    // meanwhile.
+                    let limit = config.timers.heartbeat_interval;
+                    if let Some(told) = self.ask_partitions(conn, limit, true).await {
+                        // A failed ask is not a mismatch: the stream goes on.
+                        if let Some(refused) = told.ok().map(Ok).and_then(|t| self.judge_partitions(t)) {
+                            session.close(LinkErrorCode::Unavailable, "partition count mismatch");
+                            end = Some(refused);
+                        }
+                    }
+                }
             }
         }
     }

@@ -302,6 +302,14 @@ impl MemoryOriginLog {
         self.notify();
     }
 
+    /// Adds `n` empty partitions (an operator growing the topic).
+    pub fn add_partitions(&self, n: usize) {
+        lock(&self.inner.state)
+            .partitions
+            .extend((0..n).map(|_| MemoryPartition::default()));
+        self.notify();
+    }
+
     /// Readers opened so far.
     pub fn opens(&self) -> u64 {
         lock(&self.inner.state).opens
