@@ -38,12 +38,14 @@ pub struct FederationConfig {
     /// The other regions this one mirrors from and serves to.
     #[serde(default)]
     pub peers: Vec<PeerRegion>,
-    /// Mirror links one peer region may hold to this daemon at once (16; a peer region
-    /// needs one per daemon of its own). Links beyond it are closed with a reason.
+    /// Mirror links one peer region may hold to this daemon at once (64; a peer region
+    /// needs one per daemon of its own, two for a while after a cut, until the server's
+    /// idle timeout closes the old one). Links beyond it are closed with a reason.
     #[serde(default = "default_max_links_per_peer")]
     pub max_links_per_peer: usize,
     /// Mirror streams one peer region may hold to this daemon at once, over all its links
-    /// (128; a peer needs one per partition of the local topic). Each stream reads the
+    /// (128; a peer needs one per partition of the local topic, two for a while after a
+    /// cut: keep it at least twice `kafka.partitions`). Each stream reads the
     /// local topic with a Kafka consumer of its own, so this bounds what a peer can make
     /// this daemon spend. Streams beyond it are refused with an `unavailable` error naming
     /// the limit.
@@ -52,7 +54,7 @@ pub struct FederationConfig {
 }
 
 /// Default of [`FederationConfig::max_links_per_peer`].
-pub const DEFAULT_MAX_LINKS_PER_PEER: usize = 16;
+pub const DEFAULT_MAX_LINKS_PER_PEER: usize = 64;
 /// Default of [`FederationConfig::max_streams_per_peer`].
 pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 128;
 /// Upper bound of both limits.

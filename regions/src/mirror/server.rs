@@ -66,7 +66,7 @@ pub struct MirrorServerConfig {
     /// connections are closed (2 s).
     pub shutdown_grace: Duration,
     /// Links one peer region may hold at once; more are closed with
-    /// [`CLOSE_TOO_MANY_LINKS`] and a reason (16).
+    /// [`CLOSE_TOO_MANY_LINKS`] and a reason (64).
     pub max_links_per_peer: usize,
     /// Streams one peer region may hold at once over all its links; more are answered
     /// with an `unavailable` error naming the limit, without opening a log reader (128).
