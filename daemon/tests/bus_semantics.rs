@@ -536,6 +536,38 @@ async fn bus_redis_outage_is_not_permanent() {
     assert!(!err.is_permanent(), "{err}");
 }
 
+/// Redis out of memory refuses every room alike, and passes: not a refusal of the records.
+#[tokio::test]
+async fn bus_redis_out_of_memory_is_not_permanent() {
+    let server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, _events) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let err = bus
+        .apply_batch(&[rec("r", "seoul", 1, now_ms(), "1")])
+        .await
+        .expect_err("out of memory");
+    assert!(!err.is_permanent(), "{err}");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    bus.apply_batch(&[rec("r", "seoul", 1, now_ms(), "1")])
+        .await
+        .expect("applied once memory is back");
+}
+
 /// Several gateways of one region: shared history and tails, own subscriptions and events.
 async fn two_gateways<B: Bus>(a: &B, ea: &mut BusEvents, b: &B, eb: &mut BusEvents) {
     let now = now_ms();
