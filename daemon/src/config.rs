@@ -415,6 +415,16 @@ impl Config {
         }
         if let Some(f) = &self.federation {
             errs.extend(f.validate(&self.region));
+            if let Some(e) = frame_limit_vs_link(c.max_frame_bytes) {
+                errs.push(e);
+            }
+            if f.max_streams_per_peer < usize::try_from(k.partitions).unwrap_or(0) {
+                errs.push(format!(
+                    "federation.max_streams_per_peer = {}: must be at least kafka.partitions \
+                     ({}): a peer mirrors each partition over a stream of its own",
+                    f.max_streams_per_peer, k.partitions
+                ));
+            }
             let clash = f.listen == self.client.listen || f.listen == self.admin.listen;
             if clash && f.listen.port() != 0 {
                 errs.push(format!(
@@ -456,6 +466,24 @@ impl Config {
 fn is_placeholder(secret: &str) -> bool {
     let s = secret.to_ascii_lowercase();
     s.contains("replace-me") || s.contains("changeme") || s.contains("change-me")
+}
+
+/// Room id, player, timestamp and headers a stored record adds to the publish frame's body,
+/// bounded from above (room ≤ 128 B, player ≤ 64 B, the link's mirror headers).
+const RECORD_OVERHEAD_BOUND: usize = 4 * 1024;
+
+/// A publish as large as `client.max_frame_bytes` must still fit in one link frame once
+/// stored, or the record could never be mirrored and its partition's mirror would stop at
+/// it for good.
+fn frame_limit_vs_link(max_frame_bytes: usize) -> Option<String> {
+    let max = dtfed_proto::link::MAX_RECORD_BYTES - RECORD_OVERHEAD_BOUND;
+    (max_frame_bytes > max).then(|| {
+        format!(
+            "client.max_frame_bytes = {max_frame_bytes}: with [federation], must be at most \
+             {max} (a stored message must fit in one region link frame of {} bytes)",
+            dtfed_proto::link::MAX_FRAME_BYTES
+        )
+    })
 }
 
 fn valid_topic(t: &str) -> bool {
@@ -553,6 +581,47 @@ url = "http://x"
             let errs = Config::from_toml(&with(bad), |_| None).expect_err(bad).0;
             assert!(errs.iter().any(|e| e.contains(key)), "{bad}: {errs:#?}");
         }
+    }
+
+    #[test]
+    fn frame_limit_must_fit_the_region_link() {
+        let fed = "[federation]\nlisten = \"127.0.0.1:7000\"\nca_cert = \"ca.crt\"\n\
+                   cert = \"c.crt\"\nkey = \"c.key\"\n";
+        let big = MINIMAL.replace(
+            "auth = \"none\"",
+            "auth = \"none\"\nmax_frame_bytes = 10485760",
+        );
+        // Alone, a region may take large frames; with federation they could never be
+        // mirrored. Every other error is still reported beside it.
+        assert!(Config::from_toml(&big, |_| None).is_ok());
+        let text = format!("{}{fed}", big.replace("[kafka]", "[kafka]\npartitions = 0"));
+        let errs = Config::from_toml(&text, |_| None).expect_err("invalid").0;
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("client.max_frame_bytes") && e.contains("region link")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("kafka.partitions")),
+            "{errs:#?}"
+        );
+        let ok = MINIMAL.replace(
+            "auth = \"none\"",
+            "auth = \"none\"\nmax_frame_bytes = 4194304",
+        );
+        assert!(Config::from_toml(&format!("{ok}{fed}"), |_| None).is_ok());
+        // A peer mirrors each partition over a stream of its own.
+        let few = format!(
+            "{}{fed}max_streams_per_peer = 4\n",
+            MINIMAL.replace("[kafka]", "[kafka]\npartitions = 8")
+        );
+        let errs = Config::from_toml(&few, |_| None).expect_err("invalid").0;
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("federation.max_streams_per_peer = 4")),
+            "{errs:#?}"
+        );
     }
 
     #[test]

@@ -195,6 +195,8 @@ impl DemoFederation {
                     topic: None,
                 })
                 .collect(),
+            max_links_per_peer: dtfed_regions::topology::DEFAULT_MAX_LINKS_PER_PEER,
+            max_streams_per_peer: dtfed_regions::topology::DEFAULT_MAX_STREAMS_PER_PEER,
         }
     }
 }

@@ -5,20 +5,31 @@
 //!
 //! # Delivery guarantee
 //!
-//! At least once into the bus, in partition order, nothing skipped: an offset is stored for
-//! commit (`enable.auto.offset.store=false`, `store_offset` by hand) only after the bus
-//! accepted the record, and a bus error is retried with backoff until it succeeds or the
-//! daemon shuts down. Every record that is ready (up to [`MAX_BATCH`]) goes to the bus in
-//! one [`Bus::apply_batch`] call, one Redis round trip for the whole batch: per record, the
-//! round trips of a busy region add up to milliseconds on every message's delivery. A failed
-//! batch is retried whole (what was applied is skipped the second time). A new owner resumes from the last committed offset and may apply a
-//! few records again; [`Bus::apply`] is idempotent per (room, origin, offset), so players
-//! see no duplicates. The only records skipped are poison records (no room key, a key that
-//! is not a room id, a value that is not a [`LogValue`], a mirror record without its origin
-//! headers): they are logged with topic/partition/offset, counted in
-//! [`FanoutStatus::skipped`], and stepped over so that one bad record cannot stall a
-//! partition (and every room on it) forever.
+//! At least once into the bus, in partition order, nothing skipped silently: an offset is
+//! stored for commit (`enable.auto.offset.store=false`, `store_offset` by hand) only after
+//! the bus accepted the record or it was stepped over as below. Every record that is ready
+//! (up to [`MAX_BATCH`]) goes to the bus in one [`Bus::apply_batch`] call, one Redis round
+//! trip for the whole batch: per record, the round trips of a busy region add up to
+//! milliseconds on every message's delivery. A batch that failed because Redis could not be
+//! used is retried whole with backoff (what was applied is skipped the second time) until
+//! it succeeds or the daemon shuts down. A new owner resumes from the last committed offset
+//! and may apply a few records again; [`Bus::apply`] is idempotent per (room, origin,
+//! offset), so players see no duplicates.
 //!
+//! Stepped over, logged with topic/partition/offset and counted in
+//! [`FanoutStatus::skipped`] and the `fanout_skipped{reason}` metric, so that one bad record
+//! cannot stall a partition (and every room on it) forever:
+//!
+//! - `not_a_message`: no room key, a key that is not a room id, a value that is not a
+//!   [`LogValue`], a mirror record without its origin offset header;
+//! - `origin_mismatch`: a mirror record whose `dtfed-origin` header disagrees with its
+//!   topic (see [`topic_origin`]);
+//! - `quarantined`: a record the bus refuses for good ([`BusError::is_permanent`], e.g. its
+//!   room's Redis keys hold garbage). Retrying the whole batch would stall every partition
+//!   in it, so after such a failure the batch is applied room by room and the refused
+//!   record, after [`QUARANTINE_AFTER`] tries, is skipped (it stays in the log). Only this
+//!   slow path pays for the isolation; the hot path is still one call per batch.
+
 //! # Group settings
 //!
 //! - `partition.assignment.strategy=cooperative-sticky`: when a daemon joins or leaves, only
@@ -58,10 +69,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, BusError};
 use crate::config::KafkaConfig;
 use crate::kafka::{client_config, TracingContext};
-use crate::metrics::{Metrics, PartitionLabel};
+use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
+use crate::mirror_log::MIRROR_TOPIC_PREFIX;
 
 /// One partition this daemon owns, for `/status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -95,6 +107,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Records taken from the consumer in one go (all that is ready, up to this many) and
 /// applied in one bus call.
 const MAX_BATCH: usize = 512;
+/// Refusals in a row after which a record is quarantined (see [`Run::apply_room`]).
+const QUARANTINE_AFTER: u32 = 3;
 /// How long a bus apply in progress may still run after shutdown was asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -126,6 +140,15 @@ impl Shared {
                 })
                 .set((p.high_watermark - p.position).max(0));
         }
+    }
+
+    /// Counts one record stepped over (status and metric).
+    fn skipped(&self, reason: &'static str) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .fanout_skipped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Records that `offset` of `topic`/`partition` was applied (or skipped).
@@ -296,8 +319,9 @@ impl FanoutOwner {
     /// Joins the group `<kafka.fanout_group>.<region>` over `topics` and starts owning.
     ///
     /// Records of `kafka.local_topic` have origin `region` and their own offset; records of
-    /// any other topic (the mirror topics `dtfed.mirror.<origin>`) carry their origin region
-    /// and origin offset in the `dtfed-origin` and `dtfed-origin-offset` headers.
+    /// a mirror topic `dtfed.mirror.<origin>` have origin `<origin>` (from the topic name,
+    /// never from a header: a record whose `dtfed-origin` header names another region is
+    /// skipped and counted) and their origin offset in the `dtfed-origin-offset` header.
     ///
     /// Must be called inside a tokio runtime.
     pub fn start(
@@ -418,7 +442,7 @@ impl ErrorLog {
 /// librdkafka message is released at once.
 enum Item {
     Record(LogRecord),
-    Poison(String),
+    Poison(Skip),
 }
 
 impl Run {
@@ -501,16 +525,17 @@ impl Run {
                 };
                 for (offset, item) in items {
                     match item {
-                        Item::Poison(why) => {
+                        Item::Poison(skip) => {
                             tracing::warn!(
                                 region = %self.region,
                                 topic,
                                 partition,
                                 offset,
-                                reason = %why,
-                                "fan-out: skipping a record that is not a chat message"
+                                reason = skip.reason,
+                                detail = %skip.detail,
+                                "fan-out: skipping a record that is not a chat message of this topic's origin"
                             );
-                            self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                            self.shared.skipped(skip.reason);
                         }
                         Item::Record(rec) => records.push(rec),
                     }
@@ -586,25 +611,21 @@ impl Run {
         }
     }
 
-    /// Applies `records` until the bus takes them all; false if shutdown came first.
+    /// Applies `records` until the bus took (or quarantined) every one; false if shutdown
+    /// came first.
+    ///
+    /// The hot path is one [`Bus::apply_batch`] for the whole batch. A failure that may pass
+    /// (Redis unreachable, busy, out of memory: every room alike) retries the whole batch
+    /// with backoff, the partitions waiting together. A permanent one
+    /// ([`BusError::is_permanent`]: a room's script failing, a key of the wrong type) is a
+    /// room's, and retrying the batch would fail forever and stall every partition in it:
+    /// the batch is then applied room by room ([`Run::apply_room`]).
     async fn apply(&self, records: &[LogRecord]) -> bool {
         let mut backoff = RETRY_FIRST;
         let mut failures: u64 = 0;
         loop {
-            let started = std::time::Instant::now();
-            let attempt = tokio::select! {
-                r = self.bus.apply_batch(records) => r,
-                _ = async {
-                    self.shutdown.cancelled().await;
-                    tokio::time::sleep(SHUTDOWN_GRACE).await;
-                } => return false,
-            };
-            match attempt {
-                Ok(published) => {
-                    let metrics = &self.shared.metrics;
-                    metrics
-                        .hop_bus_apply
-                        .observe(started.elapsed().as_secs_f64());
+            let e = match self.try_apply(records).await {
+                Ok(()) => {
                     if failures > 0 {
                         tracing::info!(
                             records = records.len(),
@@ -612,32 +633,150 @@ impl Run {
                             "bus apply succeeded after retries"
                         );
                     }
-                    let n = published.iter().filter(|p| p.is_some()).count();
-                    metrics.fanout_applied.inc_by(n as u64);
                     return true;
                 }
-                Err(e) => {
-                    failures += 1;
-                    if failures <= 3 || failures % 30 == 0 {
-                        let first = records.first();
-                        tracing::warn!(
-                            records = records.len(),
-                            first_room = %first.map(|r| r.room.as_str()).unwrap_or("-"),
-                            first_offset = first.map(|r| r.offset).unwrap_or(-1),
-                            error = %e,
-                            failures,
-                            retry_in = ?backoff,
-                            "bus apply failed; retrying (the partition waits)"
-                        );
-                    }
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
+                Err(None) => return false,
+                Err(Some(e)) => e,
+            };
+            if e.is_permanent() {
+                tracing::warn!(
+                    region = %self.region,
+                    records = records.len(),
+                    error = %e,
+                    "the bus refused part of a batch; applying it room by room"
+                );
+                return self.apply_by_room(records).await;
+            }
+            failures += 1;
+            if failures <= 3 || failures % 30 == 0 {
+                let first = records.first();
+                tracing::warn!(
+                    region = %self.region,
+                    records = records.len(),
+                    first_room = %first.map(|r| r.room.as_str()).unwrap_or("-"),
+                    first_offset = first.map(|r| r.offset).unwrap_or(-1),
+                    error = %e,
+                    failures,
+                    retry_in = ?backoff,
+                    "bus apply failed; retrying (the partition waits)"
+                );
+            }
+            if !self.pause(backoff).await {
+                return false;
+            }
+            backoff = (backoff * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One bus call for `records`: `Err(None)` if shutdown came first (after the grace).
+    async fn try_apply(&self, records: &[LogRecord]) -> Result<(), Option<BusError>> {
+        let started = std::time::Instant::now();
+        let attempt = tokio::select! {
+            r = self.bus.apply_batch(records) => r,
+            _ = async {
+                self.shutdown.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => return Err(None),
+        };
+        let published = attempt.map_err(Some)?;
+        let metrics = &self.shared.metrics;
+        metrics
+            .hop_bus_apply
+            .observe(started.elapsed().as_secs_f64());
+        let n = published.iter().filter(|p| p.is_some()).count();
+        metrics.fanout_applied.inc_by(n as u64);
+        Ok(())
+    }
+
+    /// Waits `delay`; false if shutdown came first.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// The slow path of [`Run::apply`]: each room's records on their own, in order, so that
+    /// one room the bus refuses holds up no other (rooms are independent; partition order
+    /// is only ever room order).
+    async fn apply_by_room(&self, records: &[LogRecord]) -> bool {
+        let mut rooms: Vec<(&RoomId, Vec<LogRecord>)> = Vec::new();
+        for rec in records {
+            match rooms.iter_mut().find(|(room, _)| **room == rec.room) {
+                Some((_, recs)) => recs.push(rec.clone()),
+                None => rooms.push((&rec.room, vec![rec.clone()])),
             }
         }
+        for (_, recs) in rooms {
+            if !self.apply_room(&recs).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies one room's records (in offset order): all at once, and after a permanent
+    /// failure one at a time. A record the bus refuses [`QUARANTINE_AFTER`] times in a row
+    /// is quarantined: logged at error, counted (`fanout_skipped{reason="quarantined"}`),
+    /// and stepped over; it stays in the log. After one quarantine the room's next records
+    /// get one try each. Transient failures are retried with backoff, as on the hot path.
+    async fn apply_room(&self, recs: &[LogRecord]) -> bool {
+        let mut next = 0;
+        let mut one_by_one = false;
+        let mut room_refused = false;
+        let mut refusals = 0u32;
+        let mut backoff = RETRY_FIRST;
+        while let Some(rest) = recs.get(next..).filter(|r| !r.is_empty()) {
+            let take = if one_by_one { &rest[..1] } else { rest };
+            let e = match self.try_apply(take).await {
+                Ok(()) => {
+                    next += take.len();
+                    refusals = 0;
+                    backoff = RETRY_FIRST;
+                    continue;
+                }
+                Err(None) => return false,
+                Err(Some(e)) => e,
+            };
+            if !e.is_permanent() {
+                tracing::warn!(region = %self.region, room = %rest[0].room, error = %e, retry_in = ?backoff, "bus apply failed; retrying");
+                if !self.pause(backoff).await {
+                    return false;
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+            if !one_by_one {
+                // What was applied is a prefix of the room's records: find the one refused.
+                one_by_one = true;
+                continue;
+            }
+            refusals += 1;
+            let rec = &rest[0];
+            if refusals < QUARANTINE_AFTER && !room_refused {
+                if !self.pause(backoff).await {
+                    return false;
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+            tracing::error!(
+                region = %self.region,
+                room = %rec.room,
+                origin = %rec.origin,
+                partition = rec.partition,
+                offset = rec.offset,
+                attempts = refusals,
+                error = %e,
+                "fan-out: the bus keeps refusing this record; quarantined (skipped, still in the log)"
+            );
+            self.shared.skipped(SKIP_QUARANTINED);
+            room_refused = true;
+            refusals = 0;
+            backoff = RETRY_FIRST;
+            next += 1;
+        }
+        true
     }
 
     /// Stops owning: commit what the bus holds, leave the group so the partitions move at
@@ -685,35 +824,88 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {
         .and_then(|h| h.value)
 }
 
+/// Why a consumed record was stepped over instead of applied.
+#[derive(Debug)]
+struct Skip {
+    /// Metric label (`fanout_skipped{reason}`).
+    reason: &'static str,
+    detail: String,
+}
+
+impl Skip {
+    fn not_a_message(detail: impl Into<String>) -> Skip {
+        Skip {
+            reason: SKIP_NOT_A_MESSAGE,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// `fanout_skipped` reasons.
+const SKIP_NOT_A_MESSAGE: &str = "not_a_message";
+const SKIP_ORIGIN_MISMATCH: &str = "origin_mismatch";
+const SKIP_QUARANTINED: &str = "quarantined";
+
+/// The origin region whose records topic `topic` holds: this region for the local topic,
+/// `O` for the mirror topic `dtfed.mirror.<O>`. Never a record's own say: a peer (or
+/// anyone who can write its local topic) controls the record's headers, and an origin
+/// taken from them could name another region, or this one, with offsets that would make
+/// the bus step drop that origin's genuine messages as already applied.
+fn topic_origin<'a>(topic: &'a str, local_topic: &str, region: &'a str) -> Option<&'a str> {
+    if topic == local_topic {
+        return Some(region);
+    }
+    topic
+        .strip_prefix(MIRROR_TOPIC_PREFIX)
+        .filter(|o| valid_region_name(o) && *o != region)
+}
+
 /// Turns one consumed record into a [`LogRecord`], or says why it is not one.
 fn decode_record(
     m: &BorrowedMessage<'_>,
     local_topic: &str,
     region: &str,
-) -> Result<LogRecord, String> {
-    let key = m.key().ok_or("no key (a room id is required)")?;
-    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_owned())?;
-    let room = RoomId::parse(key).map_err(|e| format!("key {key:?}: {e}"))?;
-    let payload = m.payload().ok_or("no value")?;
-    let value = LogValue::from_json(payload).map_err(|e| format!("value: {e}"))?;
-    let (origin, offset) = if m.topic() == local_topic {
-        (region.to_owned(), m.offset())
+) -> Result<LogRecord, Skip> {
+    let origin = topic_origin(m.topic(), local_topic, region)
+        .ok_or_else(|| Skip::not_a_message(format!("topic {} names no origin", m.topic())))?;
+    let key = m
+        .key()
+        .ok_or_else(|| Skip::not_a_message("no key (a room id is required)"))?;
+    let key = std::str::from_utf8(key).map_err(|_| Skip::not_a_message("key is not UTF-8"))?;
+    let room = RoomId::parse(key).map_err(|e| Skip::not_a_message(format!("key {key:?}: {e}")))?;
+    let payload = m.payload().ok_or_else(|| Skip::not_a_message("no value"))?;
+    let value =
+        LogValue::from_json(payload).map_err(|e| Skip::not_a_message(format!("value: {e}")))?;
+    let offset = if m.topic() == local_topic {
+        m.offset()
     } else {
-        let origin = header(m, HEADER_ORIGIN).ok_or("mirror record without dtfed-origin")?;
-        let origin = std::str::from_utf8(origin)
-            .ok()
-            .filter(|o| valid_region_name(o))
-            .ok_or("mirror record with an invalid dtfed-origin")?;
-        let offset = header(m, HEADER_ORIGIN_OFFSET)
+        // The mirror client writes the origin header from the peer's certificate region; a
+        // record saying otherwise was not written by it (or was written before that rule)
+        // and is not trusted with any origin.
+        let claims = m.headers().into_iter().flat_map(|h| h.iter());
+        for claimed in claims.filter(|h| h.key == HEADER_ORIGIN).map(|h| h.value) {
+            let claimed = claimed.unwrap_or_default();
+            if claimed != origin.as_bytes() {
+                return Err(Skip {
+                    reason: SKIP_ORIGIN_MISMATCH,
+                    detail: format!(
+                        "dtfed-origin {:?} in the mirror topic of {origin}",
+                        String::from_utf8_lossy(claimed)
+                    ),
+                });
+            }
+        }
+        header(m, HEADER_ORIGIN_OFFSET)
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.parse::<i64>().ok())
             .filter(|o| *o >= 0)
-            .ok_or("mirror record without a valid dtfed-origin-offset")?;
-        (origin.to_owned(), offset)
+            .ok_or_else(|| {
+                Skip::not_a_message("mirror record without a valid dtfed-origin-offset")
+            })?
     };
     Ok(LogRecord {
         room,
-        origin,
+        origin: origin.to_owned(),
         partition: m.partition(),
         offset,
         value,

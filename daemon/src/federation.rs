@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use async_trait::async_trait;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
-use dtfed_regions::mirror::server::MirrorServer;
+use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
-use dtfed_regions::{FederationConfig, RegionEndpoint, RegionIdentity};
+use dtfed_regions::{FederationConfig, PeerRegion, RegionEndpoint, RegionIdentity};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -138,7 +138,13 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
-        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
+        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log)).with_config(
+            MirrorServerConfig {
+                max_links_per_peer: fed.max_links_per_peer,
+                max_streams_per_peer: fed.max_streams_per_peer,
+                ..MirrorServerConfig::default()
+            },
+        );
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
@@ -161,7 +167,17 @@ impl Federation {
         }
         let mirror_log = KafkaMirrorLog::with_node(&cfg.kafka, region, node)
             .context("starting the mirror producer")?;
-        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), fed.peers.clone());
+        // Each peer with the partition count of its mirror topic here: the client checks
+        // the origin's own count against it before mirroring (a mismatch is refused).
+        let peers = fed
+            .peers
+            .iter()
+            .map(|p| PeerRegion {
+                partitions: origins.get(&p.name).copied(),
+                ..p.clone()
+            })
+            .collect();
+        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), peers);
         let mirror_topics = topics.iter().map(|t| t.mirror_topic.clone()).collect();
         let tasks = if topics.is_empty() {
             None

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub closes: Family<ReasonLabel, Counter>,
     /// Records the fan-out owners wrote to the bus.
     pub fanout_applied: Counter,
+    /// Records the fan-out owners stepped over unapplied, by reason (`not_a_message`,
+    /// `origin_mismatch`, `quarantined`).
+    pub fanout_skipped: Family<ReasonLabel, Counter>,
     /// Records behind the partition's high watermark, per owned partition.
     pub fanout_lag: Family<PartitionLabel, Gauge>,
     /// Times the bus subscriber reconnected and gateways backfilled.
@@ -97,6 +100,7 @@ impl Metrics {
             errors: Family::default(),
             closes: Family::default(),
             fanout_applied: Counter::default(),
+            fanout_skipped: Family::default(),
             fanout_lag: Family::default(),
             bus_resyncs: Counter::default(),
             backfilled: Counter::default(),
@@ -133,6 +137,11 @@ impl Metrics {
             "fanout_applied",
             "Records written to the bus by fan-out owners",
             m.fanout_applied.clone(),
+        );
+        root.register(
+            "fanout_skipped",
+            "Records fan-out owners stepped over unapplied, by reason",
+            m.fanout_skipped.clone(),
         );
         root.register(
             "fanout_lag_records",

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dtfed_proto::link::codec::record_len_bound;
 use dtfed_proto::link::LinkRecord;
-use dtfed_proto::record::{LogValue, HEADER_ORIGIN_OFFSET};
+use dtfed_proto::record::{LogValue, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
 use dtfed_proto::room::valid_region_name;
 use dtfed_proto::{LogRecord, RoomId};
 use dtfed_regions::mirror::log::{LogError, MirrorLog, OriginBatch, OriginLog, OriginReader};
@@ -184,6 +184,16 @@ fn last_header<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
         .filter(|h| h.key == name)
         .last()
         .and_then(|h| h.value)
+}
+
+/// The first `dtfed-origin` header of `m` naming another region than `origin`, if any.
+fn other_origin(m: &BorrowedMessage<'_>, origin: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .filter(|h| h.key == HEADER_ORIGIN)
+        .map(|h| h.value.unwrap_or_default())
+        .find(|v| *v != origin.as_bytes())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// The origin offset a mirror record carries in its `dtfed-origin-offset` header.
@@ -1214,7 +1224,7 @@ impl KafkaMirrorLog {
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 2);
-            for (k, v) in r.mirror_headers() {
+            for (k, v) in r.mirror_headers(origin) {
                 headers = headers.insert(Header {
                     key: k.as_str(),
                     value: Some(v.as_slice()),
@@ -1552,6 +1562,11 @@ impl RoomJob {
             last = o;
             scanned += 1;
             if m.key() == Some(room) {
+                if let Some(claimed) = other_origin(m, &self.origin) {
+                    // As the fan-out does: a record of this topic is this origin's or nobody's.
+                    tracing::warn!(origin = %self.origin, partition = p, offset = o, claimed = %claimed, "mirror replay: skipping a record labelled with another origin");
+                    return Ok(true);
+                }
                 match m.payload().map(LogValue::from_json) {
                     Some(Ok(value)) => {
                         bytes = bytes.saturating_add(m.payload_len());

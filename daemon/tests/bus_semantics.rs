@@ -438,7 +438,14 @@ async fn bus_redis_batch_failure_stays_in_its_room() {
         rec("bad", "seoul", 1, now, "1"),
         rec("good", "seoul", 2, now, "1"),
     ];
-    assert!(bus.apply_batch(&batch).await.is_err());
+    let err = bus
+        .apply_batch(&batch)
+        .await
+        .expect_err("the bad room fails");
+    assert!(
+        err.is_permanent(),
+        "a script error is the room's, for good: {err}"
+    );
     assert_eq!(next_msg(&mut events).await.offset, 1);
     assert_eq!(next_msg(&mut events).await.offset, 2);
     assert!(bus.history(&room("bad")).await.unwrap().is_empty());
@@ -454,6 +461,111 @@ async fn bus_redis_batch_failure_stays_in_its_room() {
         vec![false, true, false]
     );
     assert_quiet(&mut events).await;
+}
+
+/// The contract of `apply_batch` on failure, in one room: what was applied is a prefix of
+/// the room's records (never a later record without the earlier ones), and retrying the
+/// whole batch applies the rest, nothing twice. Here the room's tails hash holds garbage
+/// for origin tokyo only: seoul's first record goes in, tokyo's fails the script, and
+/// seoul's second is not applied (it would hide nothing, but it would break the prefix).
+#[tokio::test]
+async fn bus_redis_batch_failure_leaves_a_prefix_of_the_room() {
+    let server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, mut events) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let tails = format!("{}:{{mixed}}:t", cfg.key_prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&tails)
+        .arg("tokyo")
+        .arg("not-a-number")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    bus.subscribe(&room("mixed")).await.unwrap();
+    let now = now_ms();
+    let batch = vec![
+        rec("mixed", "seoul", 1, now, "1"),
+        rec("mixed", "tokyo", 1, now, "1"),
+        rec("mixed", "seoul", 2, now, "1"),
+    ];
+    let err = bus
+        .apply_batch(&batch)
+        .await
+        .expect_err("tokyo's record fails");
+    assert!(err.is_permanent(), "{err}");
+    assert_eq!(
+        offsets(&bus.history(&room("mixed")).await.unwrap()),
+        vec![("seoul".into(), 1, None)],
+        "a prefix"
+    );
+    assert_eq!(next_msg(&mut events).await.offset, 1);
+    let _: () = redis::cmd("HDEL")
+        .arg(&tails)
+        .arg("tokyo")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let out = bus.apply_batch(&batch).await.unwrap();
+    assert_eq!(
+        out.iter().map(Option::is_some).collect::<Vec<_>>(),
+        vec![false, true, true]
+    );
+    assert_eq!(
+        offsets(&bus.history(&room("mixed")).await.unwrap()),
+        vec![
+            ("seoul".into(), 1, None),
+            ("tokyo".into(), 1, None),
+            ("seoul".into(), 2, Some(1)),
+        ]
+    );
+}
+
+/// Redis gone is not a refusal: the same records will go in once it is back.
+#[tokio::test]
+async fn bus_redis_outage_is_not_permanent() {
+    let mut server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, _events) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    server.kill();
+    let err = bus
+        .apply_batch(&[rec("r", "seoul", 1, now_ms(), "1")])
+        .await
+        .expect_err("redis is down");
+    assert!(!err.is_permanent(), "{err}");
+}
+
+/// Redis out of memory refuses every room alike, and passes: not a refusal of the records.
+#[tokio::test]
+async fn bus_redis_out_of_memory_is_not_permanent() {
+    let server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, _events) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let err = bus
+        .apply_batch(&[rec("r", "seoul", 1, now_ms(), "1")])
+        .await
+        .expect_err("out of memory");
+    assert!(!err.is_permanent(), "{err}");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    bus.apply_batch(&[rec("r", "seoul", 1, now_ms(), "1")])
+        .await
+        .expect("applied once memory is back");
 }
 
 /// Several gateways of one region: shared history and tails, own subscriptions and events.

@@ -501,3 +501,282 @@ async fn an_owner_with_an_empty_assignment_is_joined() {
             .expect("owner stops");
     }
 }
+
+/// A record in `dtfed.mirror.tokyo` labelled as this region (seoul) or as a third region,
+/// with a huge offset: the origin of a mirror record is its topic's, so the forged labels
+/// are skipped (logged, counted in `fanout_skipped{reason="origin_mismatch"}`) and every
+/// genuine message of seoul and tokyo in the room still reaches the bus's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_record_labelled_as_another_origin_suppresses_nothing() {
+    init_tracing();
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.local", 1).expect("topic");
+    let mirror = "dtfed.mirror.tokyo";
+    mock.create_topic(mirror, 1).expect("topic");
+    let cfg = cfg(&mock, "f.local", 1, "g-forged");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap())
+        .create()
+        .expect("producer");
+    let send = |topic: &'static str, claim: Option<&'static str>, offset: i64, i: usize| {
+        let producer = producer.clone();
+        async move {
+            let payload = value(i).to_json();
+            let mut headers = OwnedHeaders::new();
+            if let Some(claim) = claim {
+                headers = headers.insert(Header {
+                    key: HEADER_ORIGIN,
+                    value: Some(claim),
+                });
+            }
+            let headers = headers.insert(Header {
+                key: HEADER_ORIGIN_OFFSET,
+                value: Some(offset.to_string().as_str()),
+            });
+            let rec: FutureRecord<'_, str, String> = FutureRecord::to(topic)
+                .key("r1")
+                .payload(&payload)
+                .partition(0)
+                .headers(headers);
+            producer
+                .send(rec, Duration::from_secs(5))
+                .await
+                .expect("produce");
+        }
+    };
+    // The values are from 2023: keep them in the history.
+    let history = dtfed::config::HistoryConfig {
+        max_messages: 100,
+        max_age_secs: 100 * 365 * 86_400,
+    };
+    let (bus, _events) = dtfed::bus::memory::MemoryBus::new(&history);
+    let bus = Arc::new(bus);
+    let metrics = Arc::new(Metrics::new("seoul"));
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.local".into(), mirror.into()],
+        bus.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .expect("start");
+    // The forgeries first: as the receiver itself and as a third region, far ahead.
+    send(mirror, Some("seoul"), 1_000_000, 0).await;
+    send(mirror, Some("frankfurt"), 1_000_000, 1).await;
+    wait_for("the forgeries skipped", Duration::from_secs(30), || {
+        owner.status().skipped == 2
+    })
+    .await;
+    // Then the genuine messages: seoul's own (local topic, offset 0) and tokyo's.
+    send("f.local", Some("seoul"), 0, 2).await;
+    send(mirror, Some("tokyo"), 5, 3).await;
+    send(mirror, None, 6, 4).await;
+    let room = RoomId::parse("r1").expect("room");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 && Instant::now() < deadline {
+        seen = bus
+            .history(&room)
+            .await
+            .expect("history")
+            .iter()
+            .map(|m| (m.origin.clone(), m.offset, m.from.clone()))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("seoul".into(), 0, "p2".into()),
+            ("tokyo".into(), 5, "p3".into()),
+            ("tokyo".into(), 6, "p4".into()),
+        ]
+    );
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dtfed_fanout_skipped_total{")
+                && l.contains("reason=\"origin_mismatch\"")
+                && l.ends_with(" 2")),
+        "{text}"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}
+
+/// A real `redis-server` on a free port, killed on drop.
+struct RedisProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisProcess {
+    fn start() -> RedisProcess {
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("free port");
+            let mut child = std::process::Command::new("/usr/bin/redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return RedisProcess { child, port };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One room whose Redis state refuses every apply (its tails hash holds garbage: the
+/// script fails, for good) shares its partitions and batches with other rooms. Every other
+/// room's messages still reach the bus, on every partition; the cursed room's records are
+/// quarantined (counted in `fanout_skipped{reason="quarantined"}`), and once an operator
+/// repairs the room its new messages flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_the_bus_refuses_is_quarantined_and_stalls_nothing_else() {
+    init_tracing();
+    let redis_server = RedisProcess::start();
+    let redis_cfg = dtfed::config::RedisConfig {
+        url: redis_server.url(),
+        key_prefix: "q".into(),
+    };
+    let client = redis::Client::open(redis_server.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let cursed_tails = "q:{cursed}:t";
+    let _: () = redis::cmd("HSET")
+        .arg(cursed_tails)
+        .arg("seoul")
+        .arg("garbage")
+        .query_async(&mut con)
+        .await
+        .expect("hset");
+    let history = dtfed::config::HistoryConfig {
+        max_messages: 1000,
+        max_age_secs: 100 * 365 * 86_400,
+    };
+    let (bus, _events) = dtfed::bus::redis::RedisBus::connect(&redis_cfg, &history)
+        .await
+        .expect("bus");
+    let bus = Arc::new(bus);
+
+    let mock = MockKafka::start(1).expect("mock");
+    mock.create_topic("f.cursed", 3).expect("topic");
+    let cfg = cfg(&mock, "f.cursed", 3, "g-cursed");
+    let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
+    let cursed = RoomId::parse("cursed").expect("room");
+    // Interleaved: 13 ordinary rooms over every partition, and the cursed room.
+    let mut last: BTreeMap<RoomId, i64> = BTreeMap::new();
+    let mut cursed_sent = 0;
+    for i in 0..90 {
+        let r = if i % 10 == 3 {
+            cursed_sent += 1;
+            cursed.clone()
+        } else {
+            room(i % 13)
+        };
+        let a = app.append(&r, &value(i)).await.expect("append");
+        if r != cursed {
+            last.insert(r, a.offset);
+        }
+    }
+    let partitions: BTreeSet<i32> = (0..13)
+        .map(|i| dtfed::kafka::partition_for(&room(i), 3))
+        .collect();
+    assert!(partitions.len() > 1, "the ordinary rooms span partitions");
+
+    let metrics = Arc::new(Metrics::new("seoul"));
+    let stop = CancellationToken::new();
+    let owner = FanoutOwner::start(
+        &cfg,
+        "seoul",
+        "n1",
+        vec!["f.cursed".into()],
+        bus.clone(),
+        metrics.clone(),
+        stop.clone(),
+    )
+    .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut behind = Vec::new();
+        for (r, want) in &last {
+            let got = bus.tails(r).await.expect("tails").get("seoul");
+            if got != Some(*want) {
+                behind.push((r.to_string(), got, *want));
+            }
+        }
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rooms behind (room, applied, published): {behind:?}; status {:?}",
+            owner.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the cursed records quarantined",
+        Duration::from_secs(30),
+        || owner.status().skipped == cursed_sent,
+    )
+    .await;
+    let text = metrics.encode();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("dtfed_fanout_skipped_total{")
+                && l.contains("reason=\"quarantined\"")
+                && l.ends_with(&format!(" {cursed_sent}"))),
+        "{text}"
+    );
+    // The operator repairs the room: its next message is applied.
+    let _: () = redis::cmd("DEL")
+        .arg(cursed_tails)
+        .query_async(&mut con)
+        .await
+        .expect("del");
+    let a = app.append(&cursed, &value(1000)).await.expect("append");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bus.tails(&cursed).await.expect("tails").get("seoul") != Some(a.offset) {
+        assert!(Instant::now() < deadline, "the repaired room stays stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), owner.join())
+        .await
+        .expect("owner stops");
+}

@@ -258,7 +258,7 @@ async fn check_append_tail_read_back(c: &Cluster) {
             assert_eq!(g.offset, m as i64);
             assert_eq!(g.key, w.key);
             assert_eq!(g.value, w.value);
-            assert_eq!(g.headers, w.mirror_headers());
+            assert_eq!(g.headers, w.mirror_headers(&origin));
             assert_eq!(g.timestamp_ms, w.timestamp_ms);
         }
     }
@@ -705,6 +705,58 @@ async fn check_resent(c: &Cluster) {
     }
 }
 
+/// A record in `dtfed.mirror.<origin>` labelled with another origin (not written by the
+/// mirror client) is not replayed as anyone's: the fan-out skips it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_room_reader_skips_records_labelled_with_another_origin() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let c = Cluster::mock();
+    let origin = c.name("tokyo");
+    let topic = mirror_topic(&origin);
+    c.create_topic(&topic, 1).await;
+    let cfg = c.cfg("dtfed.local");
+    let log = KafkaMirrorLog::with_node(&cfg, "seoul", "n1").expect("mirror log");
+    let r = room(4);
+    let recs: Vec<LinkRecord> = (1..=10).map(|o| link(o, &r, &value(o as usize))).collect();
+    log.append(&origin, 0, &recs[..5]).await.expect("append");
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .create()
+        .expect("producer");
+    let forged = value(99).to_json();
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key(r.as_str())
+                .payload(&forged)
+                .headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: HEADER_ORIGIN,
+                            value: Some("seoul"),
+                        })
+                        .insert(Header {
+                            key: "dtfed-origin-offset",
+                            value: Some("6"),
+                        }),
+                ),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("forged record written");
+    log.append(&origin, 0, &recs[6..]).await.expect("append");
+    let reader = MirrorRoomReader::with_node(&cfg, "seoul", "n1").expect("reader");
+    let read = reader
+        .read_room(&origin, &r, 1, None, None)
+        .await
+        .expect("read");
+    let got: Vec<i64> = read.records.iter().map(|x| x.offset).collect();
+    assert_eq!(got, [1, 2, 3, 4, 5, 7, 8, 9, 10]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirror_room_reader_drops_records_mirrored_twice() {
     check_resent(&Cluster::mock()).await;
@@ -809,7 +861,12 @@ async fn real_tail_walks_back_over_control_records() {
     log.append(&origin, 0, &[link(7, &r, &value(7))])
         .await
         .expect("append");
-    let (brokers, t, txn_room) = (cfg.brokers.clone(), topic.clone(), r.clone());
+    let (brokers, t, txn_room, from) = (
+        cfg.brokers.clone(),
+        topic.clone(),
+        r.clone(),
+        origin.clone(),
+    );
     tokio::task::spawn_blocking(move || {
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -823,7 +880,7 @@ async fn real_tail_walks_back_over_control_records() {
             for o in batch {
                 let lr = link(o, &txn_room, &value(o as usize));
                 let mut headers = OwnedHeaders::new();
-                for (k, v) in lr.mirror_headers() {
+                for (k, v) in lr.mirror_headers(&from) {
                     headers = headers.insert(Header {
                         key: &k,
                         value: Some(&v),

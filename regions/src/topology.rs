@@ -38,6 +38,34 @@ pub struct FederationConfig {
     /// The other regions this one mirrors from and serves to.
     #[serde(default)]
     pub peers: Vec<PeerRegion>,
+    /// Mirror links one peer region may hold to this daemon at once (64; a peer region
+    /// needs one per daemon of its own, two for a while after a cut, until the server's
+    /// idle timeout closes the old one). Links beyond it are closed with a reason.
+    #[serde(default = "default_max_links_per_peer")]
+    pub max_links_per_peer: usize,
+    /// Mirror streams one peer region may hold to this daemon at once, over all its links
+    /// (128; a peer needs one per partition of the local topic, two for a while after a
+    /// cut: keep it at least twice `kafka.partitions`). Each stream reads the
+    /// local topic with a Kafka consumer of its own, so this bounds what a peer can make
+    /// this daemon spend. Streams beyond it are refused with an `unavailable` error naming
+    /// the limit.
+    #[serde(default = "default_max_streams_per_peer")]
+    pub max_streams_per_peer: usize,
+}
+
+/// Default of [`FederationConfig::max_links_per_peer`].
+pub const DEFAULT_MAX_LINKS_PER_PEER: usize = 64;
+/// Default of [`FederationConfig::max_streams_per_peer`].
+pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 128;
+/// Upper bound of both limits.
+pub const MAX_PER_PEER_LIMIT: usize = 4096;
+
+fn default_max_links_per_peer() -> usize {
+    DEFAULT_MAX_LINKS_PER_PEER
+}
+
+fn default_max_streams_per_peer() -> usize {
+    DEFAULT_MAX_STREAMS_PER_PEER
 }
 
 /// One peer region.
@@ -48,7 +76,9 @@ pub struct PeerRegion {
     pub name: String,
     /// `host:port` QUIC addresses of the peer's daemons (any of them serves any partition).
     pub addrs: Vec<String>,
-    /// Partition count of the peer's local topic, when known ahead (otherwise asked for).
+    /// Partition count of the peer's local topic, i.e. of its mirror topic here (default:
+    /// this region's). The mirror client asks the peer for its count on every link and
+    /// refuses to mirror on a mismatch ([`crate::mirror::MirrorClient`]).
     #[serde(default)]
     pub partitions: Option<i32>,
     /// The peer's local topic, the one its daemons serve (default `dtfed.local`).
@@ -72,6 +102,16 @@ impl FederationConfig {
         ] {
             if path.as_os_str().is_empty() {
                 problems.push(format!("federation.{field} is empty"));
+            }
+        }
+        for (field, value) in [
+            ("max_links_per_peer", self.max_links_per_peer),
+            ("max_streams_per_peer", self.max_streams_per_peer),
+        ] {
+            if !(1..=MAX_PER_PEER_LIMIT).contains(&value) {
+                problems.push(format!(
+                    "federation.{field} = {value}: must be 1..={MAX_PER_PEER_LIMIT}"
+                ));
             }
         }
         let mut seen = HashSet::new();
@@ -225,6 +265,22 @@ mod tests {
         assert_eq!(cfg.validate("seoul"), Vec::<String>::new());
         assert_eq!(cfg.allowed_peers(), vec!["tokyo", "frankfurt"]);
         assert!(cfg.peer("tokyo").is_some());
+    }
+
+    #[test]
+    fn per_peer_limits_default_and_are_bounded() {
+        let cfg: FederationConfig = toml::from_str(GOOD).expect("parse");
+        assert_eq!(cfg.max_links_per_peer, DEFAULT_MAX_LINKS_PER_PEER);
+        assert_eq!(cfg.max_streams_per_peer, DEFAULT_MAX_STREAMS_PER_PEER);
+        let text = GOOD.replace(
+            "key = \"/etc/dtfed/seoul.key\"",
+            "key = \"/etc/dtfed/seoul.key\"\nmax_links_per_peer = 0\nmax_streams_per_peer = 5000",
+        );
+        let cfg: FederationConfig = toml::from_str(&text).expect("parse");
+        let problems = cfg.validate("seoul");
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].contains("federation.max_links_per_peer = 0"));
+        assert!(problems[1].contains("federation.max_streams_per_peer = 5000"));
     }
 
     #[test]

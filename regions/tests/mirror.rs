@@ -110,11 +110,23 @@ fn receiver(
     tuning: &LinkTuning,
     config: MirrorClientConfig,
 ) -> (Arc<RegionEndpoint>, MirrorClient) {
+    receiver_with_partitions(ca, mirror, addrs, tuning, config, None)
+}
+
+/// [`receiver`] whose mirror topic has `partitions` partitions (`None`: not checked).
+fn receiver_with_partitions(
+    ca: &FederationCa,
+    mirror: &MemoryMirrorLog,
+    addrs: Vec<String>,
+    tuning: &LinkTuning,
+    config: MirrorClientConfig,
+    partitions: Option<i32>,
+) -> (Arc<RegionEndpoint>, MirrorClient) {
     let endpoint = bind(ca, LOCAL, ORIGIN, tuning);
     let peers = vec![PeerRegion {
         name: ORIGIN.to_owned(),
         addrs,
-        partitions: None,
+        partitions,
         topic: None,
     }];
     let client =
@@ -293,7 +305,7 @@ fn assert_mirror_equals(mirror: &MemoryMirrorLog, partition: i32, want: &[LinkRe
         assert_eq!(g.timestamp_ms, w.timestamp_ms);
         assert_eq!(g.key, w.key);
         assert_eq!(g.value, w.value);
-        assert_eq!(g.headers, w.mirror_headers());
+        assert_eq!(g.headers, w.mirror_headers(ORIGIN));
     }
 }
 
@@ -1103,6 +1115,254 @@ async fn an_origin_log_behind_the_mirror_is_retried_not_written() {
     want.extend(origin.records(0).into_iter().filter(|r| r.offset > 1_000));
     assert_mirror_equals(&mirror, 0, &want);
 
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+/// A peer (or anyone who can write its local topic) labels records with a third region, or
+/// with the receiver's own name: the mirror writes every one of them as the peer's own
+/// (the origin is the region the link authenticated), so no label can pass for another
+/// region's messages downstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_labelled_with_another_region_are_mirrored_as_the_peers_own() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 1);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    for (i, claim) in ["frankfurt", LOCAL, ORIGIN, "frankfurt", LOCAL]
+        .iter()
+        .enumerate()
+    {
+        let mut r = record(&mut rng, i as i64);
+        r.headers.retain(|(k, _)| k != HEADER_ORIGIN);
+        r.headers
+            .push((HEADER_ORIGIN.to_owned(), claim.as_bytes().to_vec()));
+        if i == 4 {
+            // Two labels, the peer's first: still only the peer's name comes out.
+            r.headers
+                .insert(0, (HEADER_ORIGIN.to_owned(), ORIGIN.as_bytes().to_vec()));
+        }
+        origin.push(0, r).expect("push");
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..1, &stop);
+    wait_caught_up(&origin, &mirror, 0..1).await;
+    let got = mirror.records(ORIGIN, 0);
+    assert_eq!(origin_offsets(&got), [0, 1, 2, 3, 4]);
+    for r in &got {
+        let origins: Vec<&[u8]> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == HEADER_ORIGIN)
+            .map(|(_, v)| v.as_slice())
+            .collect();
+        assert_eq!(origins, [ORIGIN.as_bytes()], "{r:?}");
+    }
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+/// A peer region may hold at most `max_streams_per_peer` streams and `max_links_per_peer`
+/// links: one more stream is refused with an `unavailable` error naming the limit (the
+/// receiving task shows and logs it, and retries), one more link is closed with a reason;
+/// what is within the limits keeps mirroring, and a freed stream is taken up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_links_beyond_the_per_peer_limits_are_refused() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 3);
+    let mirror = MemoryMirrorLog::new();
+    let mut rng = StdRng::seed_from_u64(5);
+    for p in 0..3 {
+        fill(&origin, &mut rng, p, 50);
+    }
+    let daemon = OriginDaemon::start(
+        &ca,
+        &origin,
+        &tuning,
+        MirrorServerConfig {
+            max_streams_per_peer: 2,
+            max_links_per_peer: 1,
+            ..server_config()
+        },
+    );
+    let (local, client) = receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_two = CancellationToken::new();
+    let two = run_partitions(&client, 0..2, &stop_two);
+    wait_caught_up(&origin, &mirror, 0..2).await;
+    let stop_third = CancellationToken::new();
+    let third = run_partitions(&client, 2..3, &stop_third);
+    wait_until(
+        "the third stream to be refused, with the limit named",
+        || {
+            client.status().iter().any(|s| {
+                s.partition == 2
+                    && matches!(&s.state, MirrorTaskState::Backoff(why)
+                    if why.contains("too many mirror streams from region tokyo: at most 2"))
+            })
+        },
+    )
+    .await;
+    assert!(mirror.is_empty(ORIGIN, 2));
+    let usage = daemon.status.peer_usage();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].0, LOCAL);
+    assert!(usage[0].1.refused_streams >= 1, "{usage:?}");
+    assert!(usage[0].1.streams <= 2, "{usage:?}");
+    // The refused stream never opened a reader of the origin log.
+    assert_eq!(origin.opens(), 2);
+
+    // A second daemon of the receiving region: its link is one too many.
+    let (other_local, other) =
+        receiver(&ca, &mirror, vec![daemon.addr()], &tuning, client_config());
+    let stop_other = CancellationToken::new();
+    let mut other_task = {
+        let other = other.clone();
+        let stop = stop_other.clone();
+        tokio::spawn(async move { other.run_partition(ORIGIN, TOPIC, 2, stop).await })
+    };
+    wait_until(
+        "the second link to be refused, with the limit named",
+        || {
+            other.status().iter().any(|s| {
+                matches!(&s.state, MirrorTaskState::Backoff(why)
+                if why.contains("too many mirror links from region tokyo: at most 1"))
+            })
+        },
+    )
+    .await;
+    assert!(daemon.status.peer_usage()[0].1.refused_links >= 1);
+    stop_other.cancel();
+    tokio::time::timeout(WAIT, &mut other_task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("ran");
+    other.close("test over");
+    other_local.close();
+
+    // One stream freed: the third partition gets in and catches up.
+    stop_partitions(&stop_two, two).await;
+    wait_caught_up(&origin, &mirror, 2..3).await;
+    assert_mirror_equals(&mirror, 2, &origin.records(2));
+    stop_partitions(&stop_third, third).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
+/// The origin's local topic has more partitions than the mirror topic here (it grew, or
+/// the count was configured wrong): the receiver learns the origin's count on the link and
+/// refuses to mirror, saying why in every task's state, the link's last error and the logs,
+/// instead of silently never mirroring the extra partitions. With matching counts, it
+/// mirrors as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_count_mismatch_with_the_origin_is_refused_loudly() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mut rng = StdRng::seed_from_u64(3);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 20);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+
+    let mirror = MemoryMirrorLog::new();
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        client_config(),
+        Some(2),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..2, &stop);
+    let want = "partition count mismatch: seoul's topic dtfed.local has 4 partitions, \
+                the mirror topic here has 2";
+    wait_until("both tasks to refuse, saying why", || {
+        let status = client.status();
+        status.len() == 2
+            && status
+                .iter()
+                .all(|s| matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains(want)))
+    })
+    .await;
+    let links = client.links();
+    assert!(
+        links[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(want)),
+        "{links:?}"
+    );
+    assert!(mirror.is_empty(ORIGIN, 0) && mirror.is_empty(ORIGIN, 1));
+    assert_eq!(origin.opens(), 0, "nothing was streamed");
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    local.close();
+
+    // The same origin with a mirror topic of 4 partitions: mirrored.
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        client_config(),
+        Some(4),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
+    assert!(client.links()[0].last_error.is_none());
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    local.close();
+
+    // While streaming, the origin grows to 6 partitions: the task of partition 0 finds out
+    // on its next check and refuses, saying so.
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        MirrorClientConfig {
+            partitions_recheck: Duration::from_millis(300),
+            ..client_config()
+        },
+        Some(4),
+    );
+    let stop = CancellationToken::new();
+    let tasks = run_partitions(&client, 0..4, &stop);
+    wait_until("streaming", || {
+        client
+            .status()
+            .iter()
+            .any(|s| s.partition == 0 && s.state == MirrorTaskState::Streaming)
+    })
+    .await;
+    origin.add_partitions(2);
+    let grown = "seoul's topic dtfed.local has 6 partitions, the mirror topic here has 4";
+    wait_until("the growth to show", || {
+        client.status().iter().any(|s| {
+            s.partition == 0
+                && matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains(grown))
+        }) && client.links()[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(grown))
+    })
+    .await;
     stop_partitions(&stop, tasks).await;
     client.close("test over");
     daemon.stop().await;

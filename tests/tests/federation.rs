@@ -689,3 +689,218 @@ async fn operator_pauses_and_resumes_a_peer_link() -> Result<()> {
     regions.clear();
     Ok(())
 }
+
+/// `client.max_frame_bytes` above what one region link frame can carry is refused by
+/// `dtfed check-config` (a message that large could never be mirrored and would stop its
+/// partition's mirror for good), beside every other problem of the file.
+#[test]
+fn check_config_refuses_a_frame_limit_the_link_cannot_carry() -> Result<()> {
+    let dir = TestDir::new("fed-frame-limit")?;
+    let write = |name: &str, frame: usize| -> Result<PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "region = \"seoul\"\n[client]\nauth = \"none\"\nmax_frame_bytes = {frame}\n\
+                 [kafka]\nbrokers = \"127.0.0.1:9092\"\nlinger_ms = 5000\n\
+                 [redis]\nurl = \"redis://127.0.0.1:6379\"\n\
+                 [federation]\nlisten = \"127.0.0.1:7443\"\nca_cert = \"ca.crt\"\n\
+                 cert = \"seoul.crt\"\nkey = \"seoul.key\"\n"
+            ),
+        )?;
+        Ok(path)
+    };
+    let check = |path: &Path| -> Result<(Option<i32>, String)> {
+        let out = Command::new(DtfedProcess::binary()?)
+            .arg("check-config")
+            .arg(path)
+            .output()
+            .context("running dtfed check-config")?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stderr) = check(&write("big.toml", 10 * 1024 * 1024)?)?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("client.max_frame_bytes = 10485760") && stderr.contains("region link"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("kafka.linger_ms"),
+        "every problem at once: {stderr}"
+    );
+    let (code, stderr) = check(&write("fits.toml", 1024 * 1024)?)?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("max_frame_bytes"), "{stderr}");
+    Ok(())
+}
+
+/// Writes `n` records into `topic` of `brokers` as a forger would: chat messages of `room`
+/// (in the room's partition, as dtfed's partitioner puts it) whose `dtfed-origin` header
+/// names `claim`.
+async fn forge(brokers: &str, topic: &str, room: &str, claim: &str, n: usize) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("forger's producer");
+    for i in 0..n {
+        let value =
+            json!({"from": "mallory", "ts": 1, "body": {"forged": claim, "i": i}}).to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dtfed-origin",
+                value: Some(claim),
+            })
+            .insert(Header {
+                key: "dtfed-origin-offset",
+                value: Some("999999999"),
+            });
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(room)
+                    .payload(&value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("forged record written");
+    }
+}
+
+/// Someone who can write seoul's local topic labels records as tokyo (the receiver
+/// itself) and as frankfurt (a region that is not even in the federation). Tokyo's
+/// players must still get every genuine message of tokyo and seoul in the room: the
+/// forged records are seoul's (they are in seoul's log), and nothing is suppressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_forged_as_another_origin_suppress_nothing() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fed-forged")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("forged", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r)?;
+        Ok(r)
+    })
+    .await??;
+    let mut listener = WsClient::connect(&regions[1].ws(0, "listener")).await?;
+    listener.sub("tavern", None, T).await?;
+    let s_first = publish_n(&regions[0].ws(0, "sage"), "tavern", 3, "seoul").await?;
+    // Forged into seoul's local topic: as tokyo's messages (they take seoul offsets 3..=12,
+    // above tokyo's first ten) and as frankfurt's.
+    let (brokers, topic) = (regions[0].kafka.bootstrap(), regions[0].cfg.local_topic());
+    forge(&brokers, &topic, "tavern", "tokyo", 10).await;
+    forge(&brokers, &topic, "tavern", "frankfurt", 2).await;
+    let before = collect(&mut listener, "tavern", 3 + 12, Duration::from_secs(60)).await?;
+    let origins = by_origin(&before);
+    assert_eq!(
+        origins.keys().collect::<Vec<_>>(),
+        ["seoul"],
+        "forged labels are not origins: {origins:?}"
+    );
+    // Now tokyo's own players talk (tokyo offsets 0.., which the forgeries claimed), and
+    // seoul's again.
+    let t_acked = publish_n(&regions[1].ws(0, "ronin"), "tavern", 10, "tokyo").await?;
+    let s_more = publish_n(&regions[0].ws(0, "sage"), "tavern", 3, "seoul-late").await?;
+    let after = collect(&mut listener, "tavern", 13, Duration::from_secs(60)).await?;
+    let after = by_origin(&after);
+    assert_eq!(
+        after.get("tokyo"),
+        Some(&t_acked),
+        "every genuine tokyo message"
+    );
+    assert_eq!(
+        after.get("seoul"),
+        Some(&s_more),
+        "every genuine seoul message"
+    );
+    let seoul_seen = &origins["seoul"];
+    assert!(
+        s_first.iter().all(|o| seoul_seen.contains(o)),
+        "seoul's first messages: {s_first:?} in {seoul_seen:?}"
+    );
+    regions.clear();
+    Ok(())
+}
+
+/// Tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns seoul's count on
+/// the link and refuses to mirror (rather than silently never mirroring partitions 2 and
+/// 3): each mirror task and the link say why in `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_partition_count_is_refused_and_shown() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = TestDir::new("fed-count")?;
+    let path = dir.path().to_owned();
+    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation("count", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        start_daemons(&mut r[..1])?;
+        let tokyo = &r[1];
+        let text = tokyo
+            .cfg
+            .clone()
+            .node("tokyo-0")
+            .set(
+                "federation",
+                "listen",
+                format!("127.0.0.1:{}", tokyo.quic_ports[0]),
+            )
+            .build();
+        let at = text
+            .find("[[federation.peers]]")
+            .context("peers in the config")?;
+        let (head, peers) = text.split_at(at);
+        let wrong = format!(
+            "{head}{}",
+            peers.replace(&format!("partitions = {PARTITIONS}"), "partitions = 2")
+        );
+        anyhow::ensure!(wrong.contains("partitions = 2"), "{wrong}");
+        let d = DtfedProcess::start(&wrong)?;
+        r[1].daemons.push(d);
+        Ok(r)
+    })
+    .await??;
+    let want = format!(
+        "partition count mismatch: seoul's topic {} has {PARTITIONS} partitions, the mirror \
+         topic here has 2",
+        regions[0].cfg.local_topic()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = regions[1].daemons[0]
+            .admin_get("/status", Some(DRILL_TOKEN))?
+            .json()?;
+        let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
+        let refused = tasks.len() == 2
+            && tasks.iter().all(|t| {
+                t["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("backoff: ") && s.contains(&want))
+            });
+        let link_says = status["links"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&want));
+        if refused && link_says {
+            assert!(tasks.iter().all(|t| t["records_mirrored"] == 0), "{status}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "tokyo does not show the mismatch: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        regions[1].daemons[0]
+            .log()
+            .contains("partition count mismatch"),
+        "logged"
+    );
+    regions.clear();
+    Ok(())
+}

@@ -39,12 +39,27 @@ pub enum BusEvent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// Redis could not be used (down, timeout, busy, out of memory, failing over, ...):
+    /// retrying the same call later may work.
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis ran the call and refused it (a script error, a key of the wrong type): the
+    /// same records will most likely be refused again, whatever the wait.
+    #[error("redis refused: {0}")]
+    Refused(String),
     #[error("corrupt history entry in room {room}: {detail}")]
     Corrupt { room: String, detail: String },
     #[error("the bus is shut down")]
     Closed,
+}
+
+impl BusError {
+    /// Whether retrying the same records cannot be expected to help: the bus refused them
+    /// ([`BusError::Refused`]) or holds something it cannot read ([`BusError::Corrupt`]).
+    /// Such a failure is the failing room's, not the bus's: see [`Bus::apply_batch`].
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, BusError::Refused(_) | BusError::Corrupt { .. })
+    }
 }
 
 /// Receiver of [`BusEvent`]s, handed out once when the bus is built.
@@ -126,6 +141,12 @@ pub trait Bus: Send + Sync + 'static {
     /// records in `recs`: never a later record without the earlier ones (an applied later
     /// record would make the bus skip the earlier one forever). The caller retries the whole
     /// batch; records applied the first time are skipped as already applied.
+    ///
+    /// A room that fails does not stop the others: their records are applied all the same
+    /// (one failing room in a Redis pipeline fails only its own script). When the error
+    /// [`is_permanent`](BusError::is_permanent), retrying the whole batch would fail again
+    /// forever; the fan-out owner then applies room by room, record by record, and
+    /// quarantines (skips and counts) a record the bus keeps refusing.
     async fn apply_batch(&self, recs: &[LogRecord]) -> Result<Vec<Option<MsgFrame>>, BusError> {
         let mut out = Vec::with_capacity(recs.len());
         for rec in recs {

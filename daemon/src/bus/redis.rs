@@ -644,7 +644,25 @@ impl Bus for RedisBus {
 }
 
 fn redis_err(context: &str, e: RedisError) -> BusError {
-    BusError::Redis(format!("{context}: {e}"))
+    if refused(&e) {
+        BusError::Refused(format!("{context}: {e}"))
+    } else {
+        BusError::Redis(format!("{context}: {e}"))
+    }
+}
+
+/// Whether Redis ran the call and refused it in a way retrying will not change: the apply
+/// script failing on a room's data (e.g. its tails hash holding garbage), a key of the
+/// wrong type, a reply of the wrong shape. Not: anything about the connection, or
+/// conditions of the whole server (`OOM`, `BUSY`, `LOADING`, `READONLY`, `NOPERM`, `ERR
+/// max number of clients`, ...), which would refuse every room alike and pass.
+fn refused(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ResponseError) => e.to_string().contains("script"),
+        ErrorKind::UnexpectedReturnType => true,
+        ErrorKind::Extension => e.code() == Some("WRONGTYPE"),
+        _ => false,
+    }
 }
 
 fn now_ms() -> i64 {

@@ -1,5 +1,5 @@
 //! Region link sessions: frames decoded from arbitrary bytes into a `MirrorPull` (and the
-//! same frames into a `MirrorServe`), with time moving on. Nothing may panic, and whatever
+//! same frames into a `MirrorServe` and a `MirrorDescribe`), with time moving on. Nothing may panic, and whatever
 //! the peer sends, the pull side delivers offsets that strictly increase from `resume_from`.
 //!
 //! The first byte chooses a head start so the fuzzer need not find the handshake bytes:
@@ -13,7 +13,8 @@
 use std::time::Duration;
 
 use dtfed_proto::link::{
-    FrameDecoder, LinkFrame, MirrorPull, MirrorServe, PullConfig, PullEvent, ServeConfig,
+    FrameDecoder, LinkFrame, MirrorDescribe, MirrorPull, MirrorServe, PullConfig, PullEvent,
+    ServeConfig, ServeEvent,
 };
 
 const RESUME_FROM: i64 = 100;
@@ -29,6 +30,8 @@ pub fn run(data: &[u8]) {
         now,
     );
     let mut serve = MirrorServe::new(ServeConfig::new("seoul", "dtfed.local"), now);
+    // The frames also go to a describe exchange: it may refuse them, never panic.
+    let mut describe = MirrorDescribe::new("tokyo", "seoul", "dtfed.local");
     let mut frames = Vec::new();
     if head & 1 != 0 {
         let _ = pull.handle_frame(now, LinkFrame::hello("seoul"));
@@ -90,8 +93,13 @@ pub fn run(data: &[u8]) {
         {
             let _ = serve.queue_records(records.clone(), *high_watermark);
         }
+        let _ = describe.handle_frame(frame.clone());
         let _ = serve.handle_frame(now, frame);
-        while serve.poll_event().is_some() {}
+        while let Some(ev) = serve.poll_event() {
+            if matches!(ev, ServeEvent::Describe { .. }) {
+                assert!(serve.describe(4).is_ok());
+            }
+        }
         while serve.poll_transmit().is_some() {}
         assert!(serve.is_closed() || serve.queued_bytes() == 0);
     }

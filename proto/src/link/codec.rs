@@ -34,6 +34,12 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// (frame tag, partition, record count, high watermark).
 pub const BATCH_OVERHEAD_BOUND: usize = 32;
 
+/// The largest record (as [`record_len_bound`] counts it) that can be mirrored: one that
+/// fills a `Batch` frame alone. A larger record can never cross the link, so whatever
+/// writes the local topic must keep its records below this (the daemon's config checks
+/// `client.max_frame_bytes` against it).
+pub const MAX_RECORD_BYTES: usize = MAX_FRAME_BYTES - BATCH_OVERHEAD_BOUND;
+
 /// Once this many consumed bytes sit at the front of a [`FrameDecoder`]'s buffer, they are
 /// dropped (shifting the rest), so the buffer does not grow with the stream's history.
 const COMPACT_AT: usize = 64 * 1024;

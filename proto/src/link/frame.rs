@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::{HEADER_ORIGIN_OFFSET, HEADER_ORIGIN_TS};
+use crate::record::{HEADER_ORIGIN, HEADER_ORIGIN_OFFSET, HEADER_ORIGIN_TS};
 
 /// The four bytes every [`LinkFrame::Hello`] starts with: "DTfed Link".
 pub const MAGIC: [u8; 4] = *b"DTFL";
@@ -99,6 +99,21 @@ pub enum LinkFrame {
         /// The sender's session clock in milliseconds (the monotonic time its session was
         /// given). Informational: lets logs show the peer's timers are running.
         now_ms: i64,
+    },
+    /// Pull side to serve side, instead of `Subscribe`, on a stream of its own: how many
+    /// partitions does `topic` have? Answered by `Described`, then the stream ends. (An
+    /// origin older than this frame answers `Error { protocol_violation }`.)
+    Describe {
+        /// The origin's local topic.
+        #[serde(deserialize_with = "text::deserialize")]
+        topic: String,
+    },
+    /// Serve side to pull side: the answer to `Describe`.
+    Described {
+        #[serde(deserialize_with = "text::deserialize")]
+        topic: String,
+        /// The topic's partition count: the receiver mirrors exactly these partitions.
+        partitions: i32,
     },
 }
 
@@ -186,16 +201,23 @@ pub struct LinkRecord {
 }
 
 impl LinkRecord {
-    /// The headers to write on the mirror topic: the record's own headers, less any
-    /// [`HEADER_ORIGIN_OFFSET`]/[`HEADER_ORIGIN_TS`] it carried, plus those two set to this
-    /// record's origin offset and timestamp (decimal text).
-    pub fn mirror_headers(&self) -> Vec<(String, Vec<u8>)> {
+    /// The headers to write on the mirror topic of `origin`: the record's own headers, less
+    /// any [`HEADER_ORIGIN`]/[`HEADER_ORIGIN_OFFSET`]/[`HEADER_ORIGIN_TS`] it carried, plus
+    /// those three set to `origin` and this record's origin offset and timestamp (decimal
+    /// text).
+    ///
+    /// `origin` is the region the link authenticated (the peer certificate's name), never
+    /// what the record says: whoever writes the origin's local topic controls its headers.
+    pub fn mirror_headers(&self, origin: &str) -> Vec<(String, Vec<u8>)> {
         let mut out: Vec<(String, Vec<u8>)> = self
             .headers
             .iter()
-            .filter(|(k, _)| k != HEADER_ORIGIN_OFFSET && k != HEADER_ORIGIN_TS)
+            .filter(|(k, _)| {
+                k != HEADER_ORIGIN && k != HEADER_ORIGIN_OFFSET && k != HEADER_ORIGIN_TS
+            })
             .cloned()
             .collect();
+        out.push((HEADER_ORIGIN.to_owned(), origin.as_bytes().to_vec()));
         out.push((
             HEADER_ORIGIN_OFFSET.to_owned(),
             self.offset.to_string().into_bytes(),
@@ -244,6 +266,8 @@ impl LinkFrame {
             LinkFrame::Batch { .. } => "batch",
             LinkFrame::Progress { .. } => "progress",
             LinkFrame::Heartbeat { .. } => "heartbeat",
+            LinkFrame::Describe { .. } => "describe",
+            LinkFrame::Described { .. } => "described",
         }
     }
 }
@@ -400,21 +424,25 @@ mod tests {
             timestamp_ms: 1_700_000_000_000,
             key: b"room".to_vec(),
             headers: vec![
-                ("dtfed-origin".into(), b"seoul".to_vec()),
+                ("dtfed-origin".into(), b"tokyo".to_vec()),
+                ("dtfed-from".into(), b"p".to_vec()),
                 (HEADER_ORIGIN_OFFSET.into(), b"1".to_vec()),
+                ("dtfed-origin".into(), b"seoul".to_vec()),
             ],
             value: b"{}".to_vec(),
         };
-        let h = r.mirror_headers();
+        // The origin is the link's, whatever the record claims.
+        let h = r.mirror_headers("seoul");
         assert_eq!(
             h,
             vec![
+                ("dtfed-from".to_owned(), b"p".to_vec()),
                 ("dtfed-origin".to_owned(), b"seoul".to_vec()),
                 (HEADER_ORIGIN_OFFSET.to_owned(), b"42".to_vec()),
                 (HEADER_ORIGIN_TS.to_owned(), b"1700000000000".to_vec()),
             ]
         );
-        assert_eq!(r.header("dtfed-origin"), Some(&b"seoul"[..]));
+        assert_eq!(r.header("dtfed-origin"), Some(&b"tokyo"[..]));
         assert_eq!(r.header("nope"), None);
     }
 

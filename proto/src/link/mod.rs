@@ -35,10 +35,14 @@
 //! origin no longer retains are reported as a [`PullEvent::Gap`], never skipped silently.
 
 pub mod codec;
+pub mod describe;
 pub mod frame;
 pub mod session;
 
-pub use codec::{decode_payload, encode, CodecError, FrameDecoder, MAX_FRAME_BYTES};
+pub use codec::{
+    decode_payload, encode, CodecError, FrameDecoder, MAX_FRAME_BYTES, MAX_RECORD_BYTES,
+};
+pub use describe::{DescribeAnswer, MirrorDescribe};
 pub use frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
 pub use session::{
     LinkTimers, MirrorPull, MirrorServe, PullConfig, PullEvent, ServeConfig, ServeEvent,

@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use super::codec::{record_len_bound, BATCH_OVERHEAD_BOUND, MAX_FRAME_BYTES};
+use super::codec::{record_len_bound, BATCH_OVERHEAD_BOUND, MAX_RECORD_BYTES};
 use super::frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
 
 /// Default budget for one `Batch` frame's payload.
@@ -107,7 +107,7 @@ impl SessionError {
 /// otherwise it answers `Error { VersionMismatch }` and closes. The pull side accepts only
 /// an echo of what it proposed. A later build may serve several versions (upgrade origins
 /// first, then receivers) without adding a round trip.
-fn check_hello(
+pub(crate) fn check_hello(
     magic: [u8; 4],
     protocol_version: u16,
     codec_version: u16,
@@ -607,6 +607,9 @@ pub enum ServeEvent {
         partition: i32,
         from_offset: i64,
     },
+    /// The receiver asks how many partitions `topic` (the served topic) has: answer with
+    /// [`MirrorServe::describe`] (or [`MirrorServe::close`] if it cannot be told).
+    Describe { topic: String },
     /// The receiver durably holds everything below `next_offset` (for lag metrics).
     Progress { next_offset: i64 },
     /// The receiver ended the stream. The session is closed.
@@ -623,7 +626,11 @@ pub enum ServeEvent {
 enum ServeState {
     AwaitHello,
     AwaitSubscribe,
-    Serving { partition: i32 },
+    Serving {
+        partition: i32,
+    },
+    /// A `Describe` was received; waiting for [`MirrorServe::describe`].
+    Describing,
     Closed,
 }
 
@@ -702,6 +709,15 @@ impl MirrorServe {
                     from_offset,
                 },
             ) => self.on_subscribe(topic, partition, from_offset),
+            (ServeState::AwaitSubscribe, LinkFrame::Describe { topic }) => {
+                if topic == self.cfg.topic {
+                    self.state = ServeState::Describing;
+                    self.events.push_back(ServeEvent::Describe { topic });
+                    Ok(())
+                } else {
+                    Err(SessionError::UnknownTopic(topic))
+                }
+            }
             (
                 ServeState::Serving { partition: ours },
                 LinkFrame::Progress {
@@ -720,7 +736,7 @@ impl MirrorServe {
                 }
             }
             (
-                ServeState::AwaitSubscribe | ServeState::Serving { .. },
+                ServeState::AwaitSubscribe | ServeState::Serving { .. } | ServeState::Describing,
                 LinkFrame::Heartbeat { .. },
             ) => Ok(()),
             (state, other) => Err(SessionError::Unexpected {
@@ -751,7 +767,7 @@ impl MirrorServe {
             ServeState::Closed => return Err(SessionError::Closed),
             _ => return Err(SessionError::NotServing),
         };
-        let frame_budget = MAX_FRAME_BYTES - BATCH_OVERHEAD_BOUND;
+        let frame_budget = MAX_RECORD_BYTES;
         if let Some((offset, bytes)) = records
             .iter()
             .map(|r| (r.offset, record_len_bound(r)))
@@ -780,6 +796,23 @@ impl MirrorServe {
             batch.push(r);
         }
         self.push_batch(partition, batch, size, high_watermark);
+        Ok(())
+    }
+
+    /// Answers a [`ServeEvent::Describe`]: the served topic has `partitions` partitions.
+    /// The session ends after the answer.
+    pub fn describe(&mut self, partitions: i32) -> Result<(), SessionError> {
+        match self.state {
+            ServeState::Describing => {}
+            ServeState::Closed => return Err(SessionError::Closed),
+            _ => return Err(SessionError::NotServing),
+        }
+        let frame = LinkFrame::Described {
+            topic: self.cfg.topic.clone(),
+            partitions,
+        };
+        self.push(frame, 0);
+        self.state = ServeState::Closed;
         Ok(())
     }
 
@@ -931,7 +964,7 @@ impl MirrorServe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::link::codec::{encode, FrameDecoder};
+    use crate::link::codec::{encode, FrameDecoder, MAX_FRAME_BYTES};
 
     const SEC: Duration = Duration::from_secs(1);
     const TOPIC: &str = "dtfed.local";

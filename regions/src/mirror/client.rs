@@ -22,6 +22,12 @@
 //!   lost (the tail is what is durably written) and nothing is written twice (the session
 //!   drops offsets at or below where it resumed, and [`MirrorClient::run_partition`] checks
 //!   again right before every append).
+//! - **Partition count.** Once per link, before streaming, the origin is asked how many
+//!   partitions its topic has ([`MirrorDescribe`]); if that is not the mirror topic's count
+//!   ([`PeerRegion::partitions`]), nothing of that origin is mirrored and every task says
+//!   why (an origin partition beyond the mirror topic's would never be mirrored, silently).
+//!   While streaming, partition 0's task asks again every `partitions_recheck` (60 s), so
+//!   a topic grown at run time shows too.
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
@@ -39,7 +45,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dtfed_proto::link::{
-    encode, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorPull, PullConfig, PullEvent,
+    encode, DescribeAnswer, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorDescribe,
+    MirrorPull, PullConfig, PullEvent,
 };
 use futures::FutureExt;
 use quinn::{RecvStream, SendStream};
@@ -86,6 +93,9 @@ pub struct MirrorClientConfig {
     /// How long the goodbye (`Error` frame) may take to write when a stream is closed on
     /// purpose (shutdown, pause, local failure) (1 s).
     pub close_grace: Duration,
+    /// How often the task of partition 0 asks a streaming origin its partition count again,
+    /// so a count changed at run time shows (60 s).
+    pub partitions_recheck: Duration,
 }
 
 impl Default for MirrorClientConfig {
@@ -97,6 +107,7 @@ impl Default for MirrorClientConfig {
             redial_max: Duration::from_millis(500),
             append_grace: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
+            partitions_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -255,6 +266,8 @@ impl MirrorClient {
                     current: Mutex::new(None),
                     info: Mutex::new(LinkInfo::default()),
                     paused: watch::channel(false).0,
+                    described: tokio::sync::Mutex::new(None),
+                    expected_partitions: p.partitions,
                     addrs: p.addrs,
                     region: p.name.clone(),
                 };
@@ -446,6 +459,12 @@ struct PeerLink {
     current: Mutex<Option<PeerConnection>>,
     info: Mutex<LinkInfo>,
     paused: watch::Sender<bool>,
+    /// The origin's partition count as it told it on a link: (that link's id, answer;
+    /// `None` from an origin too old to tell).
+    described: tokio::sync::Mutex<Option<(usize, Option<i32>)>>,
+    /// The partition count of the mirror topic here ([`PeerRegion::partitions`]): the
+    /// origin's must be the same. `None`: not checked.
+    expected_partitions: Option<i32>,
 }
 
 struct Redial {
@@ -600,6 +619,38 @@ impl PeerLink {
         }
     }
 
+    /// The origin's partition count, asked once per link (see [`describe_origin`]).
+    async fn origin_partitions(
+        &self,
+        conn: &PeerConnection,
+        local_region: &str,
+        topic: &str,
+        limit: Duration,
+        fresh: bool,
+    ) -> Result<Option<i32>, String> {
+        let id = conn.connection().stable_id();
+        let mut described = self.described.lock().await;
+        if let Some((link, answer)) = *described {
+            if link == id && !fresh {
+                return Ok(answer);
+            }
+        }
+        let answer = describe_origin(conn, local_region, &self.region, topic, limit).await?;
+        match answer {
+            Some(n) => {
+                info!(peer = %self.region, topic, partitions = n, "origin's partition count")
+            }
+            None if !fresh => warn!(
+                peer = %self.region,
+                topic,
+                "the origin does not tell its partition count (an older dtfed): not checked"
+            ),
+            None => {}
+        }
+        *described = Some((id, answer));
+        Ok(answer)
+    }
+
     /// The next address to dial: the peer's addresses in a random order, round robin.
     fn pick_addr(&self, redial: &mut Redial) -> String {
         if redial.addr_order.is_empty() {
@@ -631,6 +682,65 @@ async fn dial_addr(
         }
     }
     Err(last)
+}
+
+/// Asks the origin on `conn` how many partitions `topic` has, on a stream of its own
+/// ([`MirrorDescribe`]), within `limit`. `Ok(None)`: the origin is too old to tell.
+async fn describe_origin(
+    conn: &PeerConnection,
+    local_region: &str,
+    origin: &str,
+    topic: &str,
+    limit: Duration,
+) -> Result<Option<i32>, String> {
+    let mut ask = MirrorDescribe::new(local_region, origin, topic);
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .connection()
+            .open_bi()
+            .await
+            .map_err(|e| format!("cannot open a stream: {e}"))?;
+        let mut out = Vec::new();
+        for frame in ask.request() {
+            encode(&frame, &mut out)
+                .map_err(|e| format!("cannot encode a {} frame: {e}", frame.kind()))?;
+        }
+        send.write_all(&out)
+            .await
+            .map_err(|e| format!("stream write failed: {e}"))?;
+        let _ = send.finish();
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = recv
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("stream failed: {e}"))?
+                .ok_or_else(|| "the origin ended the stream without an answer".to_owned())?;
+            decoder.extend(buf.get(..n).unwrap_or_default());
+            while let Some(frame) = decoder
+                .next_frame()
+                .map_err(|e| format!("undecodable input from the origin: {e}"))?
+            {
+                if let Some(answer) = ask
+                    .handle_frame(frame)
+                    .map_err(|e| format!("origin broke the protocol: {e}"))?
+                {
+                    return Ok::<DescribeAnswer, String>(answer);
+                }
+            }
+        }
+    };
+    let answer = timeout(limit, exchange)
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))??;
+    match answer {
+        DescribeAnswer::Partitions(n) => Ok(Some(n)),
+        DescribeAnswer::NotSupported => Ok(None),
+        DescribeAnswer::Refused { code, message } => {
+            Err(format!("the origin refused: {code}: {message}"))
+        }
+    }
 }
 
 /// Decodes `bytes` from the origin into `session`. Returns how the stream ends if the
@@ -839,10 +949,77 @@ impl PartitionTask {
             Ok(conn) => conn,
             Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
         };
+        if let Some(refused) = self.check_partitions(&conn, shutdown, paused).await {
+            return refused;
+        }
         let span = info_span!("stream", peer = %conn.remote_address());
         self.subscribe(conn, tail, shutdown, paused)
             .instrument(span)
             .await
+    }
+
+    /// Checks that the origin's partition count is the mirror topic's (once per link):
+    /// partition p is mirrored into mirror partition p, so an origin partition beyond the
+    /// mirror topic's would never be mirrored, and one the origin lacks would never be
+    /// served. A mismatch refuses the link for every task of the origin, with a reason the
+    /// operator sees in the task's state, the link's last error and the logs.
+    async fn check_partitions(
+        &self,
+        conn: &PeerConnection,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        let told = tokio::select! {
+            () = shutdown.cancelled() => return Some(Outcome::Shutdown),
+            () = until_paused(paused) => return Some(Outcome::Paused),
+            told = self.ask_partitions(conn, self.inner.config.timers.idle_timeout, false) => told?,
+        };
+        self.judge_partitions(told)
+    }
+
+    /// The origin's partition count (`None`: not checked for this peer); `fresh` asks again
+    /// even if this link answered before.
+    async fn ask_partitions(
+        &self,
+        conn: &PeerConnection,
+        limit: Duration,
+        fresh: bool,
+    ) -> Option<Result<Option<i32>, String>> {
+        self.peer.expected_partitions?;
+        let local = self.inner.endpoint.region();
+        Some(
+            self.peer
+                .origin_partitions(conn, local, &self.topic, limit, fresh)
+                .await,
+        )
+    }
+
+    /// What the origin's answer means for this task: `None` to go on.
+    fn judge_partitions(&self, told: Result<Option<i32>, String>) -> Option<Outcome> {
+        let expected = self.peer.expected_partitions?;
+        match told {
+            Ok(Some(n)) if n != expected => {
+                let reason = format!(
+                    "partition count mismatch: {}'s topic {} has {n} partitions, the mirror \
+                     topic here has {expected}; mirroring from {} is refused until they match \
+                     (set [[federation.peers]] partitions = {n} for {} and give \
+                     dtfed.mirror.{} {n} partitions)",
+                    self.origin, self.topic, self.origin, self.origin, self.origin
+                );
+                lock(&self.peer.info).last_error = Some(reason.clone());
+                Some(Outcome::Failed {
+                    reason,
+                    transient: false,
+                    progressed: false,
+                })
+            }
+            Ok(_) => None,
+            Err(e) => Some(Outcome::Failed {
+                reason: format!("cannot learn the origin's partition count: {e}"),
+                transient: true,
+                progressed: false,
+            }),
+        }
     }
 
     /// Stream and session on `conn`, resuming after `tail` (the mirror partition's tail,
@@ -885,12 +1062,14 @@ impl PartitionTask {
             }
         };
         self.update(|s| s.streams_opened += 1);
-        self.stream(send, recv, resume_from, shutdown, paused).await
+        self.stream(&conn, send, recv, resume_from, shutdown, paused)
+            .await
     }
 
     /// Runs one [`MirrorPull`] session on a fresh stream.
     async fn stream(
         &mut self,
+        conn: &PeerConnection,
         mut send: SendStream,
         mut recv: RecvStream,
         resume_from: i64,
@@ -913,6 +1092,10 @@ impl PartitionTask {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut progressed = false;
         let mut end: Option<Outcome> = None;
+        // The origin's partition count may change while streams run (an operator added
+        // partitions): partition 0's task asks again now and then, so the mismatch shows.
+        let recheck = self.partition == 0 && self.peer.expected_partitions.is_some();
+        let mut recheck_at = Instant::now() + config.partitions_recheck;
         debug!(resume_from, "subscribing");
         loop {
             // 1. Act on events, in order: appends happen here. Records decoded before a
@@ -1122,6 +1305,19 @@ impl PartitionTask {
                     }
                 },
                 () = sleep_until(deadline) => session.handle_timeout(epoch.elapsed()),
+                () = sleep_until(recheck_at), if recheck => {
+                    recheck_at = Instant::now() + config.partitions_recheck;
+                    // Bounded well below the dead-peer timeout: the stream is not read
+                    // meanwhile.
+                    let limit = config.timers.heartbeat_interval;
+                    if let Some(told) = self.ask_partitions(conn, limit, true).await {
+                        // A failed ask is not a mismatch: the stream goes on.
+                        if let Some(refused) = told.ok().map(Ok).and_then(|t| self.judge_partitions(t)) {
+                            session.close(LinkErrorCode::Unavailable, "partition count mismatch");
+                            end = Some(refused);
+                        }
+                    }
+                }
             }
         }
     }

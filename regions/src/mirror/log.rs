@@ -302,6 +302,14 @@ impl MemoryOriginLog {
         self.notify();
     }
 
+    /// Adds `n` empty partitions (an operator growing the topic).
+    pub fn add_partitions(&self, n: usize) {
+        lock(&self.inner.state)
+            .partitions
+            .extend((0..n).map(|_| MemoryPartition::default()));
+        self.notify();
+    }
+
     /// Readers opened so far.
     pub fn opens(&self) -> u64 {
         lock(&self.inner.state).opens
@@ -428,8 +436,8 @@ pub struct MirroredRecord {
     /// The origin's append time (kept as the record timestamp).
     pub timestamp_ms: i64,
     pub key: Vec<u8>,
-    /// The origin record's headers plus `dtfed-origin-offset` and `dtfed-origin-ts`
-    /// ([`LinkRecord::mirror_headers`]).
+    /// The origin record's headers with `dtfed-origin` (the link's origin region),
+    /// `dtfed-origin-offset` and `dtfed-origin-ts` set ([`LinkRecord::mirror_headers`]).
     pub headers: Vec<(String, Vec<u8>)>,
     pub value: Vec<u8>,
 }
@@ -547,14 +555,14 @@ impl MemoryMirrorLog {
         lock(&self.inner).gaps.clone()
     }
 
-    fn write(part: &mut Vec<MirroredRecord>, records: &[LinkRecord]) {
+    fn write(part: &mut Vec<MirroredRecord>, origin: &str, records: &[LinkRecord]) {
         for r in records {
             let offset = i64::try_from(part.len()).unwrap_or(i64::MAX);
             part.push(MirroredRecord {
                 offset,
                 timestamp_ms: r.timestamp_ms,
                 key: r.key.clone(),
-                headers: r.mirror_headers(),
+                headers: r.mirror_headers(origin),
                 value: r.value.clone(),
             });
         }
@@ -610,12 +618,12 @@ impl MirrorLog for MemoryMirrorLog {
             .entry((origin.to_owned(), partition))
             .or_default();
         if partial {
-            MemoryMirrorLog::write(part, &records[..records.len() / 2]);
+            MemoryMirrorLog::write(part, origin, &records[..records.len() / 2]);
             return Err(LogError::Unavailable(
                 "injected append failure after a partial write".into(),
             ));
         }
-        MemoryMirrorLog::write(part, records);
+        MemoryMirrorLog::write(part, origin, records);
         Ok(())
     }
 

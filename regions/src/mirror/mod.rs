@@ -36,7 +36,9 @@ pub use log::{
     LogError, MemoryMirrorLog, MemoryOriginLog, MirrorGap, MirrorLog, MirroredRecord, OriginBatch,
     OriginLog, OriginReader,
 };
-pub use server::{MirrorServer, MirrorServerConfig, ServedStream, ServerStatus};
+pub use server::{
+    MirrorServer, MirrorServerConfig, PeerUsage, ServedStream, ServerStatus, CLOSE_TOO_MANY_LINKS,
+};
 
 /// Stream reset / stop code: the stream was abandoned mid-frame (shutdown, stalled peer,
 /// undecodable input); the peer must not expect a closing `Error` frame.

@@ -30,6 +30,7 @@ use dtfed_proto::link::session::DEFAULT_MAX_BATCH_BYTES;
 use dtfed_proto::link::{
     encode, FrameDecoder, LinkErrorCode, LinkTimers, MirrorServe, ServeConfig, ServeEvent,
 };
+use futures::FutureExt;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -44,6 +45,9 @@ use crate::endpoint::{PeerConnection, RegionEndpoint};
 /// Budget of the first batch read for a new subscription (then doubling per batch up to
 /// `max_batch_bytes`).
 const FIRST_BATCH_BYTES: usize = 16 * 1024;
+
+/// Longest wait for the local topic's partition count when a receiver asks for it.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes read from a stream at a time (the receiver only sends small frames).
 const READ_CHUNK: usize = 16 * 1024;
@@ -61,7 +65,17 @@ pub struct MirrorServerConfig {
     /// On shutdown, how long streams get to send their `Error` frame before the
     /// connections are closed (2 s).
     pub shutdown_grace: Duration,
+    /// Links one peer region may hold at once; more are closed with
+    /// [`CLOSE_TOO_MANY_LINKS`] and a reason (64).
+    pub max_links_per_peer: usize,
+    /// Streams one peer region may hold at once over all its links; more are answered
+    /// with an `unavailable` error naming the limit, without opening a log reader (128).
+    pub max_streams_per_peer: usize,
 }
+
+/// Application close code of a link refused because its peer region holds
+/// [`MirrorServerConfig::max_links_per_peer`] links already.
+pub const CLOSE_TOO_MANY_LINKS: quinn::VarInt = quinn::VarInt::from_u32(0x110);
 
 impl Default for MirrorServerConfig {
     fn default() -> Self {
@@ -71,6 +85,8 @@ impl Default for MirrorServerConfig {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             write_stall_timeout: timers.idle_timeout,
             shutdown_grace: Duration::from_secs(2),
+            max_links_per_peer: crate::topology::DEFAULT_MAX_LINKS_PER_PEER,
+            max_streams_per_peer: crate::topology::DEFAULT_MAX_STREAMS_PER_PEER,
         }
     }
 }
@@ -97,6 +113,47 @@ pub struct ServedStream {
 pub struct ServerStatus {
     streams: Arc<Mutex<HashMap<u64, ServedStream>>>,
     next_id: Arc<AtomicU64>,
+    /// Per peer region: links and streams held, and what was refused over the limits.
+    usage: Arc<Mutex<HashMap<String, PeerUsage>>>,
+}
+
+/// What one peer region holds on a [`MirrorServer`], and what it was refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerUsage {
+    /// Links open now.
+    pub links: usize,
+    /// Streams open now (being served, or being refused).
+    pub streams: usize,
+    /// Links closed since start because the peer held the most allowed.
+    pub refused_links: u64,
+    /// Streams refused since start because the peer held the most allowed.
+    pub refused_streams: u64,
+}
+
+/// Which per-peer count a [`UsageSlot`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Link,
+    Stream,
+}
+
+/// One link or stream counted against its peer region; released on drop.
+struct UsageSlot {
+    usage: Arc<Mutex<HashMap<String, PeerUsage>>>,
+    peer: String,
+    held: Held,
+}
+
+impl Drop for UsageSlot {
+    fn drop(&mut self) {
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(u) = usage.get_mut(&self.peer) {
+            match self.held {
+                Held::Link => u.links = u.links.saturating_sub(1),
+                Held::Stream => u.streams = u.streams.saturating_sub(1),
+            }
+        }
+    }
 }
 
 impl ServerStatus {
@@ -111,6 +168,40 @@ impl ServerStatus {
             .collect();
         out.sort_by(|a, b| (&a.peer, a.partition).cmp(&(&b.peer, b.partition)));
         out
+    }
+
+    /// Per peer region, what it holds and what it was refused.
+    pub fn peer_usage(&self) -> Vec<(String, PeerUsage)> {
+        let mut out: Vec<(String, PeerUsage)> = self
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Counts one more link or stream of `peer` if it holds fewer than `limit`; else
+    /// counts the refusal and returns how many refusals of that kind there were.
+    fn acquire(&self, peer: &str, held: Held, limit: usize) -> Result<UsageSlot, u64> {
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        let u = usage.entry(peer.to_owned()).or_default();
+        let (count, refused) = match held {
+            Held::Link => (&mut u.links, &mut u.refused_links),
+            Held::Stream => (&mut u.streams, &mut u.refused_streams),
+        };
+        if *count >= limit {
+            *refused += 1;
+            return Err(*refused);
+        }
+        *count += 1;
+        Ok(UsageSlot {
+            usage: self.usage.clone(),
+            peer: peer.to_owned(),
+            held,
+        })
     }
 
     fn register(&self, peer: &str) -> StreamSlot {
@@ -250,8 +341,14 @@ impl MirrorServer {
                         // The endpoint logged the refusal already.
                         Some(Err(e)) => debug!(error = %e, "incoming link not set up"),
                         Some(Ok(peer)) => {
-                            let task = serve_connection(shared.clone(), peer, stop.child_token());
-                            connections.spawn(task);
+                            let limit = shared.config.max_links_per_peer;
+                            match shared.status.acquire(peer.region(), Held::Link, limit) {
+                                Ok(slot) => {
+                                    let task = serve_connection(shared.clone(), peer, stop.child_token());
+                                    connections.spawn(task.map(move |()| drop(slot)));
+                                }
+                                Err(refused) => refuse_link(&peer, limit, refused),
+                            }
                         }
                     },
                 }
@@ -274,6 +371,39 @@ impl MirrorServer {
         .instrument(span)
         .await;
     }
+}
+
+/// Closes a link its peer region is not allowed to hold (over `limit`).
+fn refuse_link(peer: &PeerConnection, limit: usize, refused: u64) {
+    let reason = format!(
+        "too many mirror links from region {}: at most {limit} at once (mirror server \
+         max_links_per_peer)",
+        peer.region()
+    );
+    if refused == 1 || refused % 100 == 0 {
+        warn!(peer = %peer.region(), addr = %peer.remote_address(), limit, refused, "refusing a mirror link: the peer region holds the most allowed");
+    }
+    peer.connection()
+        .close(CLOSE_TOO_MANY_LINKS, reason.as_bytes());
+}
+
+/// Answers a stream its peer region is not allowed to open (over `limit`) with an
+/// `unavailable` error naming the limit, then ends it. No session, no log reader.
+async fn refuse_stream(mut send: SendStream, mut recv: RecvStream, peer: String, limit: usize) {
+    let frame = dtfed_proto::link::LinkFrame::error(
+        LinkErrorCode::Unavailable,
+        format!(
+            "too many mirror streams from region {peer}: at most {limit} at once (mirror \
+             server max_streams_per_peer)"
+        ),
+    );
+    let mut out = Vec::new();
+    if encode(&frame, &mut out).is_ok() {
+        let _ = timeout(Duration::from_secs(5), send.write_all(&out)).await;
+    }
+    let _ = send.finish();
+    let _ = recv.stop(STREAM_ABANDONED);
+    let _ = timeout(Duration::from_secs(5), send.stopped()).await;
 }
 
 /// Serves one accepted link: one task per bidirectional stream the peer opens.
@@ -301,6 +431,21 @@ async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: Can
                 }
                 bi = peer.connection().accept_bi() => match bi {
                     Ok((send, recv)) => {
+                        let limit = shared.config.max_streams_per_peer;
+                        let slot = match shared.status.acquire(&region, Held::Stream, limit) {
+                            Ok(slot) => slot,
+                            Err(refused) => {
+                                if refused == 1 || refused % 100 == 0 {
+                                    warn!(limit, refused, "refusing a mirror stream: the peer region holds the most allowed");
+                                }
+                                // Counted while it is answered, so a flood of refusals is
+                                // bounded by QUIC's stream limit per link.
+                                if let Ok(held) = shared.status.acquire(&region, Held::Stream, usize::MAX) {
+                                    streams.spawn(refuse_stream(send, recv, region.clone(), limit).map(move |()| drop(held)));
+                                }
+                                continue;
+                            }
+                        };
                         let stream_span = info_span!(
                             "mirror_serve",
                             origin = %shared.local_region,
@@ -308,7 +453,8 @@ async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: Can
                             partition = tracing::field::Empty,
                         );
                         let server = StreamServer::new(shared.clone(), &region, send, recv);
-                        streams.spawn(server.run(cancel.child_token()).instrument(stream_span));
+                        let run = server.run(cancel.child_token()).map(move |()| drop(slot));
+                        streams.spawn(run.instrument(stream_span));
                     }
                     Err(e) => break Some(e),
                 },
@@ -355,6 +501,8 @@ struct StreamServer {
     /// The log reader of the subscription (at most one), aborted on drop.
     reader: JoinSet<()>,
     batches: Option<mpsc::Receiver<Result<OriginBatch, LogError>>>,
+    /// A `Describe` waits for its answer.
+    describe: bool,
     slot: StreamSlot,
 }
 
@@ -378,6 +526,7 @@ impl StreamServer {
             out: Vec::new(),
             reader: JoinSet::new(),
             batches: None,
+            describe: false,
             slot,
             shared,
         }
@@ -392,6 +541,9 @@ impl StreamServer {
         debug!("mirror stream opened");
         loop {
             self.handle_events();
+            if std::mem::take(&mut self.describe) {
+                self.answer_describe().await;
+            }
             if let Err(why) = self.flush(&cancel).await {
                 debug!(reason = %why, "mirror stream abandoned");
                 let _ = self.send.reset(STREAM_ABANDONED);
@@ -493,6 +645,10 @@ impl StreamServer {
                     );
                     self.batches = Some(rx);
                 }
+                ServeEvent::Describe { topic } => {
+                    debug!(topic = %topic, "receiver asks for the partition count");
+                    self.describe = true;
+                }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");
                     self.slot
@@ -508,6 +664,30 @@ impl StreamServer {
                 ServeEvent::PeerSilent => {
                     warn!("receiver silent too long; ending the stream");
                 }
+            }
+        }
+    }
+
+    /// Answers a `Describe` with the local topic's partition count (bounded wait).
+    async fn answer_describe(&mut self) {
+        let counted = timeout(DESCRIBE_TIMEOUT, self.shared.log.partitions()).await;
+        match counted {
+            Ok(Ok(n)) => {
+                if let Err(e) = self.session.describe(n) {
+                    debug!(error = %e, "describe not answered");
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot count the local topic's partitions");
+                self.session
+                    .close(LinkErrorCode::Unavailable, e.to_string());
+            }
+            Err(_) => {
+                warn!("counting the local topic's partitions timed out");
+                self.session.close(
+                    LinkErrorCode::Unavailable,
+                    format!("the local topic's partitions not counted within {DESCRIBE_TIMEOUT:?}"),
+                );
             }
         }
     }
