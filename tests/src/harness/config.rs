@@ -228,6 +228,8 @@ allowed_origins = []
 auth = "none"
 jwt_secret = ""
 jwt_rooms_claim = "rooms"
+ping_interval_ms = 20000
+idle_timeout_ms = 60000
 
 [admin]
 listen = "127.0.0.1:0"
