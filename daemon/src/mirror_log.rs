@@ -5,9 +5,10 @@
 //! - [`KafkaOriginLog`] ([`OriginLog`]): the serving side reads this region's local topic
 //!   from an offset on, one group-less consumer per served stream.
 //! - [`KafkaMirrorLog`] ([`MirrorLog`]): the receiving side reads the tail of mirror partition
-//!   `dtfed.mirror.<origin>`/p and appends to it with an idempotent producer, explicitly to
-//!   partition p (partition-preserving), each record carrying its origin offset and origin
-//!   timestamp in headers.
+//!   `dtfed.mirror.<origin>`/p and appends to it, explicitly to partition p
+//!   (partition-preserving), each record carrying its origin offset and origin timestamp in
+//!   headers. Every append is a Kafka transaction of the partition's own transactional id
+//!   (see *One writer per mirror partition* below).
 //! - [`MirrorRoomReader`]: a room's messages from a remote origin, for players resuming with
 //!   a cursor: origin offsets grow along a mirror partition, so the first record after the
 //!   cursor is found by binary search on single-record reads, then the partition is read
@@ -35,7 +36,24 @@
 //!
 //! Should a hole ever be written anyway, [`KafkaMirrorLog::append`] says so at error level
 //! and returns [`LogError::Other`] naming it rather than letting it pass as a plain retry.
+//!
+//! # One writer per mirror partition
+//!
+//! A daemon stopped (SIGSTOP, a long GC-like stall, a VM pause) past its group session
+//! timeout loses its mirror tasks to another daemon of the region, but does not know it
+//! until it runs again; for that moment both would append to the same mirror partition and
+//! could write origin offsets twice. So each mirror partition has a writer of its own: a
+//! transactional producer whose `transactional.id` is the partition's,
+//! `dtfed-mirror.<region>.<origin>.<p>`, the same on every daemon of the region.
+//! [`KafkaMirrorLog::tail`] (which a mirror task calls before it streams) first starts a
+//! fresh writer with `init_transactions`: Kafka then *fences* every earlier producer of
+//! that id (their next send or commit fails) and aborts their open transaction, so the tail
+//! read after it sees every committed append and nothing a fenced writer can still add.
+//! Each [`KafkaMirrorLog::append`] is one transaction: all of it or none of it becomes
+//! visible (readers use `read_committed`, librdkafka's default). A fenced writer's append
+//! fails with [`LogError::Other`] naming it, and its writer is dropped.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -86,6 +104,16 @@ pub const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After a purge, how long the purged deliveries may take to report.
 pub const PURGE_GRACE: Duration = Duration::from_secs(3);
+
+/// Bound on starting a mirror partition's writer (`init_transactions`: finding the
+/// transaction coordinator, fencing the writer before).
+pub const WRITER_INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on committing an append's transaction.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on aborting a failed append's transaction.
+pub const ABORT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How far [`KafkaMirrorLog::tail`] looks back from the high watermark for a readable
 /// record, in widening windows (the record at `high - 1` is readable unless something else
@@ -1092,15 +1120,37 @@ pub fn mirror_producer_config(cfg: &KafkaConfig, region: &str, node: &str) -> Cl
     c
 }
 
+/// The writer of mirror partition `origin`/`partition`: [`mirror_producer_config`] made
+/// transactional under the partition's own id (shared by the region's daemons, so a new
+/// writer fences the one before). Transactions bound a message's life themselves
+/// (`message.timeout.ms` must not exceed `transaction.timeout.ms`), and a failed append is
+/// aborted whole, so the gapless guarantee has nothing left to do.
+pub fn mirror_writer_config(
+    base: &ClientConfig,
+    region: &str,
+    origin: &str,
+    partition: i32,
+) -> ClientConfig {
+    let mut c = base.clone();
+    c.remove("enable.gapless.guarantee");
+    c.set(
+        "transactional.id",
+        format!("dtfed-mirror.{region}.{origin}.{partition}"),
+    )
+    .set("transaction.timeout.ms", "60000")
+    .set("message.timeout.ms", "30000");
+    c
+}
+
 type Prod = FutureProducer<TracingContext>;
 
 /// This region's mirror topics ([`MirrorLog`]): tails read with pooled group-less
-/// consumers, appends with one idempotent producer shared by all origins and partitions.
+/// consumers, appends by each mirror partition's own transactional writer.
 pub struct KafkaMirrorLog {
     region: String,
     config: ClientConfig,
-    /// The current producer; replaced when it turns fatal.
-    producer: Mutex<Option<Arc<Prod>>>,
+    /// Each mirror partition's writer, started by [`MirrorLog::tail`]; dropped when fenced.
+    writers: Mutex<HashMap<(String, i32), Arc<Prod>>>,
     reads: ProbePool,
     append_timeout: Duration,
     read_timeout: Duration,
@@ -1116,8 +1166,8 @@ impl std::fmt::Debug for KafkaMirrorLog {
 
 impl Drop for KafkaMirrorLog {
     fn drop(&mut self) {
-        if let Some(p) = lock(&self.producer).take() {
-            drop_off_runtime(p);
+        for (_, w) in lock(&self.writers).drain() {
+            drop_off_runtime(w);
         }
     }
 }
@@ -1160,12 +1210,13 @@ impl KafkaMirrorLog {
             detail,
         };
         let config = mirror_producer_config(cfg, region, node);
-        let producer = build_producer(&config).map_err(setup)?;
+        // Checks the settings now rather than at the first append.
+        drop_off_runtime(build_producer(&config).map_err(setup)?);
         let reads = ProbePool::new(cfg, region, node).map_err(setup)?;
         Ok(KafkaMirrorLog {
             region: region.to_owned(),
             config,
-            producer: Mutex::new(Some(Arc::new(producer))),
+            writers: Mutex::new(HashMap::new()),
             reads,
             append_timeout: APPEND_TIMEOUT,
             read_timeout: READ_TIMEOUT,
@@ -1182,21 +1233,132 @@ impl KafkaMirrorLog {
         self.read_timeout = timeout;
     }
 
-    fn current(&self) -> Result<Arc<Prod>, LogError> {
-        let mut guard = lock(&self.producer);
-        match guard.as_ref() {
-            Some(p) if p.client().fatal_error().is_none() => Ok(Arc::clone(p)),
-            _ => {
-                let fresh = Arc::new(build_producer(&self.config).map_err(LogError::Unavailable)?);
-                if let Some(old) = guard.replace(Arc::clone(&fresh)) {
-                    if let Some((code, reason)) = old.client().fatal_error() {
-                        tracing::warn!(region = %self.region, %code, reason, "mirror producer hit a fatal error; replaced it with a new one");
-                    }
-                    drop(guard);
-                    drop_off_runtime(old);
-                }
-                Ok(fresh)
+    /// Starts a fresh writer for `origin`/`partition`, fencing every earlier one (here or
+    /// on another daemon of the region), and keeps it for the appends that follow.
+    async fn claim(&self, origin: &str, partition: i32) -> Result<(), LogError> {
+        let config = mirror_writer_config(&self.config, &self.region, origin, partition);
+        // Part of the tail read, and bounded with it.
+        let timeout = WRITER_INIT_TIMEOUT.min(self.read_timeout);
+        let writer = tokio::task::spawn_blocking(move || -> Result<Prod, String> {
+            let p = build_producer(&config)?;
+            if let Err(e) = p.init_transactions(timeout) {
+                drop(p);
+                return Err(format!("cannot start the mirror partition's writer: {e}"));
             }
+            Ok(p)
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("mirror writer start-up task: {e}")))?
+        .map_err(LogError::Unavailable)?;
+        let old = lock(&self.writers).insert((origin.to_owned(), partition), Arc::new(writer));
+        if let Some(old) = old {
+            drop_off_runtime(old);
+        }
+        tracing::debug!(
+            origin,
+            partition,
+            "mirror partition writer started (earlier writers fenced)"
+        );
+        Ok(())
+    }
+
+    fn writer(&self, origin: &str, partition: i32) -> Result<Arc<Prod>, LogError> {
+        lock(&self.writers)
+            .get(&(origin.to_owned(), partition))
+            .cloned()
+            .ok_or_else(|| {
+                LogError::Unavailable(format!(
+                    "no writer for {}/{partition}: the tail is read first",
+                    mirror_topic(origin)
+                ))
+            })
+    }
+
+    /// Forgets `writer` (fenced or fatal): the next tail read starts a new one.
+    fn drop_writer(&self, origin: &str, partition: i32, writer: &Arc<Prod>) {
+        let mut writers = lock(&self.writers);
+        let key = (origin.to_owned(), partition);
+        if writers.get(&key).is_some_and(|w| Arc::ptr_eq(w, writer)) {
+            if let Some(w) = writers.remove(&key) {
+                drop(writers);
+                drop_off_runtime(w);
+            }
+        }
+    }
+
+    /// One append as one transaction of the partition's writer.
+    async fn append_in_transaction(
+        &self,
+        origin: &str,
+        partition: i32,
+        records: &[LinkRecord],
+    ) -> Result<(), LogError> {
+        let writer = self.writer(origin, partition)?;
+        if let Err(e) = writer.begin_transaction() {
+            return Err(self.transaction_failed(origin, partition, &writer, "begin", &e));
+        }
+        let appended = self.append_with(&writer, origin, partition, records).await;
+        let w = Arc::clone(&writer);
+        let ended = tokio::task::spawn_blocking(move || match appended {
+            Ok(()) => w
+                .commit_transaction(COMMIT_TIMEOUT)
+                .map_err(|e| ("commit", e, None)),
+            Err(failed) => match w.abort_transaction(ABORT_TIMEOUT) {
+                Ok(()) => Err(("append", KafkaError::Canceled, Some(failed))),
+                Err(e) => Err(("abort", e, Some(failed))),
+            },
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(format!("mirror transaction task: {e}")))?;
+        match ended {
+            Ok(()) => Ok(()),
+            // The records failed and the transaction was aborted: nothing of it is visible.
+            Err((_, KafkaError::Canceled, Some(failed))) => Err(failed),
+            Err((step, e, failed)) => {
+                // A fenced writer says so, whatever else failed with it.
+                match (
+                    self.transaction_failed(origin, partition, &writer, step, &e),
+                    failed,
+                ) {
+                    (fenced @ LogError::Other(_), _) => Err(fenced),
+                    (_, Some(failed)) => Err(failed),
+                    (err, None) => Err(err),
+                }
+            }
+        }
+    }
+
+    /// Turns a transaction error into the append's error; a fenced or fatal writer is
+    /// dropped (another daemon writes this partition now, or the producer is unusable).
+    fn transaction_failed(
+        &self,
+        origin: &str,
+        partition: i32,
+        writer: &Arc<Prod>,
+        step: &str,
+        e: &KafkaError,
+    ) -> LogError {
+        let fenced = matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        );
+        let fatal = writer.client().fatal_error().is_some()
+            || matches!(e, KafkaError::Transaction(t) if t.is_fatal());
+        if fenced || fatal {
+            self.drop_writer(origin, partition, writer);
+        }
+        if fenced {
+            tracing::warn!(origin, partition, step, "mirror writer fenced: another daemon of the region writes this mirror partition now");
+            LogError::Other(format!(
+                "mirror writer of {}/{partition} fenced: another daemon writes it now",
+                mirror_topic(origin)
+            ))
+        } else {
+            tracing::warn!(origin, partition, step, error = %e, fatal, "mirror transaction failed");
+            LogError::Unavailable(format!(
+                "mirror transaction on {}/{partition} ({step}): {e}",
+                mirror_topic(origin)
+            ))
         }
     }
 
@@ -1325,6 +1487,9 @@ impl KafkaMirrorLog {
 #[async_trait]
 impl MirrorLog for KafkaMirrorLog {
     async fn tail(&self, origin: &str, partition: i32) -> Result<Option<i64>, LogError> {
+        // The writer first: once it is started, no earlier writer can add anything, and
+        // the tail read below sees every committed append.
+        self.claim(origin, partition).await?;
         let topic = mirror_topic(origin);
         let what = format!("reading the tail of {topic}/{partition}");
         let t = topic.clone();
@@ -1356,20 +1521,7 @@ impl MirrorLog for KafkaMirrorLog {
         if records.is_empty() {
             return Ok(());
         }
-        let producer = self.current()?;
-        let result = self
-            .append_with(&producer, origin, partition, records)
-            .await;
-        if result.is_err() {
-            if let Some((code, reason)) = producer.client().fatal_error() {
-                tracing::warn!(origin, partition, %code, reason, "mirror producer is fatal; the next append builds a new one");
-            }
-        }
-        // The last handle of a replaced producer is dropped off the runtime.
-        if let Some(last) = Arc::into_inner(producer) {
-            drop_off_runtime(last);
-        }
-        result
+        self.append_in_transaction(origin, partition, records).await
     }
 }
 
