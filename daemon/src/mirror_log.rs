@@ -1177,6 +1177,19 @@ fn build_producer(config: &ClientConfig) -> Result<Prod, String> {
         .map_err(|e| format!("cannot create the mirror producer: {e}"))
 }
 
+/// How an append's transaction ended.
+enum TransactionEnd {
+    Committed,
+    /// The records failed (the append's error) and the transaction was aborted.
+    Aborted(LogError),
+    /// Committing or aborting failed.
+    Failed {
+        step: &'static str,
+        error: KafkaError,
+        append: Option<LogError>,
+    },
+}
+
 /// One append's delivery results, in record order.
 #[derive(Default)]
 struct Outcome {
@@ -1300,25 +1313,38 @@ impl KafkaMirrorLog {
         let appended = self.append_with(&writer, origin, partition, records).await;
         let w = Arc::clone(&writer);
         let ended = tokio::task::spawn_blocking(move || match appended {
-            Ok(()) => w
-                .commit_transaction(COMMIT_TIMEOUT)
-                .map_err(|e| ("commit", e, None)),
+            Ok(()) => match w.commit_transaction(COMMIT_TIMEOUT) {
+                Ok(()) => TransactionEnd::Committed,
+                Err(error) => TransactionEnd::Failed {
+                    step: "commit",
+                    error,
+                    append: None,
+                },
+            },
             Err(failed) => match w.abort_transaction(ABORT_TIMEOUT) {
-                Ok(()) => Err(("append", KafkaError::Canceled, Some(failed))),
-                Err(e) => Err(("abort", e, Some(failed))),
+                Ok(()) => TransactionEnd::Aborted(failed),
+                Err(error) => TransactionEnd::Failed {
+                    step: "abort",
+                    error,
+                    append: Some(failed),
+                },
             },
         })
         .await
         .map_err(|e| LogError::Unavailable(format!("mirror transaction task: {e}")))?;
         match ended {
-            Ok(()) => Ok(()),
+            TransactionEnd::Committed => Ok(()),
             // The records failed and the transaction was aborted: nothing of it is visible.
-            Err((_, KafkaError::Canceled, Some(failed))) => Err(failed),
-            Err((step, e, failed)) => {
+            TransactionEnd::Aborted(failed) => Err(failed),
+            TransactionEnd::Failed {
+                step,
+                error,
+                append,
+            } => {
                 // A fenced writer says so, whatever else failed with it.
                 match (
-                    self.transaction_failed(origin, partition, &writer, step, &e),
-                    failed,
+                    self.transaction_failed(origin, partition, &writer, step, &error),
+                    append,
                 ) {
                     (fenced @ LogError::Other(_), _) => Err(fenced),
                     (_, Some(failed)) => Err(failed),
