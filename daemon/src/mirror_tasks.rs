@@ -1,7 +1,7 @@
 //! Who runs which mirror task in the receiving region.
 //!
 //! A region mirrors partition p of origin O's local topic into partition p of its mirror
-//! topic `dtfed.mirror.<O>` (see `DESIGN.md`, "Mirroring between regions"). Exactly one
+//! topic `dtfed.mirror.<O>` (see `docs/ARCHITECTURE.md`, "Federation: the mirror flow"). Exactly one
 //! daemon of the region should write a given mirror partition, and a dead daemon's
 //! partitions should move. Kafka's group membership gives that for free: the region's
 //! daemons join a consumer group of their own over the mirror topics (not the fan-out
@@ -68,8 +68,11 @@
 //!   an origin offset lower than one before it; they cannot lose any (each writer writes a
 //!   contiguous run starting at or below the tail it read plus one). Readers of mirror
 //!   topics therefore key on the origin offset: the fan-out's bus apply is idempotent per
-//!   (room, origin, origin offset). Only Kafka transactions with a fencing
-//!   `transactional.id` per mirror partition would close this window; they are not used.
+//!   (room, origin, origin offset). This window is closed below the lease, in
+//!   the mirror log: every append is a Kafka transaction of the mirror partition's own
+//!   `transactional.id`, and a task's tail read fences every earlier writer of it (see
+//!   `mirror_log`, *One writer per mirror partition*), so the expelled daemon's appends
+//!   are refused and nothing is written twice.
 //! - **A task that will not stop.** The revocation waits for it (logging every
 //!   [`STOP_WAIT_LOG_EVERY`]); if it takes longer than `max.poll.interval.ms`
 //!   ([`MAX_POLL_INTERVAL_MS`]) librdkafka considers this daemon stuck and leaves the
