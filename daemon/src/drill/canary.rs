@@ -23,8 +23,14 @@ use super::checker::Checker;
 
 /// Pause between two connection attempts.
 const RETRY: Duration = Duration::from_millis(250);
-/// A connection attempt, or a `sub` waiting for `synced`, that takes longer has failed.
+/// A connection attempt that takes longer has failed.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Subscribing every room may take this long, plus [`SYNC_PER_ROOM`] per room.
+const SYNC_BASE: Duration = Duration::from_secs(5);
+const SYNC_PER_ROOM: Duration = Duration::from_millis(50);
+/// How long the first connection may take to succeed (the federation may still be
+/// settling when a drill starts).
+const FIRST_CONNECT: Duration = Duration::from_secs(60);
 
 /// What a canary reports when it stops.
 #[derive(Debug, Default)]
@@ -64,21 +70,31 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 impl Canary {
-    /// Connects and subscribes; resolves when every room is synced the first time (so the
-    /// drill can start publishing), then keeps running in the returned task.
+    /// Connects and subscribes; resolves when every room is synced the first time, then
+    /// keeps running in the returned task, which publishes once `go` is cancelled (when
+    /// every canary is subscribed: a message published before a canary subscribed would
+    /// never reach it, and count as lost).
     pub async fn start(
         self,
+        go: CancellationToken,
         publishing: CancellationToken,
         stop: CancellationToken,
     ) -> anyhow::Result<tokio::task::JoinHandle<CanaryReport>> {
         let mut cursors: HashMap<String, Value> = HashMap::new();
         let mut url_idx = 0;
-        let ws = self
-            .connect_and_sync(&mut url_idx, &mut cursors)
-            .await
-            .map_err(|e| anyhow::anyhow!("canary {}: {e:#}", self.name))?;
+        let started = Instant::now();
+        let ws = loop {
+            match self.connect_and_sync(&mut url_idx, &mut cursors).await {
+                Ok(ws) => break ws,
+                Err(e) if started.elapsed() < FIRST_CONNECT => {
+                    tracing::info!(canary = %self.name, error = %e, "not connected yet; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(e) => anyhow::bail!("canary {}: {e:#}", self.name),
+            }
+        };
         Ok(tokio::spawn(
-            self.run(ws, url_idx, cursors, publishing, stop),
+            self.run(ws, url_idx, cursors, go, publishing, stop),
         ))
     }
 
@@ -87,6 +103,7 @@ impl Canary {
         mut ws: Ws,
         mut url_idx: usize,
         mut cursors: HashMap<String, Value>,
+        go: CancellationToken,
         publishing: CancellationToken,
         stop: CancellationToken,
     ) -> CanaryReport {
@@ -94,6 +111,11 @@ impl Canary {
             name: self.name.clone(),
             ..CanaryReport::default()
         };
+        // Nobody publishes before every canary listens (no frames arrive meanwhile).
+        tokio::select! {
+            () = go.cancelled() => {}
+            () = stop.cancelled() => {}
+        }
         let period = Duration::from_secs_f64(1.0 / self.rate.max(0.1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,7 +207,8 @@ impl Canary {
         }
         let mut waiting: std::collections::HashSet<&str> =
             self.rooms.iter().map(String::as_str).collect();
-        let deadline = Instant::now() + STEP_TIMEOUT;
+        let sync_for = SYNC_BASE + SYNC_PER_ROOM * self.rooms.len() as u32;
+        let deadline = Instant::now() + sync_for;
         let mut unused = HashMap::new();
         let mut report = CanaryReport::default();
         while !waiting.is_empty() {

@@ -78,6 +78,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<bool> {
     let epoch = Instant::now();
     let checker = Arc::new(Mutex::new(Checker::new()));
     let in_flight = Arc::new(AtomicI64::new(0));
+    let go = CancellationToken::new();
     let publishing = CancellationToken::new();
     let stop = CancellationToken::new();
     println!(
@@ -116,8 +117,13 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<bool> {
             checker: checker.clone(),
             in_flight: in_flight.clone(),
         };
-        tasks.push(canary.start(publishing.clone(), stop.clone()).await?);
+        tasks.push(
+            canary
+                .start(go.clone(), publishing.clone(), stop.clone())
+                .await?,
+        );
     }
+    go.cancel();
 
     let at = |frac: f64| Duration::from_secs_f64(args.duration * frac);
     let ms = |d: Instant| d.duration_since(epoch).as_millis() as u64;

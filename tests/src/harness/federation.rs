@@ -377,8 +377,9 @@ impl DrillProcess {
             .arg("--json")
             .args(args)
             .env("NO_COLOR", "1")
+            .env("DTFED_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(Stdio::piped());
         Ok(DrillProcess {
             proc: spawn(cmd, "dtfed drill")?,
         })
@@ -386,7 +387,16 @@ impl DrillProcess {
 
     /// Waits up to `timeout` for it to end, and reads its report.
     pub fn finish(mut self, timeout: Duration) -> Result<DrillOutcome> {
-        // Read stdout on a thread, so a chatty drill cannot block on a full pipe.
+        // Read stdout and stderr on threads, so a chatty drill cannot block on a full pipe.
+        let err = self.proc.take_stderr().context("the drill's stderr")?;
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
         let out = self.proc.take_stdout().context("the drill's stdout")?;
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
@@ -400,9 +410,16 @@ impl DrillProcess {
             .proc
             .wait_timeout(timeout)?
             .with_context(|| format!("dtfed drill still running after {timeout:?}"))?;
-        let output = reader
+        let mut output = reader
             .join()
             .map_err(|_| anyhow::anyhow!("the drill's output reader panicked"))?;
+        let errors = errors
+            .join()
+            .map_err(|_| anyhow::anyhow!("the drill's error reader panicked"))?;
+        if !errors.is_empty() {
+            output.push_str("--- stderr ---\n");
+            output.push_str(&errors);
+        }
         let last = output
             .lines()
             .rev()

@@ -118,6 +118,11 @@ impl ChildProc {
         self.child.stdout.take()
     }
 
+    /// Take the child's stderr, if it was piped.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
     /// Exit status if it has exited (reaps it), `None` while it runs.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
