@@ -306,6 +306,45 @@ async fn a_region_down_drill_on_local_regions_loses_nothing() -> Result<()> {
         ),
         "{out}"
     );
+
+    // Then one daemon killed (the topology's `kill`, SIGKILL) and started again (`start`):
+    // seoul's canary moves to seoul's other daemon.
+    let env: Vec<(String, String)> = regions.env.clone();
+    let fault = format!("daemon-kill:{seoul}");
+    let topology = dir.path().join("topology.toml");
+    let outcome = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        DrillProcess::start_with_env(
+            &topology,
+            &[
+                "--fault",
+                &fault,
+                "--rooms",
+                "10",
+                "--rate",
+                "40",
+                "--duration",
+                "15",
+                "--converge-timeout",
+                "60",
+            ],
+            &env,
+        )?
+        .finish(Duration::from_secs(240))
+    })
+    .await??;
+    let out = &outcome.output;
+    assert_eq!(outcome.exit_code, 0, "{out}");
+    for key in ["lost", "duplicated", "reordered"] {
+        assert_eq!(outcome.report[key], 0, "{key}: {out}");
+    }
+    let canary = &outcome.report["canaries"][0];
+    assert!(
+        canary["last_url"]
+            .as_str()
+            .is_some_and(|u| u.contains(&format!(":{}/", sb + 20))),
+        "seoul's canary should be on seoul's second daemon: {out}"
+    );
     drop(regions);
     Ok(())
 }
