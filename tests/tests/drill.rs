@@ -60,10 +60,10 @@ async fn a_link_pause_drill_on_the_demo_loses_nothing() -> Result<()> {
         exit_code: code,
         report,
         output: out,
-    } = tokio::task::spawn_blocking(move || drill(&topology, "link-pause:tokyo")).await??;
+    } = tokio::task::spawn_blocking(move || drill(&topology, "link-pause:tokyo,seoul")).await??;
     assert_eq!(code, 0, "{out}");
     assert_eq!(report["verdict"], "pass", "{out}");
-    assert_eq!(report["fault"], "link-pause:tokyo");
+    assert_eq!(report["fault"], "link-pause:tokyo,seoul");
     assert!(report["acked"].as_u64().unwrap_or(0) >= 100, "{out}");
     for key in ["lost", "duplicated", "reordered", "gaps"] {
         assert_eq!(report[key], 0, "{key}: {out}");

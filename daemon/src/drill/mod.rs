@@ -33,8 +33,9 @@ pub struct DrillArgs {
     /// The regions: WebSocket and admin URLs, tokens, stop/start/kill commands.
     #[arg(long)]
     pub topology: PathBuf,
-    /// link-pause[:REGION], region-down[:REGION], daemon-kill[:REGION],
-    /// daemon-drain[:REGION] or none (REGION: the first of the topology by default).
+    /// link-pause[:REGION[,PEER]], region-down[:REGION], daemon-kill[:REGION],
+    /// daemon-drain[:REGION] or none (REGION: the first of the topology by default; with
+    /// PEER, link-pause pauses only the link between the two).
     #[arg(long, default_value = "link-pause")]
     pub fault: String,
     /// Rooms the canaries use (fresh ones every run).
