@@ -172,42 +172,46 @@ impl Session {
         let closing = closing_token.cancelled();
         let ping_every = Duration::from_millis(self.gw.cfg.ping_interval_ms);
         let idle_after = Duration::from_millis(self.gw.cfg.idle_timeout_ms);
-        let mut pings =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Re-armed lazily: a frame only stamps `heard`; when the timer fires, it either moves
-        // to `heard + idle_after` or closes the connection.
-        let mut heard = tokio::time::Instant::now();
-        let idle = tokio::time::sleep_until(heard + idle_after);
-        let expired = token_expiry(self.player.expires_at);
-        tokio::pin!(slow, closing, idle, expired);
+        // One timer for pings, the idle close and the token's expiry (an idle connection
+        // pays for one, not three), re-armed lazily: a frame only stamps `heard`; when the
+        // timer fires it does what is due and moves to the next deadline.
+        let start = tokio::time::Instant::now();
+        let mut heard = start;
+        let mut next_ping = start + ping_every;
+        let expires = token_deadline(self.player.expires_at);
+        let deadline = |heard: tokio::time::Instant, next_ping: tokio::time::Instant| {
+            let d = next_ping.min(heard + idle_after);
+            expires.map_or(d, |e| d.min(e))
+        };
+        let liveness = tokio::time::sleep_until(deadline(heard, next_ping));
+        tokio::pin!(slow, closing, liveness);
         loop {
             tokio::select! {
                 biased;
                 _ = &mut slow => return Err(End::Close(CLOSE_SLOW_READER, "slow reader: outbound queue full")),
                 _ = &mut closing => return Ok(End::Close(CLOSE_GOING_AWAY, "server shutting down")),
-                _ = &mut expired => {
-                    self.gw.metrics.closed("token_expired");
-                    return Err(End::Close(CLOSE_POLICY, "token expired"));
-                }
-                _ = &mut idle => {
+                _ = &mut liveness => {
                     let now = tokio::time::Instant::now();
-                    if heard + idle_after > now {
-                        idle.as_mut().reset(heard + idle_after);
-                        continue;
+                    if expires.is_some_and(|e| now >= e) {
+                        self.gw.metrics.closed("token_expired");
+                        return Err(End::Close(CLOSE_POLICY, "token expired"));
                     }
-                    // Not reading (publishes in flight at the limit) is our silence, not theirs.
-                    if self.pending.len() >= MAX_IN_FLIGHT {
-                        idle.as_mut().reset(now + idle_after);
-                        continue;
+                    if heard + idle_after <= now {
+                        // Not reading (publishes in flight at the limit) is our silence, not
+                        // theirs.
+                        if self.pending.len() < MAX_IN_FLIGHT {
+                            self.gw.metrics.closed("idle");
+                            return Err(End::Close(CLOSE_IDLE, "idle: nothing received within the idle timeout"));
+                        }
+                        heard = now;
                     }
-                    self.gw.metrics.closed("idle");
-                    return Err(End::Close(CLOSE_IDLE, "idle: nothing received within the idle timeout"));
-                }
-                _ = pings.tick() => {
-                    let fed = within_write_timeout(self.socket.feed(Message::Ping(Default::default()))).await;
-                    self.write_outcome(fed)?;
-                    self.unflushed = true;
+                    if now >= next_ping {
+                        let fed = within_write_timeout(self.socket.feed(Message::Ping(Default::default()))).await;
+                        self.write_outcome(fed)?;
+                        self.unflushed = true;
+                        next_ping = now + ping_every;
+                    }
+                    liveness.as_mut().reset(deadline(heard, next_ping));
                 }
                 Some(ack) = self.pending.next(), if !self.pending.is_empty() => {
                     self.acked(ack).await?;
@@ -692,17 +696,13 @@ where
     tokio::time::timeout(WRITE_TIMEOUT, write).await
 }
 
-/// Fires when the player's token expires; never without one.
-async fn token_expiry(expires_at: Option<std::time::SystemTime>) {
-    match expires_at {
-        Some(at) => {
-            let left = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(left).await;
-        }
-        None => std::future::pending().await,
-    }
+/// When the player's token expires, on the runtime's clock; `None` without one.
+fn token_deadline(expires_at: Option<std::time::SystemTime>) -> Option<tokio::time::Instant> {
+    let at = expires_at?;
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Some(tokio::time::Instant::now() + left)
 }
 
 fn now_ms() -> i64 {
