@@ -188,6 +188,42 @@ impl LocalRegions {
     }
 }
 
+impl LocalRegions {
+    /// Runs a drill with `fault` over these regions (10 rooms, 40 msg/s, `secs` seconds),
+    /// with their environment (the topology's commands run `region.sh`), and checks that
+    /// it passed: nothing lost, duplicated or reordered.
+    async fn drill(&self, topology: &Path, fault: &str, secs: u32) -> Result<DrillOutcome> {
+        let env = self.env.clone();
+        let (topology, fault) = (topology.to_owned(), fault.to_owned());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let secs = secs.to_string();
+            let args = [
+                "--fault",
+                &fault,
+                "--rooms",
+                "10",
+                "--rate",
+                "40",
+                "--duration",
+                &secs,
+                "--converge-timeout",
+                "60",
+            ];
+            DrillProcess::start_with_env(&topology, &args, &env)?.finish(Duration::from_secs(240))
+        })
+        .await??;
+        let out = &outcome.output;
+        assert_eq!(outcome.exit_code, 0, "{out}");
+        assert_eq!(outcome.report["verdict"], "pass", "{out}");
+        for key in ["lost", "duplicated", "reordered"] {
+            assert_eq!(outcome.report[key], 0, "{key}: {out}");
+        }
+        Ok(outcome)
+    }
+}
+
 impl Drop for LocalRegions {
     fn drop(&mut self) {
         for name in &self.names {
@@ -263,35 +299,10 @@ async fn a_region_down_drill_on_local_regions_loses_nothing() -> Result<()> {
     let listing = regions.region_sh(&["topology", &seoul, &tokyo])?;
     std::fs::write(&topology, &listing.stdout)?;
 
-    let env: Vec<(String, String)> = regions.env.clone();
-    let fault = format!("region-down:{seoul}");
-    let outcome = tokio::task::spawn_blocking(move || {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        DrillProcess::start_with_env(
-            &topology,
-            &[
-                "--fault",
-                &fault,
-                "--rooms",
-                "10",
-                "--rate",
-                "40",
-                "--duration",
-                "20",
-                "--converge-timeout",
-                "60",
-            ],
-            &env,
-        )?
-        .finish(Duration::from_secs(240))
-    })
-    .await??;
+    let outcome = regions
+        .drill(&topology, &format!("region-down:{seoul}"), 20)
+        .await?;
     let out = &outcome.output;
-    assert_eq!(outcome.exit_code, 0, "{out}");
-    assert_eq!(outcome.report["verdict"], "pass", "{out}");
-    for key in ["lost", "duplicated", "reordered"] {
-        assert_eq!(outcome.report[key], 0, "{key}: {out}");
-    }
     // seoul's canary moved to tokyo when its region went down.
     let canary = &outcome.report["canaries"][0];
     assert!(
@@ -309,35 +320,10 @@ async fn a_region_down_drill_on_local_regions_loses_nothing() -> Result<()> {
 
     // Then one daemon killed (the topology's `kill`, SIGKILL) and started again (`start`):
     // seoul's canary moves to seoul's other daemon.
-    let env: Vec<(String, String)> = regions.env.clone();
-    let fault = format!("daemon-kill:{seoul}");
-    let topology = dir.path().join("topology.toml");
-    let outcome = tokio::task::spawn_blocking(move || {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        DrillProcess::start_with_env(
-            &topology,
-            &[
-                "--fault",
-                &fault,
-                "--rooms",
-                "10",
-                "--rate",
-                "40",
-                "--duration",
-                "15",
-                "--converge-timeout",
-                "60",
-            ],
-            &env,
-        )?
-        .finish(Duration::from_secs(240))
-    })
-    .await??;
+    let outcome = regions
+        .drill(&topology, &format!("daemon-kill:{seoul}"), 15)
+        .await?;
     let out = &outcome.output;
-    assert_eq!(outcome.exit_code, 0, "{out}");
-    for key in ["lost", "duplicated", "reordered"] {
-        assert_eq!(outcome.report[key], 0, "{key}: {out}");
-    }
     let canary = &outcome.report["canaries"][0];
     assert!(
         canary["last_url"]

@@ -5,13 +5,14 @@
 //! and a cursor that resumes in any region.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dtfed_regions::{WanProfile, WanRelay};
+use dtfed_tests::harness::federation::{free_udp_port, make_certs};
 use dtfed_tests::{ConfigBuilder, DtfedProcess, KafkaBroker, RedisServer, TestDir, WsClient};
 use serde_json::{json, Value};
 
@@ -23,33 +24,6 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 const PARTITIONS: i64 = 4;
 /// The admin token of every region (drills and /status need it).
 const DRILL_TOKEN: &str = "drill-token-0123456789";
-
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Makes the federation CA and one certificate per region with the `dtfed certs` CLI.
-fn make_certs(dir: &Path, regions: &[&str]) -> Result<()> {
-    let bin = DtfedProcess::binary()?;
-    let run = |args: &[&str]| -> Result<()> {
-        let out = Command::new(&bin)
-            .args(args)
-            .output()
-            .context("running dtfed certs")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "dtfed {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let d = dir.to_str().context("utf-8 dir")?;
-    run(&["certs", "init", "--dir", d])?;
-    for r in regions {
-        run(&["certs", "issue", "--dir", d, "--region", r])?;
-    }
-    Ok(())
-}
 
 /// One region of a test: its own Kafka, Redis, config, and QUIC port.
 struct Region {

@@ -198,7 +198,8 @@ impl Federation {
     }
 }
 
-fn free_udp_port() -> Result<u16> {
+/// A free UDP port on loopback (for a QUIC listener).
+pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
