@@ -81,8 +81,7 @@ fn federation(
                 .kafka(&kafka.bootstrap())
                 .redis(&redis.url())
                 .partitions(PARTITIONS)
-                .set("client", "publish_rate_per_sec", 100_000)
-                .set("client", "publish_burst", 100_000)
+                .unthrottled()
                 .set("kafka", "session_timeout_ms", 4000)
                 .admin_token(DRILL_TOKEN),
             quic_ports: (0..daemons)

@@ -79,9 +79,7 @@ fn owns(d: &DtfedProcess, p: i64) -> bool {
 
 /// A region's config on the shared broker and Redis, with publish limits out of the way.
 fn shared_cfg(test: &str) -> Result<ConfigBuilder> {
-    Ok(ConfigBuilder::shared(test, "seoul")?
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000))
+    Ok(ConfigBuilder::shared(test, "seoul")?.unthrottled())
 }
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
@@ -331,8 +329,7 @@ async fn kafka_down_means_unavailable_then_publishes_recover() -> Result<()> {
     })
     .await??;
     let cfg = ConfigBuilder::new("kafka-down", "seoul")
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000)
+        .unthrottled()
         .kafka(&kafka.bootstrap())
         .redis(&redis.url())
         .partitions(1)
@@ -398,8 +395,7 @@ async fn kafka_down_means_unavailable_then_publishes_recover() -> Result<()> {
 async fn redis_restart_players_miss_nothing() -> Result<()> {
     let redis = tokio::task::spawn_blocking(RedisServer::start).await??;
     let cfg = ConfigBuilder::new("redis-restart", "seoul")
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000)
+        .unthrottled()
         .kafka(
             &tokio::task::spawn_blocking(|| KafkaBroker::shared().map(|k| k.bootstrap())).await??,
         )

@@ -13,9 +13,7 @@ const T: Duration = Duration::from_secs(20);
 
 /// A region's config on the shared broker and Redis, with publish limits out of the way.
 fn shared_cfg(test: &str) -> Result<ConfigBuilder> {
-    Ok(ConfigBuilder::shared(test, "seoul")?
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000))
+    Ok(ConfigBuilder::shared(test, "seoul")?.unthrottled())
 }
 
 async fn start(cfg: ConfigBuilder) -> Result<DtfedProcess> {
@@ -140,8 +138,7 @@ async fn resume_after_redis_lost_its_data_reads_the_log() -> Result<()> {
     let kafka =
         tokio::task::spawn_blocking(|| KafkaBroker::shared().map(|k| k.bootstrap())).await??;
     let cfg = ConfigBuilder::new("redis-lost", "seoul")
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000)
+        .unthrottled()
         .kafka(&kafka)
         .redis(&redis.url())
         .partitions(1);
@@ -298,8 +295,7 @@ async fn unreadable_log_means_unavailable_not_gap() -> Result<()> {
     })
     .await??;
     let cfg = ConfigBuilder::new("log-busy", "seoul")
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000)
+        .unthrottled()
         .kafka(&kafka.bootstrap())
         .redis(&redis.url())
         .partitions(1)
@@ -449,8 +445,7 @@ async fn publish_with_unknown_outcome_retried_is_stored_once() -> Result<()> {
     })
     .await??;
     let cfg = ConfigBuilder::new("unknown-outcome", "seoul")
-        .set("client", "publish_rate_per_sec", 100_000)
-        .set("client", "publish_burst", 100_000)
+        .unthrottled()
         .kafka(&kafka.bootstrap())
         .redis(&redis.url())
         .partitions(1)

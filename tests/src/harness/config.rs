@@ -102,6 +102,13 @@ impl ConfigBuilder {
         self.set("kafka", "partitions", partitions)
     }
 
+    /// No practical per-connection publish limit (`client.publish_rate_per_sec` and
+    /// `client.publish_burst` 100,000): for tests that publish as fast as they can.
+    pub fn unthrottled(self) -> Self {
+        self.set("client", "publish_rate_per_sec", 100_000)
+            .set("client", "publish_burst", 100_000)
+    }
+
     /// `client.auth = "jwt"` with `client.jwt_secret`.
     pub fn auth_jwt(self, secret: &str) -> Self {
         self.set("client", "auth", "jwt")
