@@ -21,9 +21,6 @@ use crate::node::{Node, NodeOptions};
 /// Partitions of every demo region's local topic.
 const DEMO_PARTITIONS: i32 = 4;
 
-/// The chat page served at `/` in the demo.
-pub const CHAT_PAGE: &str = include_str!("demo/chat.html");
-
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     /// Regions to run, comma separated.

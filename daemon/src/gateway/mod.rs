@@ -15,6 +15,7 @@
 //! lets the kernel drop a peer that vanished without a FIN.
 
 pub mod auth;
+pub mod chat_page;
 pub mod limits;
 pub mod publish;
 pub mod read_error;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +160,7 @@ impl Gateway {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/ws", get(upgrade))
-            .route("/", get(chat_page))
+            .route("/", get(chat_page::serve))
             .with_state(self.clone())
     }
 }
@@ -254,13 +255,5 @@ struct ConnectionSlot(Arc<Gateway>);
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-async fn chat_page(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.chat_page {
-        Html(crate::demo::CHAT_PAGE).into_response()
-    } else {
-        (StatusCode::NOT_FOUND, "dtfed: WebSocket endpoint is /ws\n").into_response()
     }
 }
