@@ -7,9 +7,12 @@
 #   deploy/test.sh --deps-only             # only install / fetch (used by .ci/run)
 #
 # Installs with apt-get (as root, only what is missing): redis-server, cmake,
-# build-essential, a JDK 17, Maven, python3. Then `deploy/kafka.sh fetch` (Kafka 4.3.1
-# from Maven Central, cached in ~/.cache/dtfed), `cargo build --workspace --all-targets`
-# (the integration tests run the built `dtfed` binary), and `cargo test`.
+# build-essential, a JDK 17, Maven, python3, Node.js with npm, chromium. Then
+# `deploy/kafka.sh fetch` (Kafka 4.3.1 from Maven Central, cached in ~/.cache/dtfed),
+# `npm ci` in every Node package the tests use (`clients/js`, `tests/node/*`: real client
+# libraries and a real browser driven by puppeteer-core, never a downloaded one),
+# `cargo build --workspace --all-targets` (the integration tests run the built `dtfed`
+# binary), and `cargo test`.
 #
 # Tests run with --test-threads=${DTFED_TEST_THREADS:-2}: integration tests start real
 # Kafka/Redis/dtfed processes and this is a 2-core machine. Runnable again and again.
@@ -32,6 +35,9 @@ install_missing() {
     command -v java >/dev/null || pkgs+=(openjdk-17-jdk-headless)
     command -v mvn >/dev/null || pkgs+=(maven)
     command -v python3 >/dev/null || pkgs+=(python3)
+    command -v node >/dev/null || pkgs+=(nodejs)
+    command -v npm >/dev/null || pkgs+=(npm)
+    command -v chromium >/dev/null || pkgs+=(chromium)
     ((${#pkgs[@]})) || return 0
     if [[ $(id -u) -ne 0 ]]; then
         die "missing tools: ${pkgs[*]}; install them with: sudo apt-get install -y ${pkgs[*]}"
@@ -54,6 +60,21 @@ install_missing() {
     ((rc == 0)) || die "apt-get install ${pkgs[*]} failed (exit $rc)"
 }
 
+# `npm ci` where a package-lock.json is, unless node_modules already matches it.
+install_node_packages() {
+    local lock dir
+    for lock in clients/js/package-lock.json tests/node/*/package-lock.json; do
+        [[ -f $lock ]] || continue
+        dir=$(dirname "$lock")
+        if [[ -f $dir/node_modules/.package-lock.json && $dir/node_modules/.package-lock.json -nt $lock ]]; then
+            continue
+        fi
+        log "npm ci in $dir"
+        (cd "$dir" && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) ||
+            die "npm ci in $dir failed"
+    done
+}
+
 t0=$SECONDS
 deps_only=""
 args=()
@@ -64,6 +85,7 @@ done
 install_missing
 log "Kafka: deploy/kafka.sh fetch"
 bash deploy/kafka.sh fetch
+install_node_packages
 [[ -n $deps_only ]] && exit 0
 
 # Split our args: cargo's, then the test binaries' (after --).
