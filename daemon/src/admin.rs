@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::fanout::{FanoutOwner, FanoutStatus};
-use crate::federation::{Federation, LinkView, MirrorView};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::mirror::{Federation, LinkView, MirrorView};
 
 /// What the admin endpoints look at.
 pub struct AdminState {

@@ -71,9 +71,10 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, BusError};
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, TracingContext};
+use crate::kafka::settings::consumer_config;
+use crate::kafka::TracingContext;
 use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
-use crate::mirror_log::MIRROR_TOPIC_PREFIX;
+use crate::mirror::MIRROR_TOPIC_PREFIX;
 
 /// One partition this daemon owns, for `/status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -292,27 +293,6 @@ impl std::fmt::Debug for FanoutOwner {
             .field("region", &self.shared.region)
             .finish()
     }
-}
-
-/// The consumer settings, on top of [`client_config`]; see the module docs for why.
-pub fn consumer_config(cfg: &KafkaConfig, region: &str, node: &str) -> rdkafka::ClientConfig {
-    let mut c = client_config(cfg, region, node);
-    let session = cfg.session_timeout_ms;
-    c.set("group.id", format!("{}.{region}", cfg.fanout_group))
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "500")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", session.to_string())
-        .set(
-            "heartbeat.interval.ms",
-            (session / 3).clamp(100, 1000).to_string(),
-        )
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("fetch.wait.max.ms", "10")
-        .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "1000");
-    c
 }
 
 impl FanoutOwner {

@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dtfed::append::{producer_config, KafkaAppender};
+use dtfed::append::KafkaAppender;
 use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
 use dtfed::config::KafkaConfig;
 use dtfed::fanout::FanoutOwner;
+use dtfed::kafka::settings::producer_config;
 use dtfed::kafka::{ensure_topic, partition_for};
 use dtfed::metrics::Metrics;
 use dtfed::replay::RoomLogReader;

@@ -1,4 +1,4 @@
-//! The Kafka mirror logs (`dtfed::mirror_log`) against librdkafka's mock cluster, and the
+//! The Kafka mirror logs (`dtfed::mirror::{origin, sink}`, `dtfed::replay::remote`) against librdkafka's mock cluster, and the
 //! same checks (plus what the mock cannot do: DeleteRecords, transaction markers) against
 //! a real broker, ignored by default:
 //!
@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use dtfed::append::KafkaAppender;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::{ensure_topic, partition_for, MockKafka};
-use dtfed::mirror_log::{
-    ensure_mirror_topic, mirror_topic, KafkaMirrorLog, KafkaOriginLog, MirrorRoomReader,
-    OriginReaderTuning,
-};
-use dtfed::replay::ReadLimit;
+use dtfed::mirror::mirror_topic;
+use dtfed::mirror::origin::{KafkaOriginLog, OriginReaderTuning};
+use dtfed::mirror::sink::{ensure_mirror_topic, KafkaMirrorLog};
+use dtfed::replay::{MirrorRoomReader, ReadLimit};
 use dtfed_proto::client::Body;
 use dtfed_proto::link::codec::record_len_bound;
 use dtfed_proto::link::LinkRecord;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::MockKafka;
-use dtfed::mirror_tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
+use dtfed::mirror::tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
 use tokio_util::sync::CancellationToken;
 
 fn init_tracing() {

@@ -40,10 +40,10 @@ use tokio_util::task::TaskTracker;
 use crate::append::KafkaAppender;
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
+use crate::replay::MirrorReplay;
 use crate::replay::RoomLogReader;
 use crate::rooms::LocalRooms;
 use auth::Authenticator;
-use resume::MirrorReplay;
 
 /// A connection's read buffer. Players' frames are a few hundred bytes; a larger one grows
 /// the buffer as far as it needs (up to the frame limit). Every connection touches this
