@@ -47,6 +47,7 @@
 //! - Offsets are committed by librdkafka's auto-commit every 500 ms (from the stored
 //!   offsets only), synchronously before any partition is revoked, and at shutdown.
 
+use dtfed_proto::record::now_ms;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +58,7 @@ use dtfed_proto::room::valid_region_name;
 use dtfed_proto::{LogRecord, RoomId};
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -71,7 +72,7 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, BusError};
 use crate::config::KafkaConfig;
-use crate::kafka::settings::consumer_config;
+use crate::kafka::settings::fanout_consumer_config;
 use crate::kafka::TracingContext;
 use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
 use crate::mirror::MIRROR_TOPIC_PREFIX;
@@ -173,13 +174,7 @@ struct OwnerContext {
 }
 
 impl ClientContext for OwnerContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.log.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
+    crate::kafka::log_to_tracing!(log);
 
     fn stats(&self, stats: Statistics) {
         let mut owned = self.shared.owned();
@@ -329,7 +324,7 @@ impl FanoutOwner {
             skipped: AtomicU64::new(0),
             metrics,
         });
-        let config = consumer_config(cfg, region, node);
+        let config = fanout_consumer_config(cfg, region, node);
         let ctx = OwnerContext {
             log: TracingContext::for_config(&config),
             shared: Arc::clone(&shared),
@@ -786,13 +781,6 @@ impl Run {
             tracing::error!(error = %e, "fan-out: closing the consumer failed");
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {

@@ -116,6 +116,22 @@ impl ClientContext for TracingContext {
 
 impl rdkafka::consumer::ConsumerContext for TracingContext {}
 
+/// Inside `impl ClientContext for X`: hands librdkafka's log lines and global errors to the
+/// [`TracingContext`] in field `$field` of a context that adds hooks of its own (statistics,
+/// rebalances).
+macro_rules! log_to_tracing {
+    ($field:ident) => {
+        fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+            self.$field.log(level, fac, log_message);
+        }
+
+        fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+            self.$field.error(error, reason);
+        }
+    };
+}
+pub(crate) use log_to_tracing;
+
 /// A node name for clients created without one: `<hostname>-<pid>`.
 pub fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -176,9 +192,7 @@ pub async fn ensure_topic_within(
         }
         None => false,
     };
-    let mut cc = client_config(cfg, "admin", &default_node_name());
-    // Never let a metadata request auto-create the topic with the broker's defaults.
-    cc.set("allow.auto.create.topics", "false");
+    let cc = settings::admin_config(cfg, "admin", &default_node_name());
     let ctx = TracingContext::for_config(&cc);
     let admin = AdminClient::from_config_and_context(&cc, ctx)
         .map(Arc::new)

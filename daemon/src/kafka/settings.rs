@@ -76,7 +76,11 @@ pub fn producer_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientCon
 }
 
 /// The consumer settings, on top of [`client_config`]; see the module docs for why.
-pub fn consumer_config(cfg: &KafkaConfig, region: &str, node: &str) -> rdkafka::ClientConfig {
+pub fn fanout_consumer_config(
+    cfg: &KafkaConfig,
+    region: &str,
+    node: &str,
+) -> rdkafka::ClientConfig {
     let mut c = client_config(cfg, region, node);
     let session = cfg.session_timeout_ms;
     c.set("group.id", format!("{}.{region}", cfg.fanout_group))
@@ -97,7 +101,7 @@ pub fn consumer_config(cfg: &KafkaConfig, region: &str, node: &str) -> rdkafka::
 }
 
 /// Settings of a replay consumer, on top of [`client_config`].
-pub fn reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+pub fn replay_reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
     let mut c = client_config(cfg, region, &format!("{node}-replay"));
     // librdkafka wants a group.id for a consumer's queue plumbing; this one is never
     // joined (manual assign) and never committed to.
@@ -116,6 +120,25 @@ pub fn reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfi
         // A read needs a bounded range: don't prefetch 64 MB per partition.
         .set("queued.max.messages.kbytes", "8192")
         .set("allow.auto.create.topics", "false");
+    c
+}
+
+/// Settings of a metadata and admin client (partition counts, watermarks, topic creation),
+/// on top of [`client_config`]: `allow.auto.create.topics=false`, so that a metadata request
+/// never creates a topic with the broker's defaults.
+pub fn admin_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = client_config(cfg, region, node);
+    c.set("allow.auto.create.topics", "false");
+    c
+}
+
+/// Settings of the pooled consumers that read mirror partitions (a tail before appending, a
+/// room's records for a replay): [`replay_reader_config`], with smaller fetches
+/// (`max.partition.fetch.bytes` 256 KiB): a probe wants one record, a range read is bounded
+/// anyway.
+pub fn mirror_probe_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = replay_reader_config(cfg, region, &format!("{node}-mirror"));
+    c.set("max.partition.fetch.bytes", "262144");
     c
 }
 
@@ -199,7 +222,7 @@ pub fn mirror_writer_config(
 }
 
 /// The lease consumer's settings, on top of [`client_config`]; see the module docs.
-pub fn lease_config(
+pub fn mirror_lease_config(
     cfg: &KafkaConfig,
     region: &str,
     node: &str,

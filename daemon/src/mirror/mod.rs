@@ -6,6 +6,7 @@
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
 //! owner reads a true tail), then the mirror server, then close the endpoint.
 
+use dtfed_proto::record::now_ms;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -310,11 +311,4 @@ impl Federation {
         self.client.close("region daemon shutting down");
         self.endpoint.close();
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -15,7 +15,7 @@ use dtfed_proto::link::LinkRecord;
 use dtfed_regions::mirror::log::{LogError, OriginBatch, OriginLog, OriginReader};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -24,7 +24,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, default_node_name, KafkaSetupError, TracingContext};
+use crate::kafka::settings::admin_config;
+use crate::kafka::{default_node_name, KafkaSetupError, TracingContext};
 
 use super::lock;
 use crate::kafka::is_transient_consumer_error;
@@ -104,8 +105,7 @@ impl KafkaOriginLog {
         node: &str,
         topic: String,
     ) -> Result<KafkaOriginLog, KafkaSetupError> {
-        let mut cc = client_config(cfg, region, &format!("{node}-mirror-meta"));
-        cc.set("allow.auto.create.topics", "false");
+        let cc = admin_config(cfg, region, &format!("{node}-mirror-meta"));
         let meta = AdminClient::from_config_and_context(&cc, TracingContext::for_config(&cc))
             .map_err(|e| KafkaSetupError::Unreachable {
                 brokers: cfg.brokers.clone(),
@@ -271,13 +271,7 @@ struct ReaderContext {
 }
 
 impl ClientContext for ReaderContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.log.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
+    crate::kafka::log_to_tracing!(log);
 
     fn stats(&self, stats: Statistics) {
         let hi = stats

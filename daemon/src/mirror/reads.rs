@@ -27,7 +27,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::drop_off_runtime;
 use crate::kafka::is_transient_consumer_error;
 use crate::kafka::is_unknown_partition;
-use crate::kafka::settings::reader_config;
+use crate::kafka::settings::mirror_probe_config;
 use crate::kafka::OffRuntime;
 use crate::kafka::TracingContext;
 use crate::mirror::lock;
@@ -204,11 +204,9 @@ pub(crate) struct ProbePool {
 }
 
 impl ProbePool {
-    /// Settings: [`reader_config`] (replay's consumer settings), with smaller fetches: a
-    /// probe wants one record, a range read is bounded anyway.
+    /// Settings: [`mirror_probe_config`].
     pub(crate) fn new(cfg: &KafkaConfig, region: &str, node: &str) -> Result<ProbePool, String> {
-        let mut config = reader_config(cfg, region, &format!("{node}-mirror"));
-        config.set("max.partition.fetch.bytes", "262144");
+        let config = mirror_probe_config(cfg, region, node);
         let first = Self::build(&config)?;
         Ok(ProbePool {
             config,

@@ -96,7 +96,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -107,7 +107,7 @@ use tracing::Instrument;
 
 use super::lock;
 use crate::config::KafkaConfig;
-use crate::kafka::settings::lease_config;
+use crate::kafka::settings::mirror_lease_config;
 use crate::kafka::TracingContext;
 
 /// How long one poll of the lease consumer waits; also how quickly shutdown is noticed.
@@ -352,13 +352,7 @@ struct LeaseContext {
 }
 
 impl ClientContext for LeaseContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.log.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
+    crate::kafka::log_to_tracing!(log);
 }
 
 impl ConsumerContext for LeaseContext {
@@ -516,7 +510,7 @@ impl MirrorTasks {
             joined: AtomicBool::new(false),
             tasks: Mutex::new(BTreeMap::new()),
         });
-        let config = lease_config(cfg, region, node, &group);
+        let config = mirror_lease_config(cfg, region, node, &group);
         let consumer = new_lease(&shared, &config).map_err(MirrorTasksError::Setup)?;
         tracing::info!(region, node, group = %group, topics = %names, "mirror tasks: joining the group");
         let (ended_tx, ended) = tokio::sync::oneshot::channel();

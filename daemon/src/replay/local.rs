@@ -19,7 +19,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::{default_node_name, partition_for, TracingContext};
 
 use crate::kafka::drop_off_runtime;
-use crate::kafka::settings::reader_config;
+use crate::kafka::settings::replay_reader_config;
 use crate::replay::ReadLimit;
 use crate::replay::ReplayError;
 use crate::replay::RoomRead;
@@ -71,7 +71,7 @@ impl RoomLogReader {
                 cfg.local_topic
             )));
         }
-        let config = reader_config(cfg, region, node);
+        let config = replay_reader_config(cfg, region, node);
         // Build one now so a bad configuration fails at start, not at the first resume.
         let first = build(&config)?;
         Ok(RoomLogReader {

@@ -10,9 +10,10 @@
 //! keep everything in memory and can inject faults (fail appends, move retention, make
 //! the log unavailable).
 
+use dtfed_proto::record::now_ms;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dtfed_proto::link::codec::record_len_bound;
@@ -127,13 +128,6 @@ pub trait MirrorLog: Send + Sync + 'static {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
