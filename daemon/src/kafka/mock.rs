@@ -2,14 +2,14 @@
 //! alive on a thread of its own, with the topic creation the mock does not implement.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use crate::kafka::KafkaSetupError;
 use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
+
+use crate::kafka::KafkaSetupError;
 
 /// The mock clusters alive in this process, by bootstrap address, so that
 /// [`ensure_topic`] can create topics on them (the mock does not implement CreateTopics).

@@ -9,6 +9,10 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 
 use crate::config::KafkaConfig;
 
+/// `max.poll.interval.ms` of the lease consumer: the longest a revocation may wait for its
+/// tasks before librdkafka gives the lease up on its own (librdkafka's default).
+pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 /// Settings every dtfed Kafka client shares: where the brokers are, who we are, and how
 /// eagerly to reconnect. Producers, consumers and admin clients add their own on top.
 ///
@@ -242,9 +246,7 @@ pub fn mirror_lease_config(
         )
         .set(
             "max.poll.interval.ms",
-            crate::mirror::tasks::MAX_POLL_INTERVAL_MS
-                .max(session)
-                .to_string(),
+            MAX_POLL_INTERVAL_MS.max(session).to_string(),
         )
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false")

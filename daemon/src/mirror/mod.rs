@@ -6,24 +6,24 @@
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
 //! owner reads a true tail), then the mirror server, then close the endpoint.
 
-use dtfed_proto::record::now_ms;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use dtfed_proto::record::now_ms;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
 use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
 use dtfed_regions::{FederationConfig, PeerRegion, RegionEndpoint, RegionIdentity};
+use origin::KafkaOriginLog;
 use serde::Serialize;
+use sink::{ensure_mirror_topic, KafkaMirrorLog};
+use tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use origin::KafkaOriginLog;
-use sink::{ensure_mirror_topic, KafkaMirrorLog};
-use tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
 
 pub mod origin;
 pub mod reads;

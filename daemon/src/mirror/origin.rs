@@ -23,19 +23,14 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::KafkaConfig;
-use crate::kafka::settings::admin_config;
-use crate::kafka::{default_node_name, KafkaSetupError, TracingContext};
-
 use super::lock;
-use crate::kafka::is_transient_consumer_error;
-use crate::kafka::is_unknown_partition;
-use crate::kafka::settings::origin_reader_config;
-use crate::kafka::OffRuntime;
-use crate::mirror::reads::link_record;
-use crate::mirror::reads::query_until;
-use crate::mirror::reads::Meta;
-use crate::mirror::reads::METADATA_TIMEOUT;
+use crate::config::KafkaConfig;
+use crate::kafka::settings::{admin_config, origin_reader_config};
+use crate::kafka::{
+    default_node_name, is_transient_consumer_error, is_unknown_partition, KafkaSetupError,
+    OffRuntime, TracingContext,
+};
+use crate::mirror::reads::{link_record, query_until, Meta, METADATA_TIMEOUT};
 
 /// Timing of [`KafkaOriginReader::next_batch`](OriginReader::next_batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,14 +24,17 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use crate::config::KafkaConfig;
-use crate::kafka::drop_off_runtime;
-use crate::kafka::is_transient_consumer_error;
-use crate::kafka::is_unknown_partition;
 use crate::kafka::settings::mirror_probe_config;
-use crate::kafka::OffRuntime;
-use crate::kafka::TracingContext;
+use crate::kafka::{
+    drop_off_runtime, is_transient_consumer_error, is_unknown_partition, OffRuntime, TracingContext,
+};
 use crate::mirror::lock;
-use crate::replay::MAX_CONCURRENT_READS;
+
+/// Probe reads that may run at once per pool (a tail or a replay each); the others wait.
+pub const MAX_CONCURRENT_PROBES: usize = 4;
+
+/// Bound on a whole probe read (waiting for a slot included).
+pub const PROBE_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound on one metadata or watermark request (partition count, open, out-of-range check).
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -195,7 +198,7 @@ impl From<ReadError> for LogError {
 }
 
 /// Group-less consumers for short reads of mirror partitions, pooled (each is a librdkafka
-/// instance) and limited to [`MAX_CONCURRENT_READS`] reads at once, each on a blocking
+/// instance) and limited to [`MAX_CONCURRENT_PROBES`] reads at once, each on a blocking
 /// thread, each bounded by a deadline.
 pub(crate) struct ProbePool {
     config: ClientConfig,
@@ -211,7 +214,7 @@ impl ProbePool {
         Ok(ProbePool {
             config,
             idle: Mutex::new(vec![first]),
-            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
         })
     }
 

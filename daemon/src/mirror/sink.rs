@@ -61,15 +61,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
-use crate::kafka::drop_off_runtime;
-use crate::kafka::settings::mirror_producer_config;
-use crate::kafka::settings::mirror_writer_config;
-use crate::kafka::{default_node_name, ensure_topic, KafkaSetupError, TracingContext};
-use crate::mirror::lock;
-use crate::mirror::mirror_topic;
-use crate::mirror::reads::PartitionReads;
-use crate::mirror::reads::ProbePool;
-use crate::replay::READ_TIMEOUT;
+use crate::kafka::settings::{mirror_producer_config, mirror_writer_config};
+use crate::kafka::{
+    default_node_name, drop_off_runtime, ensure_topic, KafkaSetupError, TracingContext,
+};
+use crate::mirror::reads::{PartitionReads, ProbePool, PROBE_READ_TIMEOUT};
+use crate::mirror::{lock, mirror_topic};
 
 /// An append not acknowledged within this time is purged and fails with
 /// [`LogError::Unavailable`]. Kept below the mirror client's `append_grace` (10 s) together
@@ -179,7 +176,7 @@ impl KafkaMirrorLog {
             writers: Mutex::new(HashMap::new()),
             reads,
             append_timeout: APPEND_TIMEOUT,
-            read_timeout: READ_TIMEOUT,
+            read_timeout: PROBE_READ_TIMEOUT,
         })
     }
 
@@ -188,7 +185,7 @@ impl KafkaMirrorLog {
         self.append_timeout = timeout;
     }
 
-    /// Overrides the bound on a tail read ([`READ_TIMEOUT`]) (tests).
+    /// Overrides the bound on a tail read ([`PROBE_READ_TIMEOUT`]) (tests).
     pub fn set_read_timeout(&mut self, timeout: Duration) {
         self.read_timeout = timeout;
     }

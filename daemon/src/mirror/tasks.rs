@@ -75,7 +75,7 @@
 //!   are refused and nothing is written twice.
 //! - **A task that will not stop.** The revocation waits for it (logging every
 //!   [`STOP_WAIT_LOG_EVERY`]); if it takes longer than `max.poll.interval.ms`
-//!   ([`MAX_POLL_INTERVAL_MS`]) librdkafka considers this daemon stuck and leaves the
+//!   ([`MAX_POLL_INTERVAL_MS`](crate::kafka::settings::MAX_POLL_INTERVAL_MS)) librdkafka considers this daemon stuck and leaves the
 //!   group, and the partition moves while the task still runs. A runner must stop within
 //!   that bound (`MirrorClient` stops within its append and close graces, ~11 s).
 //!
@@ -114,9 +114,6 @@ use crate::kafka::TracingContext;
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// While a revocation or shutdown waits for a task to stop, it says so this often.
 pub const STOP_WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
-/// `max.poll.interval.ms` of the lease consumer: the longest a revocation may wait for its
-/// tasks before librdkafka gives the lease up on its own (librdkafka's default).
-pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// First wait before restarting a task whose runner returned or panicked early.
 pub const RESTART_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between restarts.

@@ -16,16 +16,11 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{default_node_name, partition_for, TracingContext};
-
-use crate::kafka::drop_off_runtime;
 use crate::kafka::settings::replay_reader_config;
-use crate::replay::ReadLimit;
-use crate::replay::ReplayError;
-use crate::replay::RoomRead;
-use crate::replay::MAX_CONCURRENT_READS;
-use crate::replay::READ_LIMIT;
-use crate::replay::READ_TIMEOUT;
+use crate::kafka::{default_node_name, drop_off_runtime, partition_for, TracingContext};
+use crate::replay::{
+    ReadLimit, ReplayError, RoomRead, MAX_CONCURRENT_READS, READ_LIMIT, READ_TIMEOUT,
+};
 
 type Reader = BaseConsumer<TracingContext>;
 

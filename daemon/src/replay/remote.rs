@@ -12,11 +12,7 @@ use rdkafka::message::Message;
 use crate::config::KafkaConfig;
 use crate::kafka::{default_node_name, partition_for};
 use crate::mirror::mirror_topic;
-use crate::mirror::reads::origin_offset;
-use crate::mirror::reads::other_origin;
-use crate::mirror::reads::PartitionReads;
-use crate::mirror::reads::ProbePool;
-use crate::mirror::reads::ReadError;
+use crate::mirror::reads::{origin_offset, other_origin, PartitionReads, ProbePool, ReadError};
 use crate::replay::{ReadLimit, ReplayError, RoomRead, READ_LIMIT, READ_TIMEOUT};
 
 /// Reads a room's messages from another region (an origin) out of this region's mirror
