@@ -19,6 +19,7 @@ pub mod fanout;
 pub mod federation;
 pub mod gateway;
 pub mod kafka;
+pub mod link_metrics;
 pub mod metrics;
 pub mod mirror_log;
 pub mod mirror_tasks;
