@@ -621,3 +621,55 @@ async fn a_region_reads_another_regions_messages_from_its_mirror_topic() -> Resu
     assert_eq!(messages(&rest), stored[2..].to_vec(), "{rest}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtfed_demo_serves_the_api_under_dtfed_api_key_and_says_how() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let dir = dtfed_tests::TestDir::new("api-demo")?;
+    let err_path = dir.path().join("stderr.txt");
+    let mut cmd = std::process::Command::new(DtfedProcess::binary()?);
+    cmd.args(["demo", "--regions", "seoul", "--port", "0"])
+        .env("DTFED_API_KEY", GM)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&err_path)?);
+    let mut demo = dtfed_tests::harness::sys::spawn(cmd, "dtfed demo")?;
+    let stdout = demo.take_stdout().context("stdout")?;
+    let ws = tokio::task::spawn_blocking(move || -> Result<String> {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let ["region", "seoul", url] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                return Ok(url.to_owned());
+            }
+        }
+        anyhow::bail!("the demo printed no region line")
+    })
+    .await??;
+    let addr: SocketAddr = ws
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .with_context(|| ws.clone())?;
+    let mut ann = WsClient::connect(&format!("{ws}?name=ann")).await?;
+    ann.sub("tavern", None, T).await?;
+    let said = json!({"from": "narrator", "body": {"text": "Welcome, travellers."}});
+    let offset = publish(addr, "tavern", said.clone(), Some("welcome")).await?;
+    let msg = ann.recv_until(|f| f["op"] == "msg", T).await?;
+    assert_eq!(
+        (&msg["offset"], &msg["from"]),
+        (&json!(offset), &json!("narrator"))
+    );
+    refused(
+        &post(addr, "tavern", "another-key-0123456789", said, None).await?,
+        401,
+        "unauthorized",
+    )?;
+    let printed = std::fs::read_to_string(&err_path)?;
+    assert!(
+        printed.contains(&format!("http://{addr}/api/v1/rooms/tavern/messages"))
+            && printed.contains("Authorization: Bearer $DTFED_API_KEY"),
+        "the demo says how to call its API:\n{printed}"
+    );
+    demo.terminate(Duration::from_secs(10))?;
+    Ok(())
+}

@@ -312,6 +312,36 @@ mod tests {
     }
 
     #[test]
+    fn the_daemon_config_reads_and_checks_api_keys_with_everything_else() {
+        let base = "region = \"seoul\"\n[client]\nauth = \"none\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let key = "[[api.keys]]\nname = \"gm\"\nsecret_env = \"GM_KEY\"\nrooms = [\"*\"]\n";
+        let cfg = crate::config::Config::from_toml(&format!("{base}{key}"), |k| {
+            (k == "GM_KEY").then(|| "0123456789abcdef-gm".to_owned())
+        })
+        .expect("valid");
+        let api = cfg.api.expect("[api]");
+        assert_eq!(api.keys[0].secret, "0123456789abcdef-gm");
+        // Unset secret and another error: both reported at once.
+        let text = format!("{base}partitions = 0\n{key}");
+        let errs = crate::config::Config::from_toml(&text, |_| None)
+            .expect_err("invalid")
+            .0;
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("GM_KEY (secret_env) is not set")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.contains("kafka.partitions")),
+            "{errs:#?}"
+        );
+        // A secret in the file is not a thing: unknown keys are errors.
+        let text = format!("{base}{key}secret = \"in-the-file-0123456789\"\n");
+        let err = crate::config::Config::from_toml(&text, |_| None).expect_err("unknown key");
+        assert!(err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
     fn a_section_without_keys_is_refused() {
         assert_eq!(ApiConfig::default().validate().len(), 1);
     }
