@@ -31,6 +31,10 @@ use crate::gateway::auth::{valid_player_name, MAX_PLAYER_LEN};
 use crate::gateway::publish::{publish, PublishError, Turn};
 use crate::gateway::Gateway;
 
+/// A request body not received within this time is refused: a caller trickling its body
+/// would otherwise hold the request open for good.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Longest `Idempotency-Key`, in bytes (as a player's `ref`).
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
@@ -61,15 +65,28 @@ async fn store(
     let (key, room) = admit(gw, headers, room)?;
     let limit = gw.cfg.max_frame_bytes;
     // Read at most the limit: a larger body is refused without being buffered.
-    let bytes = axum::body::to_bytes(request, limit).await.map_err(|_| {
-        refuse(
-            gw,
-            ApiError::new(
-                ErrorCode::TooLarge,
-                format!("the request body is over {limit} bytes (client.max_frame_bytes)"),
-            ),
-        )
-    })?;
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(request, limit)).await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return Err(refuse(
+                gw,
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("the request body is over {limit} bytes (client.max_frame_bytes)"),
+                ),
+            ))
+        }
+        Err(_) => {
+            return Err(refuse(
+                gw,
+                ApiError::new(
+                    ErrorCode::BadFrame,
+                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+                ),
+            ))
+        }
+    };
     let bad = |message: String| refuse(gw, ApiError::new(ErrorCode::BadFrame, message));
     let request: PublishRequest = serde_json::from_slice(&bytes)
         .map_err(|e| bad(format!("the body must be JSON {{\"from\", \"body\"}}: {e}")))?;
