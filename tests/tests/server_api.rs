@@ -450,7 +450,7 @@ async fn every_refusal_has_its_status_and_v1_code_and_stores_nothing() -> Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_kafka_does_not_acknowledge_is_503_unavailable() -> Result<()> {
+async fn a_publish_kafka_does_not_acknowledge_is_503_and_its_retry_is_stored_once() -> Result<()> {
     let (mut kafka, redis) = tokio::task::spawn_blocking(|| -> Result<_> {
         Ok((KafkaBroker::start()?, RedisServer::shared()?))
     })
@@ -462,27 +462,21 @@ async fn a_publish_kafka_does_not_acknowledge_is_503_unavailable() -> Result<()>
         .set("kafka", "publish_timeout_ms", 1500);
     let d = start(cfg).await?;
     let addr = d.client_addr();
-    publish(
+    let before = publish(
         addr,
         "tavern",
         json!({"from": "gm", "body": "before"}),
         None,
     )
     .await?;
-    tokio::task::spawn_blocking(move || {
+    let mut kafka = tokio::task::spawn_blocking(move || {
         kafka.stop()?;
         anyhow::Ok(kafka)
     })
     .await??;
+    let during = json!({"from": "gm", "body": "during"});
     let started = Instant::now();
-    let r = post(
-        addr,
-        "tavern",
-        GM,
-        json!({"from": "gm", "body": "during"}),
-        Some("k"),
-    )
-    .await?;
+    let r = post(addr, "tavern", GM, during.clone(), Some("k-during")).await?;
     refused(&r, 503, "unavailable")?;
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(
@@ -490,6 +484,39 @@ async fn a_publish_kafka_does_not_acknowledge_is_503_unavailable() -> Result<()>
         "answered within the publish timeout and its guard: {:?}",
         started.elapsed()
     );
+    // The game server retries with the same key while Kafka is back: stored once, whether
+    // or not the first attempt reached the log.
+    let kafka = tokio::task::spawn_blocking(move || {
+        kafka.restart()?;
+        anyhow::Ok(kafka)
+    })
+    .await??;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let r = post(addr, "tavern", GM, during.clone(), Some("k-during")).await?;
+        if r.status == 200 {
+            break r.json()?["offset"].as_i64().context("offset")?;
+        }
+        refused(&r, 503, "unavailable")?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Kafka never came back: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let again = publish(addr, "tavern", during.clone(), Some("k-during")).await?;
+    assert_eq!(again, stored);
+    applied(addr, "tavern", 2).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all = page(addr, "tavern", &json!({}), 100).await?;
+    let got: Vec<(i64, Value)> = messages(&all).into_iter().map(|m| (m.1, m.3)).collect();
+    assert_eq!(
+        got,
+        vec![(before, json!("before")), (stored, json!("during"))],
+        "{all}"
+    );
+    drop(kafka);
     Ok(())
 }
 
