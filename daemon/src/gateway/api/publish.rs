@@ -65,15 +65,23 @@ async fn store(
     let (key, room) = admit(gw, headers, room)?;
     let limit = gw.cfg.max_frame_bytes;
     // Read at most the limit: a larger body is refused without being buffered.
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(request, limit)).await
-    {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_body(request, limit)).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => {
+        Ok(Err(BodyError::TooLarge)) => {
             return Err(refuse(
                 gw,
                 ApiError::new(
                     ErrorCode::TooLarge,
                     format!("the request body is over {limit} bytes (client.max_frame_bytes)"),
+                ),
+            ))
+        }
+        Ok(Err(BodyError::Broken(e))) => {
+            return Err(refuse(
+                gw,
+                ApiError::new(
+                    ErrorCode::BadFrame,
+                    format!("the request body broke off: {e}"),
                 ),
             ))
         }
@@ -157,6 +165,26 @@ async fn store(
             Err(refuse(gw, ApiError::new(ErrorCode::Unavailable, message)))
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Broken(axum::Error),
+}
+
+/// The request body, if it is at most `limit` bytes; reading stops at the first byte over.
+async fn read_body(request: HttpBody, limit: usize) -> Result<Vec<u8>, BodyError> {
+    use futures::StreamExt;
+    let mut stream = request.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(BodyError::Broken)?;
+        if out.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn now_ms() -> i64 {
