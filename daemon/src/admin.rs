@@ -119,12 +119,16 @@ async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respon
     if let Err(denied) = may_read(&s, &headers) {
         return denied.into_response();
     }
+    let mut text = s.metrics.encode();
+    if let Some(f) = &s.federation {
+        crate::link_metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.encode(),
+        text,
     )
         .into_response()
 }

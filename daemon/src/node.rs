@@ -165,6 +165,7 @@ impl Node {
             metrics.clone(),
             opts.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
+            cfg.api.as_ref(),
         );
         let stop_accepting = CancellationToken::new();
         {
