@@ -121,7 +121,7 @@ async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respon
     }
     let mut text = s.metrics.encode();
     if let Some(f) = &s.federation {
-        crate::link_metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
+        crate::mirror::metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
     }
     (
         [(

@@ -20,7 +20,6 @@ pub mod drill;
 pub mod fanout;
 pub mod gateway;
 pub mod kafka;
-pub mod link_metrics;
 pub mod metrics;
 pub mod mirror;
 pub mod node;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
+pub mod metrics;
 pub mod origin;
 pub mod reads;
 pub mod sink;

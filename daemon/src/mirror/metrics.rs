@@ -1,5 +1,5 @@
 //! Prometheus series for the region links and mirror tasks, made at scrape time from the
-//! same views `/status` shows ([`Federation::links`], [`Federation::mirror`]), so
+//! same views `/status` shows ([`Federation::links`](super::Federation::links), [`Federation::mirror`](super::Federation::mirror)), so
 //! dashboards and alerts see the mirror lag per partition without a second bookkeeping.
 //!
 //! Start at [`append`]: `/metrics` calls it with the daemon's own exposition. A series per
@@ -19,7 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::federation::{LinkView, MirrorView};
+use super::{LinkView, MirrorView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabel {
