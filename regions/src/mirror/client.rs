@@ -39,8 +39,8 @@
 //!   [`MirrorClient::links`] (per peer), and [`MirrorClient::pause_peer`] /
 //!   [`MirrorClient::resume_peer`] for drills.
 
-use dtfed_proto::record::now_ms;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -49,7 +49,7 @@ use dtfed_proto::link::{
     encode, DescribeAnswer, FrameDecoder, LinkErrorCode, LinkRecord, LinkTimers, MirrorDescribe,
     MirrorPull, PullConfig, PullEvent,
 };
-use futures::FutureExt;
+use dtfed_proto::record::now_ms;
 use quinn::{RecvStream, SendStream};
 use rand::seq::SliceRandom;
 use tokio::sync::watch;
@@ -60,7 +60,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::latency::AgeHistogram;
 use super::log::{LogError, MirrorLog};
-use super::{Backoff, STREAM_ABANDONED};
+use super::stream::{PeerInput, StreamDriver, StreamSide};
+use super::Backoff;
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 use crate::topology::PeerRegion;
 
@@ -744,42 +745,6 @@ async fn describe_origin(
     }
 }
 
-/// Decodes `bytes` from the origin into `session`. Returns how the stream ends if the
-/// origin broke the protocol.
-fn feed(
-    decoder: &mut FrameDecoder,
-    session: &mut MirrorPull,
-    epoch: Instant,
-    bytes: &[u8],
-    progressed: bool,
-) -> Option<Outcome> {
-    decoder.extend(bytes);
-    loop {
-        match decoder.next_frame() {
-            Ok(Some(frame)) => {
-                if let Err(e) = session.handle_frame(epoch.elapsed(), frame) {
-                    warn!(error = %e, "refusing the origin's frame");
-                    return Some(Outcome::Failed {
-                        reason: format!("origin broke the protocol: {e}"),
-                        transient: e.code().is_transient(),
-                        progressed,
-                    });
-                }
-            }
-            Ok(None) => return None,
-            Err(e) => {
-                warn!(error = %e, "undecodable input from the origin");
-                session.close(LinkErrorCode::ProtocolViolation, e.to_string());
-                return Some(Outcome::Failed {
-                    reason: format!("undecodable input from the origin: {e}"),
-                    transient: false,
-                    progressed,
-                });
-            }
-        }
-    }
-}
-
 /// How one attempt (tail, link, stream) ended.
 enum Outcome {
     Shutdown,
@@ -1060,12 +1025,12 @@ impl PartitionTask {
             .await
     }
 
-    /// Runs one [`MirrorPull`] session on a fresh stream.
+    /// Runs one [`MirrorPull`] session on a fresh stream ([`PullStream`]).
     async fn stream(
         &mut self,
         conn: &PeerConnection,
-        mut send: SendStream,
-        mut recv: RecvStream,
+        send: SendStream,
+        recv: RecvStream,
         resume_from: i64,
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
@@ -1079,241 +1044,25 @@ impl PartitionTask {
             resume_from,
             timers: config.timers,
         };
-        let epoch = Instant::now();
-        let mut session = MirrorPull::new(cfg, Duration::ZERO);
-        let mut decoder = FrameDecoder::new();
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; READ_CHUNK];
-        let mut progressed = false;
-        let mut end: Option<Outcome> = None;
+        let session = MirrorPull::new(cfg, Duration::ZERO);
         // The origin's partition count may change while streams run (an operator added
         // partitions): partition 0's task asks again now and then, so the mismatch shows.
         let recheck = self.partition == 0 && self.peer.expected_partitions.is_some();
-        let mut recheck_at = Instant::now() + config.partitions_recheck;
         debug!(resume_from, "subscribing");
-        loop {
-            // 1. Act on events, in order: appends happen here. Records decoded before a
-            //    stream failure are still written; nothing after a failed append is.
-            while let Some(event) = session.poll_event() {
-                let outcome = match event {
-                    PullEvent::Ready => {
-                        debug!(resume_from, "origin accepted the subscription");
-                        self.set_state(MirrorTaskState::Streaming);
-                        None
-                    }
-                    // Shutting down: write nothing more (the next owner resumes from the
-                    // tail).
-                    PullEvent::Records(_) if shutdown.is_cancelled() => {
-                        session.close(
-                            LinkErrorCode::Unavailable,
-                            "the receiving daemon is shutting down",
-                        );
-                        Some(Outcome::Shutdown)
-                    }
-                    PullEvent::Records(records) => match self.write(records, shutdown).await {
-                        Ok(Some(next)) => {
-                            session.handle_written(next);
-                            progressed = true;
-                            None
-                        }
-                        Ok(None) => None,
-                        Err(reason) => {
-                            session.close(
-                                LinkErrorCode::Unavailable,
-                                "the mirror topic is not writable",
-                            );
-                            Some(Outcome::Failed {
-                                reason,
-                                transient: true,
-                                progressed,
-                            })
-                        }
-                    },
-                    PullEvent::Lag { high_watermark } => {
-                        self.high_watermark = Some(high_watermark);
-                        self.update_offsets();
-                        None
-                    }
-                    PullEvent::Gap { from, to } => Some(match self.on_gap(from, to).await {
-                        Ok(()) => Outcome::Gap,
-                        Err(reason) => Outcome::Failed {
-                            reason,
-                            transient: true,
-                            progressed,
-                        },
-                    }),
-                    // Out of range with nothing to skip: the origin's log ends before what
-                    // the mirror already holds (origin data lost, topic recreated). Keep
-                    // retrying, slowly and loudly.
-                    PullEvent::PeerError {
-                        code: code @ LinkErrorCode::OffsetOutOfRange { .. },
-                        message,
-                    } => Some(Outcome::Failed {
-                        reason: format!(
-                            "the origin's log ends before offset {}, which the mirror needs \
-                             next: {code}: {message}",
-                            session.next_offset()
-                        ),
-                        transient: false,
-                        progressed,
-                    }),
-                    PullEvent::PeerError { code, message } => Some(Outcome::Failed {
-                        reason: format!("origin ended the stream: {code}: {message}"),
-                        transient: code.is_transient(),
-                        progressed,
-                    }),
-                    PullEvent::PeerSilent => Some(Outcome::Failed {
-                        reason: format!("origin silent for {:?}", config.timers.idle_timeout),
-                        transient: true,
-                        progressed,
-                    }),
-                };
-                if let Some(outcome) = outcome {
-                    // A stream failure seen while reading may already be recorded; an
-                    // append failure or the origin's own word is the better reason.
-                    if matches!(outcome, Outcome::Shutdown)
-                        || !matches!(end, Some(Outcome::Shutdown | Outcome::Paused))
-                    {
-                        end = Some(outcome);
-                    }
-                    break;
-                }
-            }
-
-            // 2. Send what the session has to say.
-            let closing = end.is_some() || session.is_closed();
-            let mut encoded = Ok(());
-            while let Some(frame) = session.poll_transmit() {
-                if let Err(e) = encode(&frame, &mut out) {
-                    encoded = Err(format!("cannot encode a {} frame: {e}", frame.kind()));
-                    break;
-                }
-            }
-            let written = match encoded {
-                Err(e) => Err(e),
-                Ok(()) if out.is_empty() => Ok(()),
-                Ok(()) => {
-                    let limit = if closing {
-                        config.close_grace
-                    } else {
-                        config.timers.idle_timeout
-                    };
-                    let result = tokio::select! {
-                        r = send.write_all(&out) => r.map_err(|e| format!("stream write failed: {e}")),
-                        () = sleep(limit) => Err(format!("no write progress for {limit:?}")),
-                        () = shutdown.cancelled(), if !closing => Err("shutting down".to_owned()),
-                        () = until_paused(paused), if !closing => Err("paused".to_owned()),
-                    };
-                    out.clear();
-                    result
-                }
-            };
-            if let Err(why) = written {
-                let _ = send.reset(STREAM_ABANDONED);
-                let _ = recv.stop(STREAM_ABANDONED);
-                return end.unwrap_or_else(|| {
-                    if shutdown.is_cancelled() {
-                        Outcome::Shutdown
-                    } else if *paused.borrow() {
-                        Outcome::Paused
-                    } else {
-                        Outcome::Failed {
-                            reason: why,
-                            transient: true,
-                            progressed,
-                        }
-                    }
-                });
-            }
-            if closing {
-                let _ = send.finish();
-                return end.unwrap_or(Outcome::Failed {
-                    reason: "the mirror session closed".to_owned(),
-                    transient: true,
-                    progressed,
-                });
-            }
-
-            // 3. Wait for the origin, a timer, or being told to stop. Reading comes before
-            //    the timer: after a long append, what the origin sent in the meantime must
-            //    count before the dead-peer check does.
-            let deadline = session
-                .poll_timeout()
-                .map_or_else(Instant::now, |t| epoch + t);
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    session.close(LinkErrorCode::Unavailable, "the receiving daemon is shutting down");
-                    end = Some(Outcome::Shutdown);
-                }
-                () = until_paused(paused) => {
-                    session.close(LinkErrorCode::Unavailable, "mirroring paused by an operator");
-                    end = Some(Outcome::Paused);
-                }
-                read = recv.read(&mut buf) => match read {
-                    Ok(Some(n)) => {
-                        end = feed(&mut decoder, &mut session, epoch, buf.get(..n).unwrap_or_default(), progressed);
-                        // Take whatever else has already arrived (up to READ_BUDGET) before
-                        // acting on it: the session joins the records into one append, so
-                        // a partition writes everything that came in during its previous
-                        // append at once instead of one acknowledged append per frame.
-                        let mut taken = n;
-                        while end.is_none() && taken < READ_BUDGET {
-                            match recv.read(&mut buf).now_or_never() {
-                                Some(Ok(Some(n))) => {
-                                    taken += n;
-                                    end = feed(&mut decoder, &mut session, epoch, buf.get(..n).unwrap_or_default(), progressed);
-                                }
-                                Some(Ok(None)) => {
-                                    end = Some(Outcome::Failed {
-                                        reason: "origin finished the stream".to_owned(),
-                                        transient: true,
-                                        progressed,
-                                    });
-                                }
-                                Some(Err(e)) => {
-                                    end = Some(Outcome::Failed {
-                                        reason: format!("stream failed: {e}"),
-                                        transient: true,
-                                        progressed,
-                                    });
-                                }
-                                // Nothing more buffered yet.
-                                None => break,
-                            }
-                        }
-                    }
-                    Ok(None) => {
-                        end = Some(Outcome::Failed {
-                            reason: "origin finished the stream".to_owned(),
-                            transient: true,
-                            progressed,
-                        });
-                    }
-                    Err(e) => {
-                        end = Some(Outcome::Failed {
-                            reason: format!("stream failed: {e}"),
-                            transient: true,
-                            progressed,
-                        });
-                    }
-                },
-                () = sleep_until(deadline) => session.handle_timeout(epoch.elapsed()),
-                () = sleep_until(recheck_at), if recheck => {
-                    recheck_at = Instant::now() + config.partitions_recheck;
-                    // Bounded well below the dead-peer timeout: the stream is not read
-                    // meanwhile.
-                    let limit = config.timers.heartbeat_interval;
-                    if let Some(told) = self.ask_partitions(conn, limit, true).await {
-                        // A failed ask is not a mismatch: the stream goes on.
-                        if let Some(refused) = told.ok().map(Ok).and_then(|t| self.judge_partitions(t)) {
-                            session.close(LinkErrorCode::Unavailable, "partition count mismatch");
-                            end = Some(refused);
-                        }
-                    }
-                }
-            }
-        }
+        let side = PullStream {
+            recheck_at: Instant::now() + config.partitions_recheck,
+            task: self,
+            conn,
+            shutdown: shutdown.clone(),
+            paused: paused.clone(),
+            progressed: false,
+            recheck,
+            resume_from,
+            config,
+        };
+        StreamDriver::new(side, session, send, recv, READ_CHUNK, READ_BUDGET)
+            .run()
+            .await
     }
 
     /// Appends `records` after the tail; returns one past the last offset written, or
@@ -1402,5 +1151,219 @@ impl PartitionTask {
             s.last_gap = Some((from, to));
         });
         Ok(())
+    }
+}
+
+/// How a stream is told to stop.
+enum PullStop {
+    Shutdown,
+    Paused,
+}
+
+/// The receiver's side of one stream: a [`MirrorPull`] session whose records are appended
+/// to the mirror partition, run by a [`StreamDriver`].
+struct PullStream<'a> {
+    task: &'a mut PartitionTask,
+    conn: &'a PeerConnection,
+    shutdown: CancellationToken,
+    paused: watch::Receiver<bool>,
+    config: MirrorClientConfig,
+    /// This stream wrote records (resets the task's backoff).
+    progressed: bool,
+    /// Whether this stream asks for the origin's partition count again, and when.
+    recheck: bool,
+    recheck_at: Instant,
+    resume_from: i64,
+}
+
+impl PullStream<'_> {
+    fn failed(&self, reason: String, transient: bool) -> Outcome {
+        Outcome::Failed {
+            reason,
+            transient,
+            progressed: self.progressed,
+        }
+    }
+}
+
+impl StreamSide for PullStream<'_> {
+    type Session = MirrorPull;
+    type End = Outcome;
+    type Stop = PullStop;
+    type Wake = ();
+
+    /// Acts on events in order: appends happen here. Records decoded before a stream
+    /// failure are still written; nothing after a failed append is.
+    async fn handle_events(&mut self, session: &mut MirrorPull, end: &mut Option<Outcome>) {
+        while let Some(event) = session.poll_event() {
+            let outcome = match event {
+                PullEvent::Ready => {
+                    debug!(
+                        resume_from = self.resume_from,
+                        "origin accepted the subscription"
+                    );
+                    self.task.set_state(MirrorTaskState::Streaming);
+                    None
+                }
+                // Shutting down: write nothing more (the next owner resumes from the tail).
+                PullEvent::Records(_) if self.shutdown.is_cancelled() => {
+                    session.close(
+                        LinkErrorCode::Unavailable,
+                        "the receiving daemon is shutting down",
+                    );
+                    Some(Outcome::Shutdown)
+                }
+                PullEvent::Records(records) => {
+                    match self.task.write(records, &self.shutdown).await {
+                        Ok(Some(next)) => {
+                            session.handle_written(next);
+                            self.progressed = true;
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(reason) => {
+                            session.close(
+                                LinkErrorCode::Unavailable,
+                                "the mirror topic is not writable",
+                            );
+                            Some(self.failed(reason, true))
+                        }
+                    }
+                }
+                PullEvent::Lag { high_watermark } => {
+                    self.task.high_watermark = Some(high_watermark);
+                    self.task.update_offsets();
+                    None
+                }
+                PullEvent::Gap { from, to } => Some(match self.task.on_gap(from, to).await {
+                    Ok(()) => Outcome::Gap,
+                    Err(reason) => self.failed(reason, true),
+                }),
+                // Out of range with nothing to skip: the origin's log ends before what the
+                // mirror already holds (origin data lost, topic recreated). Keep retrying,
+                // slowly and loudly.
+                PullEvent::PeerError {
+                    code: code @ LinkErrorCode::OffsetOutOfRange { .. },
+                    message,
+                } => Some(self.failed(
+                    format!(
+                        "the origin's log ends before offset {}, which the mirror needs \
+                         next: {code}: {message}",
+                        session.next_offset()
+                    ),
+                    false,
+                )),
+                PullEvent::PeerError { code, message } => Some(self.failed(
+                    format!("origin ended the stream: {code}: {message}"),
+                    code.is_transient(),
+                )),
+                PullEvent::PeerSilent => Some(self.failed(
+                    format!("origin silent for {:?}", self.config.timers.idle_timeout),
+                    true,
+                )),
+            };
+            if let Some(outcome) = outcome {
+                // A stream failure seen while reading may already be recorded; an append
+                // failure or the origin's own word is the better reason.
+                if matches!(outcome, Outcome::Shutdown)
+                    || !matches!(end, Some(Outcome::Shutdown | Outcome::Paused))
+                {
+                    *end = Some(outcome);
+                }
+                break;
+            }
+        }
+    }
+
+    fn write_limit(&self, closing: bool) -> Duration {
+        if closing {
+            self.config.close_grace
+        } else {
+            self.config.timers.idle_timeout
+        }
+    }
+
+    fn stop(&self) -> impl Future<Output = PullStop> + Send + 'static {
+        let shutdown = self.shutdown.clone();
+        let mut paused = self.paused.clone();
+        async move {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled_owned() => PullStop::Shutdown,
+                () = until_paused(&mut paused) => PullStop::Paused,
+            }
+        }
+    }
+
+    fn on_stop(&mut self, session: &mut MirrorPull, stop: PullStop) -> Option<Outcome> {
+        Some(match stop {
+            PullStop::Shutdown => {
+                session.close(
+                    LinkErrorCode::Unavailable,
+                    "the receiving daemon is shutting down",
+                );
+                Outcome::Shutdown
+            }
+            PullStop::Paused => {
+                session.close(
+                    LinkErrorCode::Unavailable,
+                    "mirroring paused by an operator",
+                );
+                Outcome::Paused
+            }
+        })
+    }
+
+    async fn wake(&mut self) {
+        if self.recheck {
+            sleep_until(self.recheck_at).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn on_wake(&mut self, session: &mut MirrorPull, (): ()) -> Option<Outcome> {
+        self.recheck_at = Instant::now() + self.config.partitions_recheck;
+        // Bounded well below the dead-peer timeout: the stream is not read meanwhile.
+        let limit = self.config.timers.heartbeat_interval;
+        let told = self.task.ask_partitions(self.conn, limit, true).await?;
+        // A failed ask is not a mismatch: the stream goes on.
+        let refused = self.task.judge_partitions(Ok(told.ok()?))?;
+        session.close(LinkErrorCode::Unavailable, "partition count mismatch");
+        Some(refused)
+    }
+
+    fn on_peer(&mut self, _session: &mut MirrorPull, input: PeerInput) -> Option<Outcome> {
+        Some(match input {
+            PeerInput::Finished => self.failed("origin finished the stream".to_owned(), true),
+            PeerInput::ReadFailed(e) => self.failed(format!("stream failed: {e}"), true),
+            PeerInput::Refused(e) => {
+                warn!(error = %e, "refusing the origin's frame");
+                self.failed(
+                    format!("origin broke the protocol: {e}"),
+                    e.code().is_transient(),
+                )
+            }
+            PeerInput::Undecodable(e) => {
+                warn!(error = %e, "undecodable input from the origin");
+                self.failed(format!("undecodable input from the origin: {e}"), false)
+            }
+        })
+    }
+
+    fn abandoned(&mut self, end: Option<Outcome>, why: String) -> Outcome {
+        end.unwrap_or_else(|| {
+            if self.shutdown.is_cancelled() {
+                Outcome::Shutdown
+            } else if *self.paused.borrow() {
+                Outcome::Paused
+            } else {
+                self.failed(why, true)
+            }
+        })
+    }
+
+    async fn finished(&mut self, end: Option<Outcome>, _send: &mut SendStream) -> Outcome {
+        end.unwrap_or_else(|| self.failed("the mirror session closed".to_owned(), true))
     }
 }

@@ -27,6 +27,7 @@ pub mod client;
 pub mod latency;
 pub mod log;
 pub mod server;
+pub mod stream;
 
 pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,

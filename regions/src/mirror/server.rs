@@ -22,23 +22,23 @@
 //! origin region serves any partition.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dtfed_proto::link::session::DEFAULT_MAX_BATCH_BYTES;
-use dtfed_proto::link::{
-    encode, FrameDecoder, LinkErrorCode, LinkTimers, MirrorServe, ServeConfig, ServeEvent,
-};
+use dtfed_proto::link::{encode, LinkErrorCode, LinkTimers, MirrorServe, ServeConfig, ServeEvent};
 use futures::FutureExt;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, trace, warn, Instrument, Span};
 
 use super::log::{LogError, OriginBatch, OriginLog};
+use super::stream::{PeerInput, StreamDriver, StreamSide};
 use super::STREAM_ABANDONED;
 use crate::endpoint::{PeerConnection, RegionEndpoint};
 
@@ -452,8 +452,8 @@ async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: Can
                             peer = %region,
                             partition = tracing::field::Empty,
                         );
-                        let server = StreamServer::new(shared.clone(), &region, send, recv);
-                        let run = server.run(cancel.child_token()).map(move |()| drop(slot));
+                        let run = StreamServer::run(shared.clone(), region.clone(), send, recv, cancel.child_token())
+                            .map(move |()| drop(slot));
                         streams.spawn(run.instrument(stream_span));
                     }
                     Err(e) => break Some(e),
@@ -484,146 +484,114 @@ async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: Can
     .await;
 }
 
-/// Why a stream was abandoned without a clean finish.
-type Abandon = String;
-
-/// One stream: a [`MirrorServe`] session between a QUIC stream and the origin log.
+/// The origin's side of one stream: a [`MirrorServe`] session fed from the origin log, run
+/// by a [`StreamDriver`].
 struct StreamServer {
     shared: Arc<Shared>,
-    session: MirrorServe,
-    epoch: Instant,
-    send: SendStream,
-    recv: RecvStream,
-    recv_open: bool,
-    decoder: FrameDecoder,
-    /// Encoded frames waiting to be written.
-    out: Vec<u8>,
+    cancel: CancellationToken,
     /// The log reader of the subscription (at most one), aborted on drop.
     reader: JoinSet<()>,
     batches: Option<mpsc::Receiver<Result<OriginBatch, LogError>>>,
-    /// A `Describe` waits for its answer.
-    describe: bool,
     slot: StreamSlot,
 }
 
 impl StreamServer {
-    fn new(shared: Arc<Shared>, peer: &str, send: SendStream, recv: RecvStream) -> StreamServer {
+    /// Serves one stream of `peer` until it ends or `cancel` fires.
+    async fn run(
+        shared: Arc<Shared>,
+        peer: String,
+        send: SendStream,
+        recv: RecvStream,
+        cancel: CancellationToken,
+    ) {
         let cfg = ServeConfig {
             local_region: shared.local_region.clone(),
             topic: shared.log.topic().to_owned(),
-            peer_region: Some(peer.to_owned()),
+            peer_region: Some(peer.clone()),
             max_batch_bytes: shared.config.max_batch_bytes,
             timers: shared.config.timers,
         };
-        let slot = shared.status.register(peer);
-        StreamServer {
-            session: MirrorServe::new(cfg, Duration::ZERO),
-            epoch: Instant::now(),
-            send,
-            recv,
-            recv_open: true,
-            decoder: FrameDecoder::new(),
-            out: Vec::new(),
+        let slot = shared.status.register(&peer);
+        let side = StreamServer {
+            shared,
+            cancel,
             reader: JoinSet::new(),
             batches: None,
-            describe: false,
             slot,
-            shared,
-        }
-    }
-
-    fn now(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
-    async fn run(mut self, cancel: CancellationToken) {
-        let mut buf = vec![0u8; READ_CHUNK];
+        };
+        let session = MirrorServe::new(cfg, Duration::ZERO);
         debug!("mirror stream opened");
-        loop {
-            self.handle_events();
-            if std::mem::take(&mut self.describe) {
-                self.answer_describe().await;
-            }
-            if let Err(why) = self.flush(&cancel).await {
-                debug!(reason = %why, "mirror stream abandoned");
-                let _ = self.send.reset(STREAM_ABANDONED);
-                let _ = self.recv.stop(STREAM_ABANDONED);
-                return;
-            }
-            if self.session.is_closed() || !self.recv_open {
-                let _ = self.send.finish();
-                if cancel.is_cancelled() {
-                    // Let the peer receive the goodbye before the connection closes.
-                    let _ = timeout(self.shared.config.shutdown_grace, self.send.stopped()).await;
+        StreamDriver::new(side, session, send, recv, READ_CHUNK, READ_CHUNK)
+            .run()
+            .await;
+    }
+
+    /// Answers a `Describe` with the local topic's partition count (bounded wait).
+    async fn answer_describe(&mut self, session: &mut MirrorServe) {
+        let counted = timeout(DESCRIBE_TIMEOUT, self.shared.log.partitions()).await;
+        match counted {
+            Ok(Ok(n)) => {
+                if let Err(e) = session.describe(n) {
+                    debug!(error = %e, "describe not answered");
                 }
-                debug!("mirror stream finished");
-                return;
             }
-            let deadline = self
-                .session
-                .poll_timeout()
-                .map_or_else(Instant::now, |t| self.epoch + t);
-            // Reading before the timer: after a long write, what the receiver sent in the
-            // meantime must count before the dead-peer check does.
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => {
-                    self.session.close(
-                        LinkErrorCode::Unavailable,
-                        "the origin daemon is shutting down",
-                    );
-                }
-                read = self.recv.read(&mut buf) => match read {
-                    Ok(Some(n)) => self.on_bytes(buf.get(..n).unwrap_or_default()),
-                    Ok(None) => {
-                        debug!("receiver finished its side of the stream");
-                        self.recv_open = false;
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "mirror stream read failed");
-                        let _ = self.send.reset(STREAM_ABANDONED);
-                        return;
-                    }
-                },
-                () = sleep_until(deadline) => {
-                    let now = self.now();
-                    self.session.handle_timeout(now);
-                }
-                batch = next_batch(&mut self.batches) => match batch {
-                    Some(batch) => self.on_batch(batch),
-                    // The reader ended; it always sends its error first.
-                    None => self.batches = None,
-                },
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot count the local topic's partitions");
+                session.close(LinkErrorCode::Unavailable, e.to_string());
+            }
+            Err(_) => {
+                warn!("counting the local topic's partitions timed out");
+                session.close(
+                    LinkErrorCode::Unavailable,
+                    format!("the local topic's partitions not counted within {DESCRIBE_TIMEOUT:?}"),
+                );
             }
         }
     }
 
-    fn on_bytes(&mut self, bytes: &[u8]) {
-        self.decoder.extend(bytes);
-        loop {
-            match self.decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    let now = self.now();
-                    if let Err(e) = self.session.handle_frame(now, frame) {
-                        if e != dtfed_proto::link::SessionError::Closed {
-                            warn!(error = %e, "refusing the receiver's frame; ending the stream");
-                        }
-                        return;
+    fn on_batch(&mut self, session: &mut MirrorServe, batch: Result<OriginBatch, LogError>) {
+        match batch {
+            Ok(batch) => {
+                let next = batch.records.last().map(|r| r.offset.saturating_add(1));
+                let hw = batch.high_watermark;
+                self.slot.update(|s| {
+                    s.high_watermark = Some(hw);
+                    if next.is_some() {
+                        s.sent_next_offset = next;
                     }
+                });
+                match session.queue_records(batch.records, hw) {
+                    Ok(()) | Err(dtfed_proto::link::SessionError::Closed) => {}
+                    Err(e) => error!(error = %e, "cannot serve the partition"),
                 }
-                Ok(None) => return,
-                Err(e) => {
-                    warn!(error = %e, "undecodable input from the receiver; ending the stream");
-                    self.session
-                        .close(LinkErrorCode::ProtocolViolation, e.to_string());
-                    return;
-                }
+            }
+            Err(e) => {
+                let code = match &e {
+                    LogError::OffsetOutOfRange { earliest } => LinkErrorCode::OffsetOutOfRange {
+                        earliest: *earliest,
+                    },
+                    LogError::UnknownPartition(_) => LinkErrorCode::UnknownPartition,
+                    LogError::Unavailable(_) => LinkErrorCode::Unavailable,
+                    LogError::Other(_) => LinkErrorCode::Internal,
+                };
+                warn!(error = %e, code = %code, "cannot read the local topic; ending the stream");
+                self.batches = None;
+                session.close(code, e.to_string());
             }
         }
     }
+}
 
-    fn handle_events(&mut self) {
-        while let Some(event) = self.session.poll_event() {
+impl StreamSide for StreamServer {
+    type Session = MirrorServe;
+    /// A stream ends when the session closes or the receiver finishes its half: nothing to
+    /// report.
+    type End = ();
+    type Stop = ();
+    type Wake = Option<Result<OriginBatch, LogError>>;
+
+    async fn handle_events(&mut self, session: &mut MirrorServe, _end: &mut Option<()>) {
+        while let Some(event) = session.poll_event() {
             match event {
                 ServeEvent::Subscribe {
                     topic,
@@ -647,7 +615,7 @@ impl StreamServer {
                 }
                 ServeEvent::Describe { topic } => {
                     debug!(topic = %topic, "receiver asks for the partition count");
-                    self.describe = true;
+                    self.answer_describe(session).await;
                 }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");
@@ -668,110 +636,82 @@ impl StreamServer {
         }
     }
 
-    /// Answers a `Describe` with the local topic's partition count (bounded wait).
-    async fn answer_describe(&mut self) {
-        let counted = timeout(DESCRIBE_TIMEOUT, self.shared.log.partitions()).await;
-        match counted {
-            Ok(Ok(n)) => {
-                if let Err(e) = self.session.describe(n) {
-                    debug!(error = %e, "describe not answered");
-                }
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, "cannot count the local topic's partitions");
-                self.session
-                    .close(LinkErrorCode::Unavailable, e.to_string());
-            }
-            Err(_) => {
-                warn!("counting the local topic's partitions timed out");
-                self.session.close(
-                    LinkErrorCode::Unavailable,
-                    format!("the local topic's partitions not counted within {DESCRIBE_TIMEOUT:?}"),
-                );
-            }
-        }
-    }
-
-    fn on_batch(&mut self, batch: Result<OriginBatch, LogError>) {
-        match batch {
-            Ok(batch) => {
-                let next = batch.records.last().map(|r| r.offset.saturating_add(1));
-                let hw = batch.high_watermark;
-                self.slot.update(|s| {
-                    s.high_watermark = Some(hw);
-                    if next.is_some() {
-                        s.sent_next_offset = next;
-                    }
-                });
-                match self.session.queue_records(batch.records, hw) {
-                    Ok(()) | Err(dtfed_proto::link::SessionError::Closed) => {}
-                    Err(e) => error!(error = %e, "cannot serve the partition"),
-                }
-            }
-            Err(e) => {
-                let code = match &e {
-                    LogError::OffsetOutOfRange { earliest } => LinkErrorCode::OffsetOutOfRange {
-                        earliest: *earliest,
-                    },
-                    LogError::UnknownPartition(_) => LinkErrorCode::UnknownPartition,
-                    LogError::Unavailable(_) => LinkErrorCode::Unavailable,
-                    LogError::Other(_) => LinkErrorCode::Internal,
-                };
-                warn!(error = %e, code = %code, "cannot read the local topic; ending the stream");
-                self.batches = None;
-                self.session.close(code, e.to_string());
-            }
-        }
-    }
-
-    /// Writes everything the session has to send. Awaiting the write is the backpressure.
-    async fn flush(&mut self, cancel: &CancellationToken) -> Result<(), Abandon> {
-        while let Some(frame) = self.session.poll_transmit() {
-            // The session bounds every frame; failing here is a bug, and skipping the frame
-            // would lose records silently: abandon the stream instead.
-            encode(&frame, &mut self.out).map_err(|e| {
-                error!(error = %e, frame = frame.kind(), "cannot encode a frame");
-                format!("cannot encode a {} frame: {e}", frame.kind())
-            })?;
-        }
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let closing = cancel.is_cancelled();
-        let limit = if closing {
+    fn write_limit(&self, _closing: bool) -> Duration {
+        // A stream closing on its own (the log failed) still gets the full stall limit;
+        // only a shutdown hurries the goodbye.
+        if self.cancel.is_cancelled() {
             self.shared.config.shutdown_grace
         } else {
             self.shared.config.write_stall_timeout
-        };
-        // Backpressure: each `write` waits while the receiver's QUIC stream window (and the
-        // connection's) is full, i.e. until the receiver has read and appended what is in
-        // flight; the reader task stops meanwhile because its channel is full. The stall
-        // limit is on *progress* (no byte accepted for `limit`), not on the whole buffer:
-        // a receiver that drains slowly, or whose connection window is shared with busier
-        // streams, is slow, not dead, and abandoning its stream would throw away (and later
-        // re-send) everything already in its window.
-        let mut written = 0;
-        let result = loop {
-            let Some(rest) = self.out.get(written..).filter(|r| !r.is_empty()) else {
-                break Ok(());
-            };
-            let step = tokio::select! {
-                r = self.send.write(rest) => r.map_err(|e| format!("write failed: {e}")),
-                () = sleep(limit) => {
-                    if !closing {
-                        warn!(stalled_for = ?limit, unwritten = rest.len(), "receiver is not reading; abandoning the stream");
-                    }
-                    Err(format!("no write progress for {limit:?}"))
-                }
-                () = cancel.cancelled(), if !closing => Err("shutting down".to_owned()),
-            };
-            match step {
-                Ok(n) => written += n,
-                Err(e) => break Err(e),
+        }
+    }
+
+    fn stop(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.cancel.clone().cancelled_owned()
+    }
+
+    fn on_stop(&mut self, session: &mut MirrorServe, (): ()) -> Option<()> {
+        session.close(
+            LinkErrorCode::Unavailable,
+            "the origin daemon is shutting down",
+        );
+        None
+    }
+
+    async fn wake(&mut self) -> Option<Result<OriginBatch, LogError>> {
+        next_batch(&mut self.batches).await
+    }
+
+    async fn on_wake(
+        &mut self,
+        session: &mut MirrorServe,
+        batch: Option<Result<OriginBatch, LogError>>,
+    ) -> Option<()> {
+        match batch {
+            Some(batch) => self.on_batch(session, batch),
+            // The reader ended; it always sends its error first.
+            None => self.batches = None,
+        }
+        None
+    }
+
+    fn on_peer(&mut self, _session: &mut MirrorServe, input: PeerInput) -> Option<()> {
+        match input {
+            PeerInput::Finished => {
+                debug!("receiver finished its side of the stream");
+                Some(())
             }
-        };
-        self.out.clear();
-        result
+            PeerInput::ReadFailed(e) => {
+                debug!(error = %e, "mirror stream read failed");
+                Some(())
+            }
+            PeerInput::Undecodable(e) => {
+                warn!(error = %e, "undecodable input from the receiver; ending the stream");
+                None
+            }
+            PeerInput::Refused(e) => {
+                if e != dtfed_proto::link::SessionError::Closed {
+                    warn!(error = %e, "refusing the receiver's frame; ending the stream");
+                }
+                None
+            }
+        }
+    }
+
+    fn abandoned(&mut self, _end: Option<()>, why: String) {
+        if why.starts_with("no write progress") && !self.cancel.is_cancelled() {
+            warn!(reason = %why, "receiver is not reading; abandoning the stream");
+        } else {
+            debug!(reason = %why, "mirror stream abandoned");
+        }
+    }
+
+    async fn finished(&mut self, _end: Option<()>, send: &mut SendStream) {
+        if self.cancel.is_cancelled() {
+            // Let the peer receive the goodbye before the connection closes.
+            let _ = timeout(self.shared.config.shutdown_grace, send.stopped()).await;
+        }
+        debug!("mirror stream finished");
     }
 }
 
