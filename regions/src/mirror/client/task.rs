@@ -1,0 +1,430 @@
+//! One (origin, partition) being mirrored ([`PartitionTask`]): link, tail, stream, in a
+//! loop with backoff; appends and gaps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dtfed_proto::link::{LinkRecord, MirrorPull, PullConfig};
+use dtfed_proto::record::now_ms;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::endpoint::PeerConnection;
+use crate::mirror::client::pull::PullStream;
+use crate::mirror::client::{lock, ClientInner, PeerLink, READ_BUDGET, READ_CHUNK};
+use crate::mirror::latency::AgeHistogram;
+use crate::mirror::log::LogError;
+use crate::mirror::stream::StreamDriver;
+use crate::mirror::{Backoff, MirrorTaskState, MirrorTaskStatus};
+
+/// How one attempt (tail, link, stream) ended.
+pub(super) enum Outcome {
+    Shutdown,
+    Paused,
+    /// A gap was reported; resume at once from past it.
+    Gap,
+    /// No link to the peer: its own backoff paces the next dial.
+    NoLink(String),
+    Failed {
+        reason: String,
+        /// Retrying soon may work (else: wait the longest backoff and alert).
+        transient: bool,
+        /// This attempt wrote records (resets the backoff).
+        progressed: bool,
+    },
+}
+
+/// Resolves once `rx` says paused.
+pub(super) async fn until_paused(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|paused| *paused).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves once `rx` says not paused.
+pub(super) async fn until_resumed(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|paused| !*paused).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One (origin, partition) being mirrored.
+pub(super) struct PartitionTask {
+    pub(super) inner: Arc<ClientInner>,
+    pub(super) peer: Arc<PeerLink>,
+    pub(super) origin: String,
+    pub(super) topic: String,
+    pub(super) partition: i32,
+    pub(super) key: (String, i32),
+    /// Origin offset of the last record in the mirror partition: the tail as last read,
+    /// then advanced by every append.
+    pub(super) written: Option<i64>,
+    /// The lowest offset worth asking for (one past the last gap).
+    pub(super) floor: i64,
+    pub(super) high_watermark: Option<i64>,
+}
+
+impl PartitionTask {
+    pub(super) fn update(&self, f: impl FnOnce(&mut MirrorTaskStatus)) {
+        if let Some(s) = lock(&self.inner.tasks).get_mut(&self.key) {
+            f(s);
+        }
+    }
+
+    pub(super) fn set_state(&self, state: MirrorTaskState) {
+        self.update(|s| s.state = state);
+    }
+
+    /// The next origin offset the mirror partition needs.
+    pub(super) fn next_needed(&self) -> i64 {
+        self.written
+            .map_or(0, |w| w.saturating_add(1))
+            .max(self.floor)
+    }
+
+    pub(super) fn update_offsets(&self) {
+        let written = self.written;
+        let hw = self.high_watermark;
+        let lag = hw.map(|hw| hw.saturating_sub(self.next_needed()).max(0));
+        self.update(|s| {
+            s.mirrored_offset = written;
+            s.origin_high_watermark = hw;
+            s.lag_records = lag;
+        });
+    }
+
+    pub(super) async fn run(&mut self, shutdown: CancellationToken) {
+        let config = &self.inner.config;
+        let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
+        let mut paused = self.peer.paused.subscribe();
+        info!(topic = %self.topic, "mirror task started");
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let is_paused = *paused.borrow_and_update();
+            if is_paused {
+                self.set_state(MirrorTaskState::Paused);
+                info!("mirror task paused");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = until_resumed(&mut paused) => {}
+                }
+                info!("mirror task resumed");
+                backoff.reset();
+                continue;
+            }
+            self.set_state(MirrorTaskState::Connecting);
+            match self.attempt(&shutdown, &mut paused).await {
+                Outcome::Shutdown => break,
+                Outcome::Paused => {}
+                Outcome::Gap => backoff.reset(),
+                Outcome::NoLink(reason) => {
+                    self.set_state(MirrorTaskState::Backoff(reason));
+                }
+                Outcome::Failed {
+                    reason,
+                    transient,
+                    progressed,
+                } => {
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    if progressed {
+                        backoff.reset();
+                    }
+                    let delay = if transient {
+                        let delay = backoff.next_delay();
+                        warn!(reason = %reason, retry_in = ?delay, "mirror stream ended; will resume from the tail");
+                        delay
+                    } else {
+                        let delay = backoff.max_delay();
+                        error!(reason = %reason, retry_in = ?delay, "origin refused mirroring; needs an operator");
+                        delay
+                    };
+                    self.set_state(MirrorTaskState::Backoff(reason));
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = sleep(delay) => {}
+                        () = until_paused(&mut paused) => {}
+                    }
+                }
+            }
+        }
+        info!("mirror task stopped");
+    }
+
+    /// Link, tail, stream: one try.
+    pub(super) async fn attempt(
+        &mut self,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let peer = self.peer.clone();
+        // The tail is read while the link is set up, not after: this task is the mirror
+        // partition's only writer (its lease) and appends nothing before it subscribes, so
+        // a tail read alongside the dial is as current as one read after it, and after a
+        // heal the link and the tail are ready together instead of one after the other.
+        let log = self.inner.log.clone();
+        let (conn, tail) = tokio::select! {
+            () = shutdown.cancelled() => return Outcome::Shutdown,
+            () = until_paused(paused) => return Outcome::Paused,
+            both = async {
+                tokio::join!(
+                    peer.connection(&self.inner.endpoint),
+                    log.tail(&self.origin, self.partition)
+                )
+            } => both,
+        };
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
+        };
+        if let Some(refused) = self.check_partitions(&conn, shutdown, paused).await {
+            return refused;
+        }
+        let span = info_span!("stream", peer = %conn.remote_address());
+        self.subscribe(conn, tail, shutdown, paused)
+            .instrument(span)
+            .await
+    }
+
+    /// Checks that the origin's partition count is the mirror topic's (once per link):
+    /// partition p is mirrored into mirror partition p, so an origin partition beyond the
+    /// mirror topic's would never be mirrored, and one the origin lacks would never be
+    /// served. A mismatch refuses the link for every task of the origin, with a reason the
+    /// operator sees in the task's state, the link's last error and the logs.
+    pub(super) async fn check_partitions(
+        &self,
+        conn: &PeerConnection,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        let told = tokio::select! {
+            () = shutdown.cancelled() => return Some(Outcome::Shutdown),
+            () = until_paused(paused) => return Some(Outcome::Paused),
+            told = self.ask_partitions(conn, self.inner.config.timers.idle_timeout, false) => told?,
+        };
+        self.judge_partitions(told)
+    }
+
+    /// The origin's partition count (`None`: not checked for this peer); `fresh` asks again
+    /// even if this link answered before.
+    pub(super) async fn ask_partitions(
+        &self,
+        conn: &PeerConnection,
+        limit: Duration,
+        fresh: bool,
+    ) -> Option<Result<Option<i32>, String>> {
+        self.peer.expected_partitions?;
+        let local = self.inner.endpoint.region();
+        Some(
+            self.peer
+                .origin_partitions(conn, local, &self.topic, limit, fresh)
+                .await,
+        )
+    }
+
+    /// What the origin's answer means for this task: `None` to go on.
+    pub(super) fn judge_partitions(&self, told: Result<Option<i32>, String>) -> Option<Outcome> {
+        let expected = self.peer.expected_partitions?;
+        match told {
+            Ok(Some(n)) if n != expected => {
+                let reason = format!(
+                    "partition count mismatch: {}'s topic {} has {n} partitions, the mirror \
+                     topic here has {expected}; mirroring from {} is refused until they match \
+                     (set [[federation.peers]] partitions = {n} for {} and give \
+                     dtfed.mirror.{} {n} partitions)",
+                    self.origin, self.topic, self.origin, self.origin, self.origin
+                );
+                lock(&self.peer.info).last_error = Some(reason.clone());
+                Some(Outcome::Failed {
+                    reason,
+                    transient: false,
+                    progressed: false,
+                })
+            }
+            Ok(_) => None,
+            Err(e) => Some(Outcome::Failed {
+                reason: format!("cannot learn the origin's partition count: {e}"),
+                transient: true,
+                progressed: false,
+            }),
+        }
+    }
+
+    /// Stream and session on `conn`, resuming after `tail` (the mirror partition's tail,
+    /// as just read).
+    pub(super) async fn subscribe(
+        &mut self,
+        conn: PeerConnection,
+        tail: Result<Option<i64>, LogError>,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        match tail {
+            Ok(tail) => {
+                self.written = tail;
+                self.update_offsets();
+            }
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: format!("cannot read the mirror tail: {e}"),
+                    transient: true,
+                    progressed: false,
+                }
+            }
+        }
+        let resume_from = self.next_needed();
+
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return Outcome::Shutdown,
+            () = until_paused(paused) => return Outcome::Paused,
+            opened = conn.connection().open_bi() => opened,
+        };
+        let (send, recv) = match opened {
+            Ok(streams) => streams,
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: format!("cannot open a stream: {e}"),
+                    transient: true,
+                    progressed: false,
+                }
+            }
+        };
+        self.update(|s| s.streams_opened += 1);
+        self.stream(&conn, send, recv, resume_from, shutdown, paused)
+            .await
+    }
+
+    /// Runs one [`MirrorPull`] session on a fresh stream ([`PullStream`]).
+    pub(super) async fn stream(
+        &mut self,
+        conn: &PeerConnection,
+        send: SendStream,
+        recv: RecvStream,
+        resume_from: i64,
+        shutdown: &CancellationToken,
+        paused: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let config = self.inner.config.clone();
+        let cfg = PullConfig {
+            local_region: self.inner.endpoint.region().to_owned(),
+            origin: self.origin.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            resume_from,
+            timers: config.timers,
+        };
+        let session = MirrorPull::new(cfg, Duration::ZERO);
+        // The origin's partition count may change while streams run (an operator added
+        // partitions): partition 0's task asks again now and then, so the mismatch shows.
+        let recheck = self.partition == 0 && self.peer.expected_partitions.is_some();
+        debug!(resume_from, "subscribing");
+        let side = PullStream {
+            recheck_at: Instant::now() + config.partitions_recheck,
+            task: self,
+            conn,
+            shutdown: shutdown.clone(),
+            paused: paused.clone(),
+            progressed: false,
+            recheck,
+            resume_from,
+            config,
+        };
+        StreamDriver::new(side, session, send, recv, READ_CHUNK, READ_BUDGET)
+            .run()
+            .await
+    }
+
+    /// Appends `records` after the tail; returns one past the last offset written, or
+    /// `None` if there was nothing new.
+    pub(super) async fn write(
+        &mut self,
+        records: Vec<LinkRecord>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<i64>, String> {
+        // The session already dropped anything at or below where it resumed; check again at
+        // the boundary that matters, against what the mirror partition holds.
+        let mut last = self.written;
+        let mut fresh = Vec::with_capacity(records.len());
+        let mut dropped = 0usize;
+        for r in records {
+            if last.is_some_and(|l| r.offset <= l) {
+                dropped += 1;
+                continue;
+            }
+            last = Some(r.offset);
+            fresh.push(r);
+        }
+        if dropped > 0 {
+            warn!(dropped, tail = ?self.written, "dropped records at or below the mirror tail");
+        }
+        let (Some(last_record), Some(last_offset)) = (fresh.last(), last) else {
+            return Ok(None);
+        };
+        let last_ts = last_record.timestamp_ms;
+        let count = fresh.len();
+        let log = self.inner.log.clone();
+        let append = log.append(&self.origin, self.partition, &fresh);
+        tokio::pin!(append);
+        let result = tokio::select! {
+            r = &mut append => r,
+            () = shutdown.cancelled() => {
+                // Let an append under way finish: abandoned, it could land later than the
+                // next owner's tail read.
+                let grace = self.inner.config.append_grace;
+                match timeout(grace, &mut append).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        error!(?grace, "mirror append still pending at shutdown; abandoning it");
+                        return Err(format!("append still pending {grace:?} after shutdown"));
+                    }
+                }
+            }
+        };
+        result.map_err(|e| format!("cannot append to the mirror topic: {e}"))?;
+        let acked_ms = now_ms();
+        let mut ages = AgeHistogram::default();
+        for r in fresh.iter().filter(|r| r.timestamp_ms >= 0) {
+            ages.record(acked_ms.saturating_sub(r.timestamp_ms));
+        }
+        lock(&self.inner.ages)
+            .entry(self.origin.clone())
+            .or_default()
+            .merge(&ages);
+        self.written = Some(last_offset);
+        self.update_offsets();
+        self.update(|s| {
+            s.last_record_ts_ms = Some(last_ts);
+            s.records_mirrored += count as u64;
+            s.append_age.merge(&ages);
+        });
+        Ok(Some(last_offset.saturating_add(1)))
+    }
+
+    /// Reports a gap: logs, counts, records it; then resumes past it.
+    pub(super) async fn on_gap(&mut self, from: i64, to: i64) -> Result<(), String> {
+        warn!(
+            from,
+            to,
+            missing_offsets = to.saturating_sub(from).saturating_add(1),
+            "the origin no longer retains these offsets: gap in the mirror"
+        );
+        self.inner
+            .log
+            .record_gap(&self.origin, self.partition, from, to)
+            .await
+            .map_err(|e| format!("cannot record gap {from}..={to}: {e}"))?;
+        self.floor = self.floor.max(to.saturating_add(1));
+        self.update_offsets();
+        self.update(|s| {
+            s.gaps += 1;
+            s.last_gap = Some((from, to));
+        });
+        Ok(())
+    }
+}
