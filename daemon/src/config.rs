@@ -29,6 +29,9 @@ pub struct Config {
     /// Mirroring to and from other regions over QUIC; absent for a region on its own.
     #[serde(default)]
     pub federation: Option<dtfed_regions::FederationConfig>,
+    /// STOMP over WebSocket at `/stomp` on the client listener (on by default).
+    #[serde(default)]
+    pub stomp: crate::gateway::stomp::StompConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -407,6 +410,7 @@ impl Config {
                 ));
             }
         }
+        errs.extend(self.stomp.validate());
         if self.history.max_messages == 0 {
             errs.push("history.max_messages must be at least 1".into());
         }

@@ -222,5 +222,6 @@ fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option
         }),
         history: HistoryConfig::default(),
         federation: None,
+        stomp: Default::default(),
     }
 }

@@ -167,6 +167,7 @@ impl Node {
             metrics.clone(),
             opts.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
+            cfg.stomp.clone(),
         );
         let stop_accepting = CancellationToken::new();
         {
