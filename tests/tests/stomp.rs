@@ -438,3 +438,46 @@ async fn stompjs_stays_connected_over_an_idle_minute_on_heart_beats() -> Result<
     assert!(r["close"].is_null(), "{r}");
     Ok(())
 }
+
+/// A RECEIPT means Kafka has the message: with the broker stopped, a SEND with a receipt
+/// gets no RECEIPT, but `ERROR` `unavailable` with its `receipt-id` once
+/// `kafka.publish_timeout_ms` passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_receipt_without_kafka_only_error_unavailable() -> Result<()> {
+    let mut kafka = tokio::task::spawn_blocking(dtfed_tests::KafkaBroker::start).await??;
+    let cfg = ConfigBuilder::new("stomp-outage", "seoul")
+        .kafka(&kafka.bootstrap())
+        .redis(&dtfed_tests::RedisServer::shared()?.url())
+        .set("kafka", "publish_timeout_ms", 2000);
+    let d = start(cfg).await?;
+    let sync = TestDir::new("stomp-outage")?;
+    let script = NodeScript::new("stomp", "outage.mjs")
+        .arg(stomp_url(&d))
+        .arg("archive")
+        .arg(sync.path().display().to_string())
+        .deadline(Duration::from_secs(90))
+        .start()?;
+    let ready = sync.path().join("ready");
+    tokio::task::spawn_blocking(move || wait_for_file(&ready, T)).await??;
+    let go = sync.path().join("go");
+    let mut kafka = tokio::task::spawn_blocking(move || -> Result<_> {
+        kafka.stop()?;
+        std::fs::write(&go, "go")?;
+        Ok(kafka)
+    })
+    .await??;
+    let out = tokio::task::spawn_blocking(move || script.finish()).await??;
+    out.ensure_success()?;
+    let r = &lines(&out, "RESULT")?[0];
+    assert!(r["before"]["dtfed-offset"].is_string(), "{r}");
+    assert!(r["during"].is_null(), "a RECEIPT without Kafka: {r}");
+    assert_eq!(r["error"]["headers"]["dtfed-code"], "unavailable", "{r}");
+    assert_eq!(r["error"]["headers"]["receipt-id"], "during-1", "{r}");
+    assert!(
+        r["errorAfterMs"].as_i64().is_some_and(|ms| ms >= 1500),
+        "{r}"
+    );
+    drop(d);
+    tokio::task::spawn_blocking(move || kafka.stop()).await??;
+    Ok(())
+}
