@@ -1,15 +1,18 @@
 //! STOMP 1.0–1.2 over WebSocket at `/stomp` (`docs/PROTOCOL.md`, "STOMP"), for clients
 //! that speak STOMP (`@stomp/stompjs`, Spring's clients) rather than client protocol v1.
 //!
-//! [`frame`] is the wire format (a bounded, sans-IO decoder and the encoder),
+//! [`frame`] is the wire format (`dtfed_proto::stomp`: a bounded, sans-IO decoder and the
+//! encoder),
 //! [`destinations`] the `[stomp]` config and its destination → room table, and [`session`]
 //! one connection, driving the same rooms, publish, resume and limits as the v1 session.
 //! Admission (Origin allowlist, connection limit) is the v1 upgrade's; authentication comes
 //! with the `CONNECT` frame.
 
 pub mod destinations;
-pub mod frame;
 pub mod session;
+
+/// The frame codec lives with the other wire formats, sans IO, in `dtfed-proto`.
+pub use dtfed_proto::stomp as frame;
 
 use std::sync::Arc;
 

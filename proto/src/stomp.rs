@@ -1,6 +1,8 @@
 //! STOMP frames on the wire, sans IO: [`FrameDecoder`] turns bytes (however the WebSocket
 //! messages split them) into [`Frame`]s and heart-beats, bounded in memory whatever a peer
-//! sends; [`Frame::encode`] writes one. Start with [`FrameDecoder::push`].
+//! sends; [`Frame::encode`] writes one. Start with [`FrameDecoder::push`]. The daemon's
+//! STOMP sessions (`daemon/src/gateway/stomp/`) use it; the `stomp_frame` fuzz target
+//! (`proto/fuzz/bodies/stomp_frame.rs`) checks it.
 //!
 //! The format (STOMP 1.2 §"STOMP Frames"): a command line, header lines `name:value`, an
 //! empty line, the body, a NUL octet. Lines end with LF or CRLF (CR only from 1.2 on; this
@@ -181,13 +183,19 @@ impl FrameDecoder {
         }
     }
 
-    pub fn set_version(&mut self, version: Version) {
-        self.version = version;
+    /// Bytes held (at most one incomplete frame after every frame was taken).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
-    /// Most bytes one frame may take on the wire.
-    fn max_frame_bytes(&self) -> usize {
+    /// Most bytes one frame may take on the wire, and so the most
+    /// [`FrameDecoder::buffered`] holds once every complete frame was taken.
+    pub fn max_frame_bytes(&self) -> usize {
         self.limits.max_header_bytes + self.limits.max_body_bytes + 4
+    }
+
+    pub fn set_version(&mut self, version: Version) {
+        self.version = version;
     }
 
     /// Adds received bytes; take every frame ([`FrameDecoder::next`]) before the next push.
