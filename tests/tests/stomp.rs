@@ -301,8 +301,9 @@ async fn jwt_mode_takes_the_token_from_passcode_and_enforces_its_rooms() -> Resu
         .await?;
     assert_eq!(from_alice["room"], room);
 
-    // Outside the token's rooms: ERROR forbidden, as on /ws.
-    let r = error_case(&d, &["forbidden", "secret-room"], &[("PASSCODE", &alice)]).await?;
+    // Outside the token's rooms: ERROR forbidden, as on /ws (the token given this time in
+    // an `Authorization: Bearer` header).
+    let r = error_case(&d, &["forbidden", "secret-room"], &[("BEARER", &alice)]).await?;
     assert_eq!(r["error"]["headers"]["dtfed-code"], "forbidden", "{r}");
     assert!(r["close"].is_object(), "{r}");
     // A bad token, or none: ERROR unauthorized, close 1008.

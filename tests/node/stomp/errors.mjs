@@ -6,7 +6,11 @@ import WebSocket from 'ws';
 import { connect, record, subscribe, send, out, fail, until, SUBPROTOCOLS } from './lib.mjs';
 
 const [url, kind, arg] = process.argv.slice(2);
-const auth = { login: process.env.LOGIN ?? 'mallory', passcode: process.env.PASSCODE };
+const auth = {
+  login: process.env.LOGIN ?? 'mallory',
+  passcode: process.env.PASSCODE,
+  headers: process.env.BEARER ? { Authorization: `Bearer ${process.env.BEARER}` } : {},
+};
 
 async function finish(events, extra = {}) {
   await until('the close', 15000, () => events.close).catch((e) => fail(`${e.message}: ${JSON.stringify(events)}`));

@@ -3,13 +3,14 @@
 //!
 //! [`frame`] is the wire format (`dtfed_proto::stomp`: a bounded, sans-IO decoder and the
 //! encoder),
-//! [`destinations`] the `[stomp]` config and its destination → room table, and [`session`]
-//! one connection, driving the same rooms, publish, resume and limits as the v1 session.
+//! [`destinations`] the `[stomp]` config and its destination → room table, [`translate`]
+//! messages to frames and back, and [`session`] one connection, driving the same rooms, publish, resume and limits as the v1 session.
 //! Admission (Origin allowlist, connection limit) is the v1 upgrade's; authentication comes
 //! with the `CONNECT` frame.
 
 pub mod destinations;
 pub mod session;
+pub mod translate;
 
 /// The frame codec lives with the other wire formats, sans IO, in `dtfed-proto`.
 pub use dtfed_proto::stomp as frame;
