@@ -482,3 +482,89 @@ async fn no_receipt_without_kafka_only_error_unavailable() -> Result<()> {
     tokio::task::spawn_blocking(move || kafka.stop()).await??;
     Ok(())
 }
+
+/// Version negotiation and what differs between versions, on the raw wire: 1.0 (no
+/// `accept-version`) needs no subscription id and escapes no header; 1.2 escapes (a `:` in
+/// a player's name is `\c`); no version in common is an ERROR naming the supported ones.
+/// Admission is `/ws`'s: an Origin outside `client.allowed_origins` is refused with 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_1_0_to_1_2_negotiate_and_escape_as_the_spec_says() -> Result<()> {
+    let cfg = ConfigBuilder::shared("stomp-versions", "seoul")?
+        .unthrottled()
+        .set("client", "allowed_origins", vec!["https://play.example"]);
+    let d = start(cfg).await?;
+    let run = |accept: &str, room: &str| {
+        NodeScript::new("stomp", "versions.mjs")
+            .arg(stomp_url(&d))
+            .arg(accept)
+            .arg("ann:the:bard")
+            .arg(room)
+            .deadline(Duration::from_secs(30))
+    };
+    let result = |out: &NodeOutput| -> Result<Value> {
+        out.ensure_success()?;
+        lines(out, "RESULT")?.pop().context("no RESULT")
+    };
+    let r = result(&node(run("-", "v10")).await?)?;
+    let frames: Vec<&str> = r["frames"]
+        .as_array()
+        .context("frames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(frames[0].contains("\nversion:1.0\n"), "{r}");
+    let msg = frames
+        .iter()
+        .find(|f| f.starts_with("MESSAGE"))
+        .context("MESSAGE")?;
+    assert!(msg.contains("\ndtfed-from:ann:the:bard\n"), "{msg}");
+    assert!(msg.contains("\nsubscription:/sub/chat/room/v10\n"), "{msg}");
+
+    let r = result(&node(run("1.1,1.2", "v12").env("WITH_ID", "1")).await?)?;
+    assert_eq!(r["protocol"], "v12.stomp");
+    let frames: Vec<&str> = r["frames"]
+        .as_array()
+        .context("frames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(frames[0].contains("\nversion:1.2\n"), "{r}");
+    let msg = frames
+        .iter()
+        .find(|f| f.starts_with("MESSAGE"))
+        .context("MESSAGE")?;
+    assert!(msg.contains("\ndtfed-from:ann\\cthe\\cbard\n"), "{msg}");
+    assert!(msg.contains("\nsubscription:s-1\n"), "{msg}");
+    // From 1.1 on a subscription needs an id.
+    let r = result(&node(run("1.2", "v12b")).await?)?;
+    let frames: Vec<&str> = r["frames"]
+        .as_array()
+        .context("frames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.starts_with("ERROR") && f.contains("needs an id")),
+        "{r}"
+    );
+    assert!(!frames.iter().any(|f| f.starts_with("MESSAGE")), "{r}");
+
+    let r = result(&node(run("2.0", "v20")).await?)?;
+    let frames: Vec<&str> = r["frames"]
+        .as_array()
+        .context("frames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        frames[0].starts_with("ERROR") && frames[0].contains("\nversion:1.0,1.1,1.2\n"),
+        "{r}"
+    );
+
+    let url = stomp_url(&d);
+    let status = WsClient::handshake_status(&url, &[("Origin", "https://evil.example")]).await?;
+    assert_eq!(status, 403);
+    Ok(())
+}
