@@ -568,3 +568,36 @@ async fn versions_1_0_to_1_2_negotiate_and_escape_as_the_spec_says() -> Result<(
     assert_eq!(status, 403);
     Ok(())
 }
+
+/// SIGTERM: a STOMP client is told why (`ERROR` "server shutting down") and closed with
+/// 1001, as v1 players are, and the daemon exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_says_error_then_closes_1001() -> Result<()> {
+    let cfg = ConfigBuilder::shared("stomp-shutdown", "seoul")?;
+    let mut d = start(cfg).await?;
+    let sync = TestDir::new("stomp-shutdown")?;
+    let script = NodeScript::new("stomp", "errors.mjs")
+        .arg(stomp_url(&d))
+        .arg("shutdown")
+        .arg(sync.path().display().to_string())
+        .deadline(Duration::from_secs(60))
+        .start()?;
+    let ready = sync.path().join("ready");
+    let status = tokio::task::spawn_blocking(move || -> Result<_> {
+        wait_for_file(&ready, T)?;
+        d.terminate()
+    })
+    .await??;
+    assert!(status.success(), "{status}");
+    let out = tokio::task::spawn_blocking(move || script.finish()).await??;
+    out.ensure_success()?;
+    let r = &lines(&out, "RESULT")?[0];
+    assert_eq!(r["close"]["code"], 1001, "{r}");
+    assert!(
+        r["error"]["headers"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("server shutting down")),
+        "{r}"
+    );
+    Ok(())
+}

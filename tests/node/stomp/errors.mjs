@@ -1,7 +1,9 @@
 // A STOMP client that does one wrong thing and reports the ERROR and the close:
 // node errors.mjs <stomp url> <case>
 // cases: bad-destination, too-large <bytes>, rate <sends>, forbidden <room>, unauthorized,
-//        bad-frame. LOGIN / PASSCODE from env. Prints RESULT {error, close, receipts}.
+//        bad-frame, shutdown <sync dir> (subscribe, write <sync dir>/ready, wait for the
+//        server to close). LOGIN / PASSCODE from env. Prints RESULT {error, close, receipts}.
+import { writeFileSync } from 'node:fs';
 import WebSocket from 'ws';
 import { connect, record, subscribe, send, out, fail, until, SUBPROTOCOLS } from './lib.mjs';
 
@@ -52,6 +54,10 @@ if (kind === 'bad-destination') {
   client.subscribe('/topic/nowhere', () => {}, { id: 'x', receipt: 'sub-x' });
 } else if (kind === 'forbidden') {
   client.subscribe(`/sub/chat/room/${arg}`, () => {}, { id: 'x', receipt: 'sub-x' });
+} else if (kind === 'shutdown') {
+  await subscribe(client, '/sub/chat/room/lobby', () => {}, { id: 'lobby' });
+  writeFileSync(`${arg}/ready`, 'yes');
+  await until('the close', 30000, () => events.close).catch((e) => fail(e.message));
 } else if (kind === 'too-large') {
   client.publish({ destination: '/pub/chat/room/big', body: 'x'.repeat(Number(arg)), headers: { receipt: 'big-1' } });
 } else if (kind === 'rate') {
