@@ -2,18 +2,20 @@
 // 18 has no global WebSocket), promises for connect/receipt/error/close, and output.
 // Every script prints what it saw as JSON lines on stdout (`RESULT {...}` last) and exits
 // non-zero on failure; tests/tests/stomp.rs reads that output.
+import { writeSync } from 'node:fs';
 import { Client } from '@stomp/stompjs';
 import WebSocket from 'ws';
 
 export const SUBPROTOCOLS = ['v12.stomp', 'v11.stomp', 'v10.stomp'];
 
 export function fail(why) {
-  console.error(`FAIL ${why}`);
+  writeSync(2, `FAIL ${why}\n`);
   process.exit(1);
 }
 
+/** One output line, written synchronously: `process.exit` drops what a pipe has not taken. */
 export function out(kind, value) {
-  console.log(`${kind} ${JSON.stringify(value)}`);
+  writeSync(1, `${kind} ${JSON.stringify(value)}\n`);
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
