@@ -642,3 +642,26 @@ async fn a_long_resume_from_the_log_arrives_whole_and_in_order() -> Result<()> {
     }
     Ok(())
 }
+
+/// `dtfed-ref` makes a SEND idempotent like v1's `ref`: a retry gets the RECEIPT of the
+/// message already stored (same offset), never a second copy; another ref is another
+/// message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_retried_with_the_same_dtfed_ref_is_stored_once() -> Result<()> {
+    let cfg = ConfigBuilder::shared("stomp-idempotent", "seoul")?.unthrottled();
+    let d = start(cfg).await?;
+    let out = node(
+        NodeScript::new("stomp", "idempotent.mjs")
+            .arg(stomp_url(&d))
+            .arg("dice")
+            .deadline(Duration::from_secs(60)),
+    )
+    .await?;
+    out.ensure_success()?;
+    let r = &lines(&out, "RESULT")?[0]["receipts"];
+    assert_eq!(r[0]["dtfed-offset"], r[1]["dtfed-offset"], "{r}");
+    assert_ne!(r[0]["dtfed-offset"], r[2]["dtfed-offset"], "{r}");
+    let stored = stored(&d, "dice").await?;
+    assert_eq!(stored.len(), 2, "{stored:#?}");
+    Ok(())
+}
