@@ -409,6 +409,20 @@ async fn heart_beats_keep_a_connection_alive_and_their_absence_closes_it() -> Re
         (1900..3500).contains(&after),
         "closed after {after} ms: {r}"
     );
+
+    // Heart-beats without a CONNECT do not hold a socket: closed after the idle timeout.
+    let out = node(raw("300").env("NO_CONNECT", "1")).await?;
+    out.ensure_success()?;
+    let r = &lines(&out, "RESULT")?[0];
+    assert_eq!(r["close"]["code"], 4003, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no CONNECT")),
+        "{r}"
+    );
+    let after = r["closedAfter"].as_i64().unwrap_or(0);
+    assert!((900..2500).contains(&after), "closed after {after} ms: {r}");
     Ok(())
 }
 

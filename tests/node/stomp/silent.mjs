@@ -1,7 +1,8 @@
 // A raw STOMP client (the ws package, no STOMP library) that promises heart-beats:
 // node silent.mjs <stomp url> <heart-beat> <beat every ms|0> <watch ms>
 // Sends CONNECT with heart-beat:<heart-beat>, then an EOL every <beat every ms> (0: never)
-// for <watch ms>; prints RESULT {connected, serverBeats, error, close, closedAfter}.
+// for <watch ms>; prints RESULT {connected, serverBeats, error, close, closedAfter}. With env
+// NO_CONNECT set it never sends CONNECT (closedAfter counts from the open).
 import WebSocket from 'ws';
 import { sleep, out, SUBPROTOCOLS } from './lib.mjs';
 
@@ -20,7 +21,8 @@ ws.on('close', (code, reason) => {
   seen.closedAfter = Date.now() - started;
 });
 await new Promise((r) => ws.on('open', r));
-ws.send(`CONNECT\naccept-version:1.1,1.2\nhost:x\nlogin:raw\nheart-beat:${heartBeat}\n\n\0`);
+if (process.env.NO_CONNECT) started = Date.now();
+else ws.send(`CONNECT\naccept-version:1.1,1.2\nhost:x\nlogin:raw\nheart-beat:${heartBeat}\n\n\0`);
 const end = Date.now() + Number(watch);
 while (Date.now() < end && !seen.close) {
   if (Number(every) > 0) {

@@ -222,6 +222,14 @@ impl Session {
                         self.gw.metrics.closed("token_expired");
                         return Err(End::error(ErrorCode::Unauthorized, "token expired").closing(CLOSE_POLICY));
                     }
+                    if self.player.is_none() && start + idle_after <= now {
+                        // Heart-beats or pings do not keep an unauthenticated socket open.
+                        self.gw.metrics.closed("idle");
+                        return Err(End::error(
+                            ErrorCode::Unauthorized,
+                            format!("no CONNECT within {} ms", idle_after.as_millis()),
+                        ).closing(CLOSE_IDLE));
+                    }
                     if heard + allowed <= now {
                         if self.pending.len() < MAX_IN_FLIGHT {
                             self.gw.metrics.closed("idle");
@@ -246,6 +254,9 @@ impl Session {
                         }
                     }
                     let mut due = heard + allowed;
+                    if self.player.is_none() {
+                        due = due.min(start + idle_after);
+                    }
                     if self.hear_every.is_none() {
                         due = due.min(next_ping);
                     }
