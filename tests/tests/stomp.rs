@@ -679,3 +679,59 @@ async fn a_send_retried_with_the_same_dtfed_ref_is_stored_once() -> Result<()> {
     assert_eq!(stored.len(), 2, "{stored:#?}");
     Ok(())
 }
+
+/// Redis (the bus) killed and restarted while a room is busy: live delivery to a STOMP
+/// subscriber has a hole, and the session backfills it from history before going on, so
+/// the STOMP client gets exactly the acknowledged messages, in order, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_costs_a_stomp_subscriber_nothing() -> Result<()> {
+    let redis = tokio::task::spawn_blocking(dtfed_tests::RedisServer::start).await??;
+    let brokers =
+        tokio::task::spawn_blocking(|| dtfed_tests::KafkaBroker::shared().map(|k| k.bootstrap()))
+            .await??;
+    let cfg = ConfigBuilder::new("stomp-redis-restart", "seoul")
+        .unthrottled()
+        .kafka(&brokers)
+        .redis(&redis.url())
+        .partitions(2);
+    let d = start(cfg).await?;
+    let total = 120;
+    let sync = TestDir::new("stomp-redis")?;
+    let watcher = NodeScript::new("stomp", "resume.mjs")
+        .arg(stomp_url(&d))
+        .arg("tower")
+        .arg("-")
+        .arg(total.to_string())
+        .env("SYNC_DIR", sync.path().display().to_string())
+        .env("WAIT_MS", "60000")
+        .deadline(Duration::from_secs(90))
+        .start()?;
+    let flag = sync.path().join("subscribed");
+    tokio::task::spawn_blocking(move || wait_for_file(&flag, T)).await??;
+    let mut caller = WsClient::connect(&d.ws_url_as("caller")).await?;
+    let mut acked = Vec::new();
+    let mut redis = Some(redis);
+    for i in 0..total {
+        if i == 40 {
+            let mut r = redis.take().context("redis")?;
+            r = tokio::task::spawn_blocking(move || r.kill().map(|_| r)).await??;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            r = tokio::task::spawn_blocking(move || r.restart().map(|_| r)).await??;
+            redis = Some(r);
+        }
+        let a = caller
+            .publish("tower", json!({"text": format!("bell {i}")}), T)
+            .await?;
+        acked.push(a["offset"].as_i64().unwrap_or(-1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || watcher.finish()).await??;
+    out.ensure_success()?;
+    let got: Vec<i64> = lines(&out, "MESSAGE")?
+        .iter()
+        .map(|m| position(m).1)
+        .collect();
+    assert_eq!(got, acked);
+    drop(redis);
+    Ok(())
+}

@@ -2,6 +2,9 @@
 // Subscribes (with the dtfed-since header unless the cursor is "-"), waits for <count>
 // messages and one more second for any extra, prints every MESSAGE and RESULT {cursor}:
 // the cursor after them, built from dtfed-origin / dtfed-offset as a client keeps it.
+// Env SYNC_DIR: write <SYNC_DIR>/subscribed once subscribed; WAIT_MS: how long to wait for
+// the messages (default 15000).
+import { writeFileSync } from 'node:fs';
 import { connect, record, subscribe, describe, until, sleep, out, fail } from './lib.mjs';
 
 const [url, room, since, count] = process.argv.slice(2);
@@ -16,7 +19,8 @@ await Promise.race([
   subscribe(session.client, `/sub/chat/room/${room}`, (m) => got.push(describe(m)), headers),
   until('an ERROR', 15000, refused).catch(() => {}),
 ]);
-await until(`${count} messages`, 15000, () => got.length >= Number(count) || refused()).catch((e) =>
+if (process.env.SYNC_DIR) writeFileSync(`${process.env.SYNC_DIR}/subscribed`, 'yes');
+await until(`${count} messages`, Number(process.env.WAIT_MS ?? 15000), () => got.length >= Number(count) || refused()).catch((e) =>
   fail(`${e.message}; got ${JSON.stringify(got)}`),
 );
 if (refused()) fail(`ERROR frames: ${JSON.stringify(events.errors)}`);
