@@ -27,7 +27,7 @@ impl DestinationUse {
 }
 
 /// One row of the table.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     /// e.g. `/sub/chat/room/{id}`.
@@ -39,7 +39,7 @@ pub struct Destination {
 }
 
 /// `[stomp]`: STOMP 1.0–1.2 over WebSocket at `/stomp` on the client listener.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StompConfig {
     pub enabled: bool,
@@ -256,6 +256,23 @@ mod tests {
         )
         .is_err());
         assert!(toml::from_str::<StompConfig>("unknown = 1").is_err());
+    }
+
+    /// The example config documents the defaults as they are: the two cannot drift.
+    #[test]
+    fn the_example_config_states_the_defaults() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/region.toml");
+        let text = std::fs::read_to_string(&path).expect("deploy/examples/region.toml");
+        let table: toml::Table = toml::from_str(&text).expect("the example is TOML");
+        let stomp: StompConfig = table
+            .get("stomp")
+            .expect("[stomp] in the example")
+            .clone()
+            .try_into()
+            .expect("[stomp] of the example");
+        assert!(stomp.validate().is_empty());
+        assert_eq!(stomp, StompConfig::default());
     }
 
     #[test]
