@@ -32,6 +32,9 @@ pub struct Config {
     /// The server API for game servers (API keys); absent: no API.
     #[serde(default)]
     pub api: Option<crate::gateway::api::ApiConfig>,
+    /// STOMP over WebSocket at `/stomp` on the client listener (on by default).
+    #[serde(default)]
+    pub stomp: crate::gateway::stomp::StompConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -413,6 +416,7 @@ impl Config {
                 ));
             }
         }
+        errs.extend(self.stomp.validate());
         if self.history.max_messages == 0 {
             errs.push("history.max_messages must be at least 1".into());
         }

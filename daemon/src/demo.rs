@@ -263,5 +263,6 @@ fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option
         history: HistoryConfig::default(),
         federation: None,
         api: None,
+        stomp: Default::default(),
     }
 }

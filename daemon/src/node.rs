@@ -166,6 +166,7 @@ impl Node {
             opts.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
             cfg.api.as_ref(),
+            cfg.stomp.clone(),
         );
         let stop_accepting = CancellationToken::new();
         {

@@ -29,6 +29,8 @@ mod client_frame;
 mod link_frame;
 #[path = "../fuzz/bodies/link_session.rs"]
 mod link_session;
+#[path = "../fuzz/bodies/stomp_frame.rs"]
+mod stomp_frame;
 
 const MIN_INPUTS: u64 = 2_000;
 const MAX_INPUT_BYTES: usize = 64 * 1024;
@@ -224,6 +226,20 @@ fn client_frame_survives_hostile_text() {
         }
     }
     fuzz("client_frame", client_frame::run, seeds);
+}
+
+#[test]
+fn stomp_frame_decoder_survives_hostile_bytes() {
+    let seeds = [
+        "CONNECT\naccept-version:1.0,1.1,1.2\nhost:x\nlogin:ann\nheart-beat:10000,10000\n\n\0",
+        "SUBSCRIBE\r\nid:0\r\ndestination:/sub/chat/room/1\r\ndtfed-since:{\"seoul\"\\c4}\r\n\r\n\0\n",
+        "SEND\ndestination:/pub/chat/room/1\ncontent-type:application/json\ncontent-length:9\n\n{\"t\":\"\0\"}\0",
+        "SEND\ndestination:/pub/chat/room/1\nreceipt:r-1\na\\cb:c\\nd\\\\\n\nhello\0\n\nDISCONNECT\nreceipt:77\n\n\0",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    fuzz("stomp_frame", stomp_frame::run, seeds);
 }
 
 #[test]

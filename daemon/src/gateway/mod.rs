@@ -23,6 +23,7 @@ pub mod publish;
 pub mod read_error;
 pub mod resume;
 pub mod session;
+pub mod stomp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -91,6 +92,8 @@ pub struct Gateway {
     pub chat_page: bool,
     /// How long a closing session waits for its in-flight publishes.
     pub drain_timeout: Duration,
+    /// STOMP at `/stomp` (`[stomp]`).
+    pub stomp: Arc<stomp::Stomp>,
     connections: AtomicUsize,
     next_session: AtomicU64,
     sessions: TaskTracker,
@@ -111,6 +114,7 @@ impl Gateway {
         chat_page: bool,
         drain_timeout: Duration,
         api: Option<&api::ApiConfig>,
+        stomp: stomp::StompConfig,
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             auth: Authenticator::new(&cfg),
@@ -124,6 +128,7 @@ impl Gateway {
             api: api.map(api::ApiKeys::new),
             chat_page,
             drain_timeout,
+            stomp: stomp::Stomp::new(stomp),
             connections: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -164,14 +169,73 @@ impl Gateway {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        let router = Router::new()
+        let mut router = Router::new()
             .route("/ws", get(upgrade))
             .route("/", get(chat_page::serve));
-        let router = match self.api {
-            Some(_) => router.merge(api::routes()),
-            None => router,
-        };
+        if self.stomp.config.enabled {
+            router = router.route("/stomp", get(stomp::upgrade));
+        }
+        if self.api.is_some() {
+            router = router.merge(api::routes());
+        }
         router.with_state(self.clone())
+    }
+
+    /// Admission before any upgrade: the Origin allowlist and the connection limit. The
+    /// slot is held for as long as the connection lives.
+    fn admit(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+    ) -> Result<ConnectionSlot, (StatusCode, &'static str)> {
+        if !self.cfg.allowed_origins.is_empty() {
+            if let Some(origin) = headers.get(header::ORIGIN) {
+                let allowed = origin
+                    .to_str()
+                    .map(|o| self.cfg.allowed_origins.iter().any(|a| a == o))
+                    .unwrap_or(false);
+                if !allowed {
+                    self.metrics.closed("origin");
+                    return Err((StatusCode::FORBIDDEN, "origin not allowed\n"));
+                }
+            }
+        }
+        let previous = self.connections.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.cfg.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.closed("max_connections");
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections, retry later\n",
+            ));
+        }
+        Ok(ConnectionSlot(self.clone()))
+    }
+
+    /// Completes an admitted upgrade with the gateway's socket limits and runs `session`
+    /// on it, tracked so shutdown waits for it.
+    fn upgrade_socket<F, Fut>(self: &Arc<Self>, ws: WebSocketUpgrade, session: F) -> Response
+    where
+        F: FnOnce(Arc<Gateway>, u64, axum::extract::ws::WebSocket) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        // Frames up to max_frame_bytes are read and answered `too_large` if over it; beyond
+        // the hard limit the socket cannot buffer them and the connection closes with 1009.
+        let hard = self
+            .cfg
+            .max_frame_bytes
+            .saturating_mul(2)
+            .max(self.cfg.max_frame_bytes + 1024);
+        let tracker = self.sessions.clone();
+        let gw = self.clone();
+        ws.max_message_size(hard)
+            .max_frame_size(hard)
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            // Above the write buffer, or tungstenite panics (it did, for every connection,
+            // with a max_frame_bytes of 1 KiB or less).
+            .max_write_buffer_size(hard.saturating_mul(4).max(2 * WRITE_BUFFER_BYTES))
+            .on_upgrade(move |socket| tracker.track_future(session(gw, id, socket)))
     }
 }
 
@@ -210,53 +274,18 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !gw.cfg.allowed_origins.is_empty() {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .map(|o| gw.cfg.allowed_origins.iter().any(|a| a == o))
-                .unwrap_or(false);
-            if !allowed {
-                gw.metrics.closed("origin");
-                return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-            }
-        }
-    }
-    let previous = gw.connections.fetch_add(1, Ordering::AcqRel);
-    if previous >= gw.cfg.max_connections {
-        gw.connections.fetch_sub(1, Ordering::AcqRel);
-        gw.metrics.closed("max_connections");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections, retry later\n",
-        )
-            .into_response();
-    }
-    let guard = ConnectionSlot(gw.clone());
+    let slot = match gw.admit(&headers) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
     let player = gw.auth.authenticate(
         params.get("name").map(String::as_str),
         params.get("token").map(String::as_str),
     );
-    let id = gw.next_session.fetch_add(1, Ordering::Relaxed);
-    // Frames up to max_frame_bytes are read and answered `too_large` if the JSON is over it;
-    // beyond the hard limit the socket cannot buffer them and the connection closes with 1009.
-    let hard = gw
-        .cfg
-        .max_frame_bytes
-        .saturating_mul(2)
-        .max(gw.cfg.max_frame_bytes + 1024);
-    let tracker = gw.sessions.clone();
-    ws.max_message_size(hard)
-        .max_frame_size(hard)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(hard.saturating_mul(4))
-        .on_upgrade(move |socket| {
-            tracker.track_future(async move {
-                let _slot = guard;
-                session::run(gw, id, socket, player).await;
-            })
-        })
+    gw.upgrade_socket(ws, move |gw, id, socket| async move {
+        let _slot = slot;
+        session::run(gw, id, socket, player).await;
+    })
 }
 
 /// Releases a connection slot when the connection ends, however it ends.

@@ -52,17 +52,17 @@ use crate::rooms::{Outbound, SessionId, SessionSink};
 pub const MAX_SUBSCRIPTIONS: usize = 256;
 /// Publishes one connection may have waiting for Kafka at once; beyond it the session stops
 /// reading until acks come back (TCP backpressure on the player).
-const MAX_IN_FLIGHT: usize = 256;
+pub(super) const MAX_IN_FLIGHT: usize = 256;
 /// A write the player does not take within this time closes the connection as a slow reader.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing may take: sending our Close, then waiting for the player's.
-const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
+pub(super) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Queued live messages (or ready acks) written before one flush.
 const WRITE_BATCH: usize = 64;
 /// `sub`s with `since` that read the log, per second and in a burst, per connection (the
 /// hot history alone costs nothing and is not counted).
-const LOG_REPLAYS_PER_SEC: u32 = 4;
-const LOG_REPLAY_BURST: u32 = 16;
+pub(super) const LOG_REPLAYS_PER_SEC: u32 = 4;
+pub(super) const LOG_REPLAY_BURST: u32 = 16;
 
 type PendingAck = Pin<Box<dyn std::future::Future<Output = AckResult> + Send>>;
 
@@ -156,7 +156,7 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
     Box::pin(s.finish(end)).await;
 }
 
-fn close(code: u16, reason: &'static str) -> Message {
+pub(super) fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -686,7 +686,7 @@ impl Session {
 
 /// `write` bounded by [`WRITE_TIMEOUT`]. A write that completes at once (the socket had room,
 /// the common case) costs no timer: the timer is armed only when the write has to wait.
-async fn within_write_timeout<F, T>(write: F) -> Result<T, tokio::time::error::Elapsed>
+pub(super) async fn within_write_timeout<F, T>(write: F) -> Result<T, tokio::time::error::Elapsed>
 where
     F: std::future::Future<Output = T>,
 {
@@ -698,7 +698,9 @@ where
 }
 
 /// When the player's token expires, on the runtime's clock; `None` without one.
-fn token_deadline(expires_at: Option<std::time::SystemTime>) -> Option<tokio::time::Instant> {
+pub(super) fn token_deadline(
+    expires_at: Option<std::time::SystemTime>,
+) -> Option<tokio::time::Instant> {
     let at = expires_at?;
     let left = at
         .duration_since(std::time::SystemTime::now())
