@@ -1,0 +1,73 @@
+// A region stopped mid-conversation: alice prefers region A, bob region B, and both keep
+// publishing. The Rust side stops A's daemon when told (control file `stop-a`) and starts
+// it again on `start-a`. alice must fail over to B with her cursor, come back to A once it
+// is up, and in the end both must hold every acknowledged message exactly once, in order.
+// Env: URL_A, URL_B, REGION_A, REGION_B, ROOM, CONTROL_DIR. Prints "ok" last on success.
+import { player, log, sleep, waitFor, signal, waitSignal, checkExactlyOnce, hasAll } from "./lib.mjs";
+
+const { URL_A, URL_B, REGION_A, REGION_B, ROOM } = process.env;
+const alice = player("alice", [URL_A, URL_B]);
+const bob = player("bob", [URL_B, URL_A]);
+const acked = [];
+let talking = true;
+const failures = [];
+
+/** `p` publishes one message every 60 ms until `talking` ends; every ack is recorded. */
+async function talk(p) {
+  const inFlight = [];
+  for (let n = 0; talking; n++) {
+    const body = { who: p.name, n, text: `${p.name} says ${n}` };
+    inFlight.push(
+      p.client.publish(ROOM, body).then(
+        (ack) => acked.push({ ...ack, who: p.name, n }),
+        (e) => failures.push(`${p.name} #${n}: ${e.message}`),
+      ),
+    );
+    await sleep(60);
+  }
+  await Promise.all(inFlight);
+}
+
+const openOn = (p, index) => p.states.at(-1)?.state === "open" && p.states.at(-1).index === index;
+try {
+  for (const p of [alice, bob]) {
+    p.client.subscribe(ROOM);
+    p.client.connect();
+  }
+  await waitFor("both synced", () => alice.synced > 0 && bob.synced > 0);
+  const talkers = [talk(alice), talk(bob)];
+  await waitFor("a few messages each way", () => acked.length >= 10);
+  signal("stop-a");
+  await waitFor("alice on region B", () => openOn(alice, 1), 30_000);
+  const stopped = acked.length;
+  await waitFor("alice's messages acked by B", () => acked.some((a) => a.who === "alice" && a.origin === REGION_B));
+  await sleep(1_500); // a conversation while A is down, not only the queue flushed
+  await waitFor("more conversation while A is down", () => acked.length >= stopped + 30);
+  signal("start-a");
+  await waitSignal("a-started");
+  await waitFor("alice back on region A", () => openOn(alice, 0), 30_000);
+  const back = acked.length;
+  await waitFor("more conversation after A is back", () => acked.length >= back + 10);
+  talking = false;
+  await Promise.all(talkers);
+  if (failures.length) throw new Error(`publishes failed: ${failures.join("; ")}`);
+  await waitFor("both have every message", () => hasAll(alice, ROOM, acked) && hasAll(bob, ROOM, acked), 60_000);
+  await sleep(500); // anything extra (a duplicate) would arrive by now
+  for (const p of [alice, bob]) checkExactlyOnce(p, ROOM, acked);
+  const aliceOrigins = [...new Set(acked.filter((a) => a.who === "alice").map((a) => a.origin))];
+  if (aliceOrigins.length !== 2) throw new Error(`alice's messages were stored in ${aliceOrigins} only`);
+  const path = alice.states.filter((s) => s.state === "open").map((s) => s.index).join(",");
+  if (!path.startsWith("0,") || !path.includes(",1,") || !path.endsWith(",0")) {
+    throw new Error(`alice's connections went ${path}, not 0 → 1 → 0`);
+  }
+  log(`alice connected ${path}; stats ${JSON.stringify(alice.client.stats)}`);
+  log(`ok: ${acked.length} messages, each seen once by both, in order, across the failover and back`);
+} catch (e) {
+  talking = false;
+  log(`FAILED: ${e.stack}`);
+  log(`alice states: ${JSON.stringify(alice.states)}`);
+  process.exitCode = 1;
+} finally {
+  alice.client.close();
+  bob.client.close();
+}
