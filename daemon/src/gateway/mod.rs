@@ -83,7 +83,7 @@ pub struct Gateway {
     /// Replays other regions' messages from this region's mirror topics (federated only).
     pub mirror_replay: Option<Arc<MirrorReplay>>,
     pub metrics: Arc<Metrics>,
-    /// Serve the chat page at `/` (demo).
+    /// Serve the chat page at `/` and its client library at `/dtfed-client/` (demo).
     pub chat_page: bool,
     /// How long a closing session waits for its in-flight publishes.
     pub drain_timeout: Duration,
@@ -161,6 +161,7 @@ impl Gateway {
         Router::new()
             .route("/ws", get(upgrade))
             .route("/", get(chat_page::serve))
+            .route("/dtfed-client/{file}", get(chat_page::serve_client))
             .with_state(self.clone())
     }
 }
