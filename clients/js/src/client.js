@@ -23,6 +23,8 @@ export class DtfedError extends Error {
 
 const OPEN = 1; // WebSocket.OPEN, the same in every implementation
 const ROOM_RE = /^[A-Za-z0-9._:-]{1,128}$/;
+/** Rooms one connection may be in (the server refuses more with `forbidden`). */
+const MAX_ROOMS = 256;
 /** Errors after which an unacknowledged publish is sent again, with the same `ref`. */
 const RETRY_PUBLISH = new Set(["unavailable", "rate_limited"]);
 /** Errors after which rooms still waiting for `synced` are subscribed again. */
@@ -143,10 +145,11 @@ export class DtfedClient {
     this.#emit("state", { state: "closed", url: this.url, index: this.#index });
   }
 
-  /** Joins `room`, resuming from its stored cursor. */
+  /** Joins `room`, resuming from its stored cursor (at most 256 rooms). */
   subscribe(room) {
     if (typeof room !== "string" || !ROOM_RE.test(room)) throw new TypeError(`bad room id: ${room}`);
     if (this.#rooms.has(room)) return;
+    if (this.#rooms.size >= MAX_ROOMS) throw new RangeError(`a connection is in at most ${MAX_ROOMS} rooms`);
     let saved = null;
     try {
       saved = this.#store.load(room);
