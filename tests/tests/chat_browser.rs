@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dtfed_tests::harness::sys;
-use dtfed_tests::harness::{Federation, FederationSpec, NodeScript, TestDir};
+use dtfed_tests::harness::util::{loopback, repo_root};
+use dtfed_tests::harness::{http_get, Federation, FederationSpec, NodeScript, TestDir};
 
 /// Kills the browser's process group (its PID, from the script) on drop.
 struct BrowserGuard {
@@ -51,6 +52,33 @@ async fn chat_pages_of_two_regions_show_each_others_messages_with_their_origin()
         pid_file: control.path().join("browser.pid"),
     };
     let (a, b) = (&fed.regions[0], &fed.regions[1]);
+
+    // The page's library is clients/js itself, served as JavaScript; nothing else is.
+    let addr = loopback(a.ports[0].client);
+    for file in [
+        "index.js",
+        "client.js",
+        "cursor.js",
+        "reconnect.js",
+        "stores.js",
+    ] {
+        let served = http_get(addr, &format!("/dtfed-client/{file}"), None)?;
+        let source = std::fs::read_to_string(repo_root().join("clients/js/src").join(file))?;
+        anyhow::ensure!(served.status == 200, "{file}: {}", served.status);
+        anyhow::ensure!(
+            served
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("text/javascript")),
+            "{file}: content-type {:?}",
+            served.header("content-type")
+        );
+        anyhow::ensure!(served.body == source, "{file} is not clients/js/src/{file}");
+    }
+    for path in ["/dtfed-client/package.json", "/dtfed-client/..%2Fchat.html"] {
+        let r = http_get(addr, path, None)?;
+        anyhow::ensure!(r.status == 404, "{path}: {}", r.status);
+    }
+
     let run = NodeScript::new("jsclient", "chat_browser.mjs")
         .env("PAGE_A", format!("http://127.0.0.1:{}/", a.ports[0].client))
         .env("PAGE_B", format!("http://127.0.0.1:{}/", b.ports[0].client))
