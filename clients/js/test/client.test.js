@@ -204,3 +204,68 @@ test("bad options are refused", () => {
   for (let i = 0; i < 256; i++) client.subscribe(`r${i}`);
   assert.throws(() => client.subscribe("one-too-many"), /256/);
 });
+
+test("a connection silent for 2.5 ping intervals is dropped and replaced", async () => {
+  const { client, sockets, seen } = setup({ pingIntervalMs: 10 });
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  await tick(15);
+  assert.deepEqual(ws.take(), [{ op: "ping" }], "an application ping per interval");
+  ws.say({ op: "pong" });
+  const next = await socketCount(sockets, 2); // nothing more arrives: dropped
+  assert.equal(ws.readyState, 3);
+  assert.equal(next.url, "ws://a.test/ws?name=ann");
+  assert.ok(seen.states.some((s) => s.state === "reconnecting" && s.reason === "silent"));
+  client.close();
+});
+
+test("a token provider is asked again for every connection", async () => {
+  let n = 0;
+  const { client, sockets } = setup({ name: undefined, token: async () => `tok${++n}` });
+  client.connect();
+  const ws1 = await socketCount(sockets, 1);
+  assert.equal(ws1.url, "ws://a.test/ws?token=tok1");
+  ws1.open();
+  ws1.drop(1008);
+  const ws2 = await socketCount(sockets, 2);
+  assert.equal(ws2.url, "ws://a.test/ws?token=tok2");
+  client.close();
+});
+
+test("a fixed token that is refused ends the client; publishes are rejected", async () => {
+  const { client, sockets, seen } = setup({ name: undefined, token: "t0k" });
+  const errors = [];
+  client.on("error", (e) => errors.push(e.code));
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  const p = client.publish("t", { text: "hi" });
+  ws.drop(1008);
+  await assert.rejects(p, (e) => e.code === "closed");
+  assert.deepEqual(errors, ["unauthorized"]);
+  assert.equal(seen.states.at(-1).state, "closed");
+  await tick(20);
+  assert.equal(sockets.length, 1, "no reconnect");
+});
+
+test("a sub answered unavailable is retried with the same cursor; a publish too, same ref", async () => {
+  const { client, sockets } = setup({ retryDelayMs: 5 });
+  client.subscribe("t");
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  ws.take();
+  ws.say(msg(2, null));
+  ws.say({ op: "error", code: "unavailable", message: "log busy" });
+  const p = client.publish("t", 7);
+  const [pub] = ws.take();
+  ws.say({ op: "error", code: "unavailable", message: "no answer yet", ref: pub.ref });
+  await tick(20);
+  const again = ws.take();
+  assert.deepEqual(again.filter((f) => f.op === "sub"), [{ op: "sub", room: "t", since: { a: 2 } }]);
+  assert.deepEqual(again.filter((f) => f.op === "pub"), [pub]);
+  ws.say({ op: "ack", ref: pub.ref, room: "t", origin: "a", offset: 3 });
+  assert.equal((await p).offset, 3);
+  client.close();
+});
