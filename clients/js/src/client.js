@@ -80,7 +80,8 @@ export class DtfedClient {
   #subRetryTimer = null;
   #lastFrameAt = 0;
   #draining = false;
-  #closed = true;
+  #closed = true; // not connected: before connect(), or after close()
+  #ended = false; // close() was called
   #region = null;
   stats = { duplicates: 0, holes: 0, failovers: 0, reconnects: 0 };
 
@@ -129,6 +130,7 @@ export class DtfedClient {
   /** Starts connecting to the preferred region (`urls[0]`). */
   connect() {
     if (!this.#closed) return;
+    if (this.#ended) throw new Error("this client was closed: make a new one");
     this.#closed = false;
     this.#open(0);
   }
@@ -136,6 +138,7 @@ export class DtfedClient {
   /** Closes for good: pending publishes are rejected (`closed`). */
   close() {
     this.#closed = true;
+    this.#ended = true;
     this.#clearTimers();
     this.#dropSocket(1000, "client closed");
     for (const [ref, p] of this.#pending) {
@@ -180,6 +183,7 @@ export class DtfedClient {
   publish(room, body) {
     if (typeof room !== "string" || !ROOM_RE.test(room)) return Promise.reject(new TypeError(`bad room id: ${room}`));
     if (body === null || body === undefined) return Promise.reject(new TypeError("body must not be null"));
+    if (this.#ended) return Promise.reject(new DtfedError("closed", "the client was closed"));
     if (this.#pending.size >= this.#opts.maxPending) {
       return Promise.reject(new DtfedError("queue_full", `${this.#pending.size} publishes wait for their ack already`));
     }

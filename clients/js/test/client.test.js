@@ -269,3 +269,25 @@ test("a sub answered unavailable is retried with the same cursor; a publish too,
   assert.equal((await p).offset, 3);
   client.close();
 });
+
+test("history none: a room without a cursor goes live only, then resumes from the synced cursor", async () => {
+  const { client, sockets } = setup({ history: "none" });
+  client.subscribe("t");
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  assert.deepEqual(ws.take(), [{ op: "sub", room: "t" }]);
+  ws.say({ op: "synced", room: "t", cursor: { a: 17 } });
+  assert.deepEqual(client.cursor("t"), { a: 17 });
+  ws.say(msg(19, 17));
+  ws.drop();
+  const ws2 = await socketCount(sockets, 2);
+  ws2.open();
+  assert.deepEqual(ws2.take(), [{ op: "sub", room: "t", since: { a: 19 } }]);
+  client.unsubscribe("t");
+  assert.deepEqual(ws2.take(), [{ op: "unsub", room: "t" }]);
+  ws2.say(msg(20, 19)); // in flight before the unsub: ignored
+  client.close();
+  await assert.rejects(client.publish("t", 1), (e) => e.code === "closed");
+  assert.throws(() => client.connect(), /closed/);
+});
