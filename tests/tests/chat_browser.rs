@@ -23,10 +23,11 @@ impl Drop for BrowserGuard {
         let Ok(text) = std::fs::read_to_string(&self.pid_file) else {
             return;
         };
+        // The whole group, even when its leader is gone: its renderers may not be (ESRCH
+        // when everything already exited, as it does when the script closes the browser).
         if let Ok(pid) = text.trim().parse::<i32>() {
-            if pid > 1 && sys::pid_alive(pid as u32) {
+            if pid > 1 {
                 let _ = sys::send_signal(-pid, libc::SIGKILL);
-                let _ = sys::send_signal(pid, libc::SIGKILL);
             }
         }
     }
