@@ -99,23 +99,53 @@ async fn wait_control(dir: &Path, name: &str, node: &RunningNode, timeout: Durat
     Ok(())
 }
 
+/// How the first region's daemon goes away mid-conversation.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// SIGTERM: it drains (every in-flight publish gets its ack) and exits.
+    Graceful,
+    /// SIGKILL: a crash.
+    Crash,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fails_over_mid_conversation_and_comes_back_missing_nothing() -> Result<()> {
+    failover_and_back(Stop::Graceful, "jsc-failover").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fails_over_when_its_region_crashes_and_comes_back_missing_nothing() -> Result<()> {
+    failover_and_back(Stop::Crash, "jsc-crash").await
+}
+
+/// alice (seoul first) and bob (tokyo first) talk; seoul's daemon goes away (by its PID)
+/// when the script says so, and comes back, at the same address, when it says so again.
+async fn failover_and_back(stop: Stop, test: &str) -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut fed =
-        Federation::start(FederationSpec::new("jsc-failover", &["seoul", "tokyo"], 1)).await?;
-    let control = TestDir::new("jsc-failover-control")?;
-    let node = script(&fed, "failover.mjs", "table-failover")
+    let mut fed = Federation::start(FederationSpec::new(test, &["seoul", "tokyo"], 1)).await?;
+    let control = TestDir::new(&format!("{test}-control"))?;
+    let node = script(&fed, "failover.mjs", &format!("table-{test}"))
         .env("CONTROL_DIR", control.path().display().to_string())
+        .env(
+            "STOP",
+            if matches!(stop, Stop::Crash) {
+                "kill"
+            } else {
+                "term"
+            },
+        )
         .deadline(Duration::from_secs(180))
         .start()?;
-
-    // The players talk; seoul's daemon stops (SIGTERM, by its PID) in the middle of it,
-    // and comes back, at the same address, when the script says so.
     let steps = async {
         wait_control(control.path(), "stop-a", &node, Duration::from_secs(60)).await?;
-        tokio::task::block_in_place(|| fed.region_mut("seoul").daemons[0].terminate())
-            .context("stopping seoul's daemon")?;
+        tokio::task::block_in_place(|| {
+            let daemon = &mut fed.region_mut("seoul").daemons[0];
+            match stop {
+                Stop::Graceful => daemon.terminate().map(drop),
+                Stop::Crash => daemon.kill9(),
+            }
+        })
+        .context("stopping seoul's daemon")?;
         wait_control(control.path(), "start-a", &node, Duration::from_secs(60)).await?;
         tokio::task::block_in_place(|| fed.region_mut("seoul").daemons[0].restart())
             .context("restarting seoul's daemon")?;

@@ -60,6 +60,12 @@ export async function waitSignal(name, timeoutMs = 60_000) {
 
 const id = (m) => `${m.origin}:${m.offset}`;
 
+/** The acknowledged messages of `room` that `p` has not received, as ids. */
+export function missing(p, room, acked) {
+  const got = new Set(p.messages.filter((m) => m.room === room).map(id));
+  return acked.filter((a) => !got.has(id(a))).map((a) => `${id(a)} (${a.who} #${a.n})`);
+}
+
 /**
  * Has `p` received every acknowledged message (`acked`: `{origin, offset}`) of `room`?
  */
@@ -70,23 +76,30 @@ export function hasAll(p, room, acked) {
 
 /**
  * Throws unless `p` received exactly the `acked` messages of `room` (a fresh room), each once,
- * in offset order per origin, each `prev` naming the previous one from its origin.
+ * in offset order per origin, each `prev` naming the previous one from its origin. With
+ * `mayRepeat(body)`, a message no ack names is allowed when `mayRepeat` says its body may
+ * have been stored twice (a publish in flight when its region crashed), at most twice.
  */
-export function checkExactlyOnce(p, room, acked) {
+export function checkExactlyOnce(p, room, acked, mayRepeat = () => false) {
   const msgs = p.messages.filter((m) => m.room === room);
   const want = new Set(acked.map(id));
   const seenIds = new Set();
   const lastByOrigin = new Map();
+  const copies = new Map();
   for (const m of msgs) {
     const k = id(m);
     if (seenIds.has(k)) throw new Error(`${p.name} got ${k} twice`);
     seenIds.add(k);
-    if (!want.has(k)) throw new Error(`${p.name} got ${k} (${JSON.stringify(m.body)}), which no publish was acked for: a duplicate or a stranger`);
+    if (!want.has(k) && !mayRepeat(m.body)) {
+      throw new Error(`${p.name} got ${k} (${JSON.stringify(m.body)}), which no publish was acked for: a duplicate or a stranger`);
+    }
     const last = lastByOrigin.has(m.origin) ? lastByOrigin.get(m.origin) : null;
     if (m.prev !== last) throw new Error(`${p.name}: ${k} has prev ${m.prev}, the previous one from ${m.origin} was ${last}`);
     lastByOrigin.set(m.origin, m.offset);
+    const b = `${m.body.who}#${m.body.n}`;
+    copies.set(b, (copies.get(b) ?? 0) + 1);
+    if (copies.get(b) > (mayRepeat(m.body) ? 2 : 1)) throw new Error(`${p.name}: ${b} arrived ${copies.get(b)} times`);
   }
   for (const k of want) if (!seenIds.has(k)) throw new Error(`${p.name} missed ${k}`);
-  const bodies = new Set(msgs.map((m) => `${m.body.who}#${m.body.n}`));
-  if (bodies.size !== msgs.length) throw new Error(`${p.name}: a body arrived under two ids`);
+  return msgs.length - copies.size; // how many bodies came twice
 }
