@@ -267,6 +267,7 @@ export class DtfedClient {
 
   #onLost(generation, code, reason) {
     if (generation !== this.#generation) return;
+    if (code === 1009) this.#rejectLargest(generation);
     this.#ws = null;
     this.#generation++;
     clearInterval(this.#pingTimer);
@@ -286,6 +287,21 @@ export class DtfedClient {
     this.stats.reconnects++;
     this.#emit("state", { state: "reconnecting", url: this.#opts.urls[plan.index], index: plan.index, delayMs, code, reason });
     this.#retryTimer = setTimeout(() => this.#open(plan.index), delayMs);
+  }
+
+  /**
+   * Close 1009: a frame beyond the server's hard limit. Only a publish can be that large;
+   * the largest one sent on that connection is rejected, or it would be resent forever.
+   */
+  #rejectLargest(generation) {
+    let largest = null;
+    for (const [ref, p] of this.#pending) {
+      if (p.sentOn === generation && (largest === null || p.size > largest[1].size)) largest = [ref, p];
+    }
+    if (largest) {
+      this.#pending.delete(largest[0]);
+      largest[1].reject(new DtfedError("too_large", "the server closed the connection on this frame (1009)"));
+    }
   }
 
   // ---- moving back to a better region ----
@@ -391,8 +407,11 @@ export class DtfedClient {
 
   #sendPublish(ref) {
     const p = this.#pending.get(ref);
-    if (!p || this.#draining) return;
-    if (this.#send({ op: "pub", room: p.room, body: p.body, ref })) p.sentOn = this.#generation;
+    if (!p || this.#draining || this.#ws?.readyState !== OPEN) return;
+    const frame = JSON.stringify({ op: "pub", room: p.room, body: p.body, ref });
+    this.#ws.send(frame);
+    p.sentOn = this.#generation;
+    p.size = frame.length;
   }
 
   #onFrame(data) {

@@ -291,3 +291,22 @@ test("history none: a room without a cursor goes live only, then resumes from th
   await assert.rejects(client.publish("t", 1), (e) => e.code === "closed");
   assert.throws(() => client.connect(), /closed/);
 });
+
+test("a publish that closed the connection with 1009 is rejected, not resent forever", async () => {
+  const { client, sockets } = setup();
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  const small = client.publish("t", "hi");
+  const big = client.publish("t", "x".repeat(200_000));
+  ws.take();
+  ws.drop(1009);
+  await assert.rejects(big, (e) => e.code === "too_large");
+  const ws2 = await socketCount(sockets, 2);
+  ws2.open();
+  const resent = ws2.take();
+  assert.deepEqual(resent.map((f) => f.body), ["hi"]);
+  ws2.say({ op: "ack", ref: resent[0].ref, room: "t", origin: "a", offset: 1 });
+  assert.equal((await small).offset, 1);
+  client.close();
+});
