@@ -49,7 +49,11 @@ try {
   const talkers = [talk(alice), talk(bob)];
   await waitFor("a few messages each way", () => acked.length >= 10);
   const early = [...acked];
-  await waitFor("each seeing the other's", () => hasAll(alice, ROOM, early) && hasAll(bob, ROOM, early));
+  // EARLY=1 crashes the region at once, while its first mirror transactions may still be
+  // open (see the ignored test in js_client.rs); otherwise the conversation is under way.
+  if (process.env.EARLY !== "1") {
+    await waitFor("each seeing the other's", () => hasAll(alice, ROOM, early) && hasAll(bob, ROOM, early));
+  }
   stopAsked = true;
   signal("stop-a");
   await waitFor("alice on region B", () => openOn(alice, 1), 30_000);
