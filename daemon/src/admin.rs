@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::fanout::{FanoutOwner, FanoutStatus};
-use crate::federation::{Federation, LinkView, MirrorView};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::mirror::{Federation, LinkView, MirrorView};
 
 /// What the admin endpoints look at.
 pub struct AdminState {
@@ -119,12 +119,16 @@ async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respon
     if let Err(denied) = may_read(&s, &headers) {
         return denied.into_response();
     }
+    let mut text = s.metrics.encode();
+    if let Some(f) = &s.federation {
+        crate::mirror::metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.encode(),
+        text,
     )
         .into_response()
 }

@@ -31,7 +31,8 @@ use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, default_node_name, TracingContext};
+use crate::kafka::settings::producer_config;
+use crate::kafka::{default_node_name, TracingContext};
 
 /// `content-type` header value of every record: the value is [`LogValue`] JSON.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -84,41 +85,6 @@ impl std::fmt::Debug for KafkaAppender {
             .field("region", &self.region)
             .finish()
     }
-}
-
-/// The producer settings, on top of [`client_config`].
-///
-/// - `enable.idempotence` + `acks=all`: an acknowledged message is on every in-sync replica,
-///   and librdkafka's internal retries never duplicate or reorder within a partition.
-/// - `partitioner=murmur2_random`: the Java client's partitioner, so
-///   [`crate::kafka::partition_for`] (replay, mirrors) agrees with where records land.
-/// - `linger.ms = kafka.linger_ms` (0 by default): measured on a local Kafka 4.3 broker (2 cores, loaded),
-///   a lone publish is acknowledged in ~0.3 ms p50 with 0 and ~1.5 ms with any non-zero
-///   linger (librdkafka's timers tick in milliseconds, so 0.2 behaves like 1); 5 ms costs
-///   ~6 ms. Under load, batching still happens with 0: records queue up behind the (up to
-///   5) requests in flight. With 32 concurrent publishers linger 1 batched better
-///   (≈2 ms p50 either way, higher throughput with 1), so raise it if a region's publish
-///   rate, not the single player's ack time, becomes the limit.
-/// - `compression.type=none`: values are a hundred-odd bytes of JSON and batches at low
-///   linger hold few records; lz4 showed no gain in the same measurement.
-/// - `message.timeout.ms = publish_timeout_ms`: a message not acknowledged by then fails
-///   with a delivery error, which the player sees as `unavailable` — never a silent drop.
-/// - `request.timeout.ms` half of that, so a request lost to a dying broker is retried once
-///   within the message timeout instead of eating all of it.
-/// - `queue.buffering.max.kbytes` bounds memory while Kafka is away; a full queue is an
-///   immediate `unavailable`.
-pub fn producer_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
-    let mut c = client_config(cfg, region, node);
-    let timeout = cfg.publish_timeout_ms.max(100);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", cfg.linger_ms.to_string())
-        .set("compression.type", "none")
-        .set("message.timeout.ms", timeout.to_string())
-        .set("request.timeout.ms", (timeout / 2).max(50).to_string())
-        .set("queue.buffering.max.kbytes", "65536");
-    c
 }
 
 impl KafkaAppender {
@@ -331,15 +297,7 @@ fn build(config: &ClientConfig) -> Result<Prod, AppendError> {
 /// this append was in flight), the blocking teardown happens off the async runtime.
 fn release(p: Arc<Prod>) {
     if let Some(last) = Arc::into_inner(p) {
-        drop_off_runtime(Arc::new(last));
-    }
-}
-
-fn drop_off_runtime(p: Arc<Prod>) {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        drop(tokio::task::spawn_blocking(move || drop(p)));
-    } else {
-        drop(p);
+        crate::kafka::drop_off_runtime(last);
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Config {
     /// Mirroring to and from other regions over QUIC; absent for a region on its own.
     #[serde(default)]
     pub federation: Option<dtfed_regions::FederationConfig>,
+    /// The server API for game servers (API keys); absent: no API.
+    #[serde(default)]
+    pub api: Option<crate::gateway::api::ApiConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -257,6 +260,9 @@ impl Config {
     }
 
     fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(api) = &mut self.api {
+            api.resolve_secrets(&env);
+        }
         if let Some(v) = env("DTFED_JWT_SECRET") {
             self.client.jwt_secret = v;
         }
@@ -417,6 +423,9 @@ impl Config {
         if self.history.max_age_secs == 0 {
             errs.push("history.max_age_secs must be at least 1".into());
         }
+        if let Some(api) = &self.api {
+            errs.extend(api.validate());
+        }
         if let Some(f) = &self.federation {
             errs.extend(f.validate(&self.region));
             if let Some(e) = frame_limit_vs_link(c.max_frame_bytes) {
@@ -467,7 +476,7 @@ impl Config {
 
 /// The placeholder secrets shipped in `deploy/kubernetes/secret.example.yaml` (and
 /// anything shaped like them), which must never reach production.
-fn is_placeholder(secret: &str) -> bool {
+pub(crate) fn is_placeholder(secret: &str) -> bool {
     let s = secret.to_ascii_lowercase();
     s.contains("replace-me") || s.contains("changeme") || s.contains("change-me")
 }

@@ -4,6 +4,8 @@
 //! (the default is `seoul,tokyo,frankfurt`), the regions are federated over real QUIC links
 //! on loopback with mutual TLS, from a federation CA made on the fly. Prints one line per
 //! region, `region <name> ws://<addr>/ws`, and serves a chat page at `http://<addr>/`.
+//! With `DTFED_API_KEY` set (16 bytes or more), the server API is on too, under that key
+//! (key name `demo`, every room).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,8 +17,13 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::Bus;
 use crate::config::{Config, HistoryConfig, KafkaConfig, RedisConfig};
 use crate::drill::topology::{RegionEntry, Topology};
+use crate::gateway::api::keys::ApiKeyConfig;
+use crate::gateway::api::ApiConfig;
 use crate::kafka::MockKafka;
 use crate::node::{Node, NodeOptions};
+
+/// The environment variable that turns the demo's server API on, and holds its key.
+pub const DEMO_API_KEY_ENV: &str = "DTFED_API_KEY";
 
 /// Partitions of every demo region's local topic.
 const DEMO_PARTITIONS: i32 = 4;
@@ -88,6 +95,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         if let Some(f) = &federation {
             cfg.federation = Some(f.config_for(region));
         }
+        cfg.api = demo_api(|k| std::env::var(k).ok());
         let errs = cfg.validate();
         anyhow::ensure!(
             errs.is_empty(),
@@ -101,6 +109,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 Some((Arc::new(bus) as Arc<dyn Bus>, events))
             }
         };
+        let cfg_api = cfg.api.clone();
         let node = Node::start(
             cfg,
             NodeOptions {
@@ -116,6 +125,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "  chat page http://{}/   admin http://{}/status",
             node.client_addr, node.admin_addr
         );
+        if i == 0 && cfg_api.is_some() {
+            eprintln!("{}", api_usage(node.client_addr));
+        }
         topology.push(RegionEntry {
             name: region.clone(),
             ws: vec![format!("ws://{}/ws", node.client_addr)],
@@ -143,6 +155,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&f.dir);
     }
     Ok(())
+}
+
+/// The demo's `[api]`: one key named `demo` for every room, when `DTFED_API_KEY` is set.
+fn demo_api(env: impl Fn(&str) -> Option<String>) -> Option<ApiConfig> {
+    env(DEMO_API_KEY_ENV)?;
+    let mut api = ApiConfig {
+        keys: vec![ApiKeyConfig {
+            name: "demo".into(),
+            secret_env: DEMO_API_KEY_ENV.into(),
+            rooms: vec!["*".into()],
+            publish_rate_per_sec: 50,
+            publish_burst: 100,
+            secret: String::new(),
+        }],
+    };
+    api.resolve_secrets(env);
+    Some(api)
+}
+
+/// How to call the API of the region at `addr` (printed at start).
+fn api_usage(addr: SocketAddr) -> String {
+    format!(
+        "  server API on (key \"demo\" from ${DEMO_API_KEY_ENV}, every room):\n    \
+         curl -H \"Authorization: Bearer ${DEMO_API_KEY_ENV}\" -H 'Content-Type: application/json' \\\n      \
+         -d '{{\"from\":\"narrator\",\"body\":{{\"text\":\"The door creaks open.\"}}}}' \
+         http://{addr}/api/v1/rooms/tavern/messages\n    \
+         curl -H \"Authorization: Bearer ${DEMO_API_KEY_ENV}\" 'http://{addr}/api/v1/rooms/tavern/messages?last=20'"
+    )
 }
 
 /// Certificates and QUIC ports of a demo federation, made on the fly.
@@ -222,5 +262,6 @@ fn demo_config(region: &str, mock: &MockKafka, listen: SocketAddr, redis: Option
         }),
         history: HistoryConfig::default(),
         federation: None,
+        api: None,
     }
 }

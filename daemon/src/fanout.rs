@@ -47,6 +47,7 @@
 //! - Offsets are committed by librdkafka's auto-commit every 500 ms (from the stored
 //!   offsets only), synchronously before any partition is revoked, and at shutdown.
 
+use dtfed_proto::record::now_ms;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +58,7 @@ use dtfed_proto::room::valid_region_name;
 use dtfed_proto::{LogRecord, RoomId};
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -71,9 +72,10 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, BusError};
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, TracingContext};
+use crate::kafka::settings::fanout_consumer_config;
+use crate::kafka::TracingContext;
 use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
-use crate::mirror_log::MIRROR_TOPIC_PREFIX;
+use crate::mirror::MIRROR_TOPIC_PREFIX;
 
 /// One partition this daemon owns, for `/status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -172,13 +174,7 @@ struct OwnerContext {
 }
 
 impl ClientContext for OwnerContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.log.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
+    crate::kafka::log_to_tracing!(log);
 
     fn stats(&self, stats: Statistics) {
         let mut owned = self.shared.owned();
@@ -294,27 +290,6 @@ impl std::fmt::Debug for FanoutOwner {
     }
 }
 
-/// The consumer settings, on top of [`client_config`]; see the module docs for why.
-pub fn consumer_config(cfg: &KafkaConfig, region: &str, node: &str) -> rdkafka::ClientConfig {
-    let mut c = client_config(cfg, region, node);
-    let session = cfg.session_timeout_ms;
-    c.set("group.id", format!("{}.{region}", cfg.fanout_group))
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "500")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", session.to_string())
-        .set(
-            "heartbeat.interval.ms",
-            (session / 3).clamp(100, 1000).to_string(),
-        )
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("fetch.wait.max.ms", "10")
-        .set("enable.partition.eof", "false")
-        .set("statistics.interval.ms", "1000");
-    c
-}
-
 impl FanoutOwner {
     /// Joins the group `<kafka.fanout_group>.<region>` over `topics` and starts owning.
     ///
@@ -349,7 +324,7 @@ impl FanoutOwner {
             skipped: AtomicU64::new(0),
             metrics,
         });
-        let config = consumer_config(cfg, region, node);
+        let config = fanout_consumer_config(cfg, region, node);
         let ctx = OwnerContext {
             log: TracingContext::for_config(&config),
             shared: Arc::clone(&shared),
@@ -806,13 +781,6 @@ impl Run {
             tracing::error!(error = %e, "fan-out: closing the consumer failed");
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a [u8]> {

@@ -5,7 +5,9 @@
 //! [`gateway`] (WebSocket) → [`append`] (Kafka local topic, `acks=all`) → [`fanout`]
 //! (partition owner, consumer group) → [`bus`] (Redis hot history + Pub/Sub) →
 //! [`rooms`] (this daemon's room subscriptions) → [`gateway`] sessions → players.
-//! [`replay`] serves cursors older than the hot history from Kafka. [`admin`] is the
+//! [`replay`] serves cursors older than the hot history from Kafka. Federation is
+//! [`mirror`]: serving this region's topic to peers (origin) → QUIC → writing theirs here
+//! (sink), with [`mirror::tasks`] deciding which daemon writes which mirror partition. [`admin`] is the
 //! operator's HTTP surface; [`demo`] runs regions with embedded stand-ins.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -16,12 +18,10 @@ pub mod config;
 pub mod demo;
 pub mod drill;
 pub mod fanout;
-pub mod federation;
 pub mod gateway;
 pub mod kafka;
 pub mod metrics;
-pub mod mirror_log;
-pub mod mirror_tasks;
+pub mod mirror;
 pub mod node;
 pub mod replay;
 pub mod rooms;

@@ -35,13 +35,11 @@ use crate::bus::redis::RedisBus;
 use crate::bus::{Bus, BusEvents};
 use crate::config::Config;
 use crate::fanout::FanoutOwner;
-use crate::federation::Federation;
-use crate::gateway::resume::MirrorReplay;
 use crate::gateway::{self, Gateway};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::mirror_log::MirrorRoomReader;
-use crate::replay::RoomLogReader;
+use crate::mirror::Federation;
+use crate::replay::{MirrorReplay, MirrorRoomReader, RoomLogReader};
 use crate::rooms::LocalRooms;
 
 /// How a daemon is embedded (the demo runs several in one process).
@@ -167,6 +165,7 @@ impl Node {
             metrics.clone(),
             opts.chat_page || cfg.client.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
+            cfg.api.as_ref(),
         );
         let stop_accepting = CancellationToken::new();
         {

@@ -9,6 +9,7 @@
 //! Joins and leaves are serialized per room (not daemon-wide): a room whose bus subscribe is
 //! slow (a Redis round trip that stalls) holds up only the players joining that room.
 
+use dtfed_proto::record::now_ms;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex, RwLock};
 
@@ -248,13 +249,6 @@ impl Drop for RoomLockGuard<'_> {
             table.remove(&self.room);
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn offer(sink: &SessionSink, item: Outbound, metrics: &Metrics) {

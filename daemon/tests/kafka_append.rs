@@ -1,44 +1,23 @@
 //! The publish path against librdkafka's mock cluster: partitioning, acknowledgements,
 //! and a Kafka outage turning into `Unavailable` and back.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
-use dtfed::append::{AppendError, KafkaAppender};
-use dtfed::config::KafkaConfig;
-use dtfed::kafka::{ensure_topic, ensure_topic_within, partition_for, KafkaSetupError, MockKafka};
-use dtfed_proto::client::Body;
-use dtfed_proto::record::LogValue;
-use dtfed_proto::RoomId;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-}
+mod common;
 
 fn cfg(mock: &MockKafka, topic: &str, partitions: i32) -> KafkaConfig {
     KafkaConfig {
-        brokers: mock.bootstrap(),
-        local_topic: topic.into(),
-        partitions,
-        replication_factor: 1,
         publish_timeout_ms: 1500,
-        ..KafkaConfig::default()
+        ..common::mock_kafka(mock, topic, partitions)
     }
 }
 
-fn value(i: usize) -> LogValue {
-    LogValue {
-        from: format!("player{}", i % 3),
-        ts: 1_700_000_000_000 + i as i64,
-        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
-    }
-}
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{init_tracing, value};
+use dtfed::append::{AppendError, KafkaAppender};
+use dtfed::config::KafkaConfig;
+use dtfed::kafka::{ensure_topic, ensure_topic_within, partition_for, KafkaSetupError, MockKafka};
+use dtfed_proto::RoomId;
 
 fn room(s: &str) -> RoomId {
     RoomId::parse(s).expect("room")

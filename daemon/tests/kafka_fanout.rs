@@ -1,35 +1,34 @@
 //! Fan-out owners against librdkafka's mock cluster, with an in-memory bus that records
 //! every apply.
 
+mod common;
+
+fn cfg(mock: &MockKafka, topic: &str, partitions: i32, group: &str) -> KafkaConfig {
+    KafkaConfig {
+        fanout_group: group.into(),
+        ..common::mock_kafka(mock, topic, partitions)
+    }
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use common::{init_tracing, room, value, wait_for};
 use dtfed::append::KafkaAppender;
 use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
 use dtfed::config::KafkaConfig;
 use dtfed::fanout::FanoutOwner;
 use dtfed::kafka::MockKafka;
 use dtfed::metrics::Metrics;
-use dtfed_proto::client::Body;
-use dtfed_proto::record::{LogValue, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
+use dtfed_proto::record::{HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
 use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dtfed=info")),
-        )
-        .try_init();
-}
 
 /// Records every successful apply, in call order; fails the first `fail_first` calls.
 #[derive(Default)]
@@ -111,31 +110,6 @@ impl Bus for FakeBus {
     }
 }
 
-fn cfg(mock: &MockKafka, topic: &str, partitions: i32, group: &str) -> KafkaConfig {
-    KafkaConfig {
-        brokers: mock.bootstrap(),
-        local_topic: topic.into(),
-        partitions,
-        replication_factor: 1,
-        publish_timeout_ms: 3000,
-        fanout_group: group.into(),
-        session_timeout_ms: 6000,
-        ..KafkaConfig::default()
-    }
-}
-
-fn value(i: usize) -> LogValue {
-    LogValue {
-        from: format!("p{i}"),
-        ts: 1_700_000_000_000 + i as i64,
-        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
-    }
-}
-
-fn room(i: usize) -> RoomId {
-    RoomId::parse(&format!("room-{i}")).expect("room")
-}
-
 /// Appends `n` messages over 13 rooms; returns (partition, offset) of each.
 async fn publish(app: &KafkaAppender, from: usize, n: usize) -> Vec<(i32, i64)> {
     let mut out = Vec::new();
@@ -144,14 +118,6 @@ async fn publish(app: &KafkaAppender, from: usize, n: usize) -> Vec<(i32, i64)> 
         out.push((a.partition, a.offset));
     }
     out
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every partition's records reached the bus in offset order.

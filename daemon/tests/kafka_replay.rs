@@ -1,38 +1,17 @@
 //! Replay reads against librdkafka's mock cluster.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{init_tracing, room, value};
 use dtfed::append::KafkaAppender;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::{partition_for, MockKafka};
 use dtfed::replay::{ReadLimit, RoomLogReader};
-use dtfed_proto::client::Body;
-use dtfed_proto::record::LogValue;
 use dtfed_proto::RoomId;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
-}
-
-fn value(i: usize) -> LogValue {
-    LogValue {
-        from: format!("p{i}"),
-        ts: 1_700_000_000_000 + i as i64,
-        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
-    }
-}
-
-fn room(i: usize) -> RoomId {
-    RoomId::parse(&format!("room-{i}")).expect("room")
-}
 
 struct Fixture {
     mock: MockKafka,
@@ -45,13 +24,7 @@ async fn fixture(topic: &str, partitions: i32, n: usize) -> Fixture {
     init_tracing();
     let mock = MockKafka::start(1).expect("mock");
     mock.create_topic(topic, partitions).expect("topic");
-    let cfg = KafkaConfig {
-        brokers: mock.bootstrap(),
-        local_topic: topic.into(),
-        partitions,
-        publish_timeout_ms: 3000,
-        ..KafkaConfig::default()
-    };
+    let cfg = common::mock_kafka(&mock, topic, partitions);
     let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
     let mut sent: BTreeMap<RoomId, Vec<i64>> = BTreeMap::new();
     for i in 0..n {

@@ -1,26 +1,18 @@
 //! Mirror task ownership against librdkafka's mock cluster, with a fake runner that records
 //! every start and stop and checks that no mirror partition ever has two running tasks.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dtfed::config::KafkaConfig;
+use common::{init_tracing, wait_for};
 use dtfed::kafka::MockKafka;
-use dtfed::mirror_tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
+use dtfed::mirror::tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
 use tokio_util::sync::CancellationToken;
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dtfed=info")),
-        )
-        .try_init();
-}
 
 type Key = (String, i32);
 
@@ -119,14 +111,6 @@ impl MirrorTaskRunner for FakeRunner {
     }
 }
 
-fn cfg(mock: &MockKafka) -> KafkaConfig {
-    KafkaConfig {
-        brokers: mock.bootstrap(),
-        session_timeout_ms: 6000,
-        ..KafkaConfig::default()
-    }
-}
-
 /// Two origins: tokyo (3 partitions) and paris (2).
 fn mirror_topics(mock: &MockKafka) -> Vec<MirrorTopic> {
     mock.create_topic("dtfed.mirror.tokyo", 3).expect("topic");
@@ -165,7 +149,7 @@ fn start(
 ) -> MirrorTasks {
     let node = runner.owner.clone();
     MirrorTasks::start(
-        &cfg(mock),
+        &common::mock_kafka(mock, "dtfed.local", 1),
         "seoul",
         &node,
         group.into(),
@@ -186,14 +170,6 @@ fn runner(owner: &str, reg: &Arc<Registry>) -> FakeRunner {
 
 fn owned(t: &MirrorTasks) -> BTreeSet<Key> {
     t.status().owned.into_iter().collect()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,7 +322,7 @@ async fn start_refuses_bad_arguments() {
     let reg = Registry::new(Duration::ZERO);
     let stop = CancellationToken::new();
     let none = MirrorTasks::start(
-        &cfg(&mock),
+        &common::mock_kafka(&mock, "dtfed.local", 1),
         "seoul",
         "a",
         "g".into(),
@@ -361,7 +337,7 @@ async fn start_refuses_bad_arguments() {
         origin_topic: "dtfed.local".into(),
     };
     let twice = MirrorTasks::start(
-        &cfg(&mock),
+        &common::mock_kafka(&mock, "dtfed.local", 1),
         "seoul",
         "a",
         "g".into(),

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::client::{Body, MsgFrame};
 use crate::room::RoomId;
 
+/// The wall clock in milliseconds since the Unix epoch, the unit of a record's `ts` and of
+/// every latency dtfed measures between machines (0 if the clock is before the epoch).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Header naming the region whose gateway accepted the message.
 pub const HEADER_ORIGIN: &str = "dtfed-origin";
 /// Header naming the player who sent it.

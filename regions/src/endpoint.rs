@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use quinn::{TransportConfig, VarInt};
+use quinn::TransportConfig;
 use rustls::client::WebPkiServerVerifier;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -37,25 +37,14 @@ use crate::error::LinkError;
 use crate::tls::{self, LinkTuning, RegionIdentity, Verdict};
 use crate::topology::valid_region_name;
 
-/// Application close code: normal shutdown of a link or endpoint.
-pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
-/// Application close code: the peer's region is not an allowed peer of ours.
-pub const CLOSE_REGION_NOT_ALLOWED: VarInt = VarInt::from_u32(0x100);
-/// Application close code: the peer is not the region we dialled.
-pub const CLOSE_WRONG_REGION: VarInt = VarInt::from_u32(0x101);
-/// Application close code: the peer's certificate names no usable region.
-pub const CLOSE_BAD_CERTIFICATE: VarInt = VarInt::from_u32(0x102);
-/// Application close code: the peer broke the link setup protocol.
-pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x103);
+pub use crate::error::{
+    CLOSE_BAD_CERTIFICATE, CLOSE_PROTOCOL, CLOSE_REGION_NOT_ALLOWED, CLOSE_SHUTDOWN,
+    CLOSE_WRONG_REGION,
+};
 
 /// What the accepting side sends on its first unidirectional stream once it has accepted
 /// the peer.
 pub const WELCOME: &[u8] = b"dtfed-link/1 welcome\n";
-
-/// Whether an application close code is one of the link-setup refusals above.
-pub(crate) fn is_refusal(code: VarInt) -> bool {
-    (0x100..=0x103).contains(&code.into_inner())
-}
 
 /// An established link to an authenticated, allowed peer region.
 #[derive(Debug, Clone)]

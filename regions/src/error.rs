@@ -5,7 +5,23 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use quinn::{ConnectionError, TransportErrorCode};
+use quinn::{ConnectionError, TransportErrorCode, VarInt};
+
+/// Application close code: normal shutdown of a link or endpoint.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
+/// Application close code: the peer's region is not an allowed peer of ours.
+pub const CLOSE_REGION_NOT_ALLOWED: VarInt = VarInt::from_u32(0x100);
+/// Application close code: the peer is not the region we dialled.
+pub const CLOSE_WRONG_REGION: VarInt = VarInt::from_u32(0x101);
+/// Application close code: the peer's certificate names no usable region.
+pub const CLOSE_BAD_CERTIFICATE: VarInt = VarInt::from_u32(0x102);
+/// Application close code: the peer broke the link setup protocol.
+pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(0x103);
+
+/// Whether an application close code is one of the link-setup refusals above.
+pub(crate) fn is_refusal(code: VarInt) -> bool {
+    (0x100..=0x103).contains(&code.into_inner())
+}
 
 /// Why a region link could not be set up (or was refused).
 #[derive(Debug, thiserror::Error)]
@@ -137,9 +153,7 @@ impl LinkError {
                 },
                 _ => LinkError::Connection(err),
             },
-            ConnectionError::ApplicationClosed(close)
-                if crate::endpoint::is_refusal(close.error_code) =>
-            {
+            ConnectionError::ApplicationClosed(close) if is_refusal(close.error_code) => {
                 LinkError::RefusedByPeer {
                     code: close.error_code.into_inner(),
                     reason: String::from_utf8_lossy(&close.reason).into_owned(),

@@ -3,6 +3,8 @@
 //! WAN delay, pause/resume, and a second origin daemon taking over.
 
 mod common;
+#[path = "common/memory_log.rs"]
+mod memory_log;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,10 +14,11 @@ use common::{identity, init_tracing, loopback};
 use dtfed_proto::link::{LinkRecord, LinkTimers};
 use dtfed_proto::record::{HEADER_FROM, HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
 use dtfed_regions::mirror::{
-    MemoryMirrorLog, MemoryOriginLog, MirrorClient, MirrorClientConfig, MirrorError, MirrorGap,
-    MirrorLog, MirrorServer, MirrorServerConfig, MirrorTaskState, MirroredRecord, ServerStatus,
+    MirrorClient, MirrorClientConfig, MirrorError, MirrorLog, MirrorServer, MirrorServerConfig,
+    MirrorTaskState, ServerStatus,
 };
 use dtfed_regions::{FederationCa, LinkTuning, PeerRegion, RegionEndpoint, WanProfile, WanRelay};
+use memory_log::{MemoryMirrorLog, MemoryOriginLog, MirrorGap, MirroredRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinSet;

@@ -17,10 +17,10 @@
 //! is full misses live messages (they are in the history) and gets [`BusEvent::Resync`] as
 //! soon as it has room again, before any later message.
 
+use dtfed_proto::record::now_ms;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
@@ -306,11 +306,4 @@ impl Bus for MemoryBus {
         }
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

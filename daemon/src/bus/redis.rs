@@ -75,11 +75,12 @@
 //! (`apply`, `history`, `tails`, `ping`) keep working after shutdown, so fan-out owners can
 //! drain; `subscribe` and `unsubscribe` return [`BusError::Closed`].
 
+use dtfed_proto::record::now_ms;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dtfed_proto::client::Body;
@@ -663,13 +664,6 @@ fn refused(e: &RedisError) -> bool {
         ErrorKind::Extension => e.code() == Some("WRONGTYPE"),
         _ => false,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// A `msg` frame serialized with `"prev":null`, and where that `null` is.

@@ -34,12 +34,23 @@ impl Player {
     pub fn may_use(&self, room: &str) -> bool {
         match &self.rooms {
             None => true,
-            Some(patterns) => patterns.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => room.starts_with(prefix),
-                None => p == room,
-            }),
+            Some(patterns) => room_allowed(patterns, room),
         }
     }
+}
+
+/// Whether one of `patterns` (exact room ids, or prefixes ending in `*`) allows `room`:
+/// the JWT rooms claim and the server API's keys use the same rule.
+pub fn room_allowed(patterns: &[String], room: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => room.starts_with(prefix),
+        None => p == room,
+    })
+}
+
+/// A player name: 1-[`MAX_PLAYER_LEN`] bytes without control characters.
+pub fn valid_player_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_PLAYER_LEN && !name.chars().any(char::is_control)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -92,10 +103,7 @@ impl Authenticator {
         match self.mode {
             AuthMode::None => {
                 let name = name.unwrap_or("guest");
-                if name.is_empty()
-                    || name.len() > MAX_PLAYER_LEN
-                    || name.chars().any(char::is_control)
-                {
+                if !valid_player_name(name) {
                     return Err(AuthError::BadName);
                 }
                 Ok(Player {
@@ -116,11 +124,7 @@ impl Authenticator {
                 let name = claims
                     .get("sub")
                     .and_then(|v| v.as_str())
-                    .filter(|s| {
-                        !s.is_empty()
-                            && s.len() <= MAX_PLAYER_LEN
-                            && !s.chars().any(char::is_control)
-                    })
+                    .filter(|s| valid_player_name(s))
                     .ok_or_else(|| {
                         AuthError::BadToken(format!(
                             "sub must be a player name of 1-{MAX_PLAYER_LEN} bytes of printable characters"

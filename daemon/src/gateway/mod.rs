@@ -2,7 +2,8 @@
 //! (`docs/PROTOCOL.md`), and each connection runs one [`session`]. Admission (Origin
 //! allowlist, connection limit, authentication) happens at the upgrade; [`resume`] replays a
 //! room from a cursor; [`publish`] stores a publish with a `ref` at most once; [`limits`]
-//! holds the rate limits.
+//! holds the rate limits. [`api`] is the server API for game servers (HTTP, API keys) on
+//! the same listener.
 //!
 //! Close codes the gateway uses (also in `docs/PROTOCOL.md`):
 //! 1001 server shutting down, 1002 WebSocket protocol error, 1007 text not UTF-8,
@@ -14,6 +15,7 @@
 //! connection silent for `client.idle_timeout_ms`; TCP keepalive (see [`TCP_KEEPALIVE_IDLE`])
 //! lets the kernel drop a peer that vanished without a FIN.
 
+pub mod api;
 pub mod auth;
 pub mod chat_page;
 pub mod limits;
@@ -40,10 +42,10 @@ use tokio_util::task::TaskTracker;
 use crate::append::KafkaAppender;
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
+use crate::replay::MirrorReplay;
 use crate::replay::RoomLogReader;
 use crate::rooms::LocalRooms;
 use auth::Authenticator;
-use resume::MirrorReplay;
 
 /// A connection's read buffer. Players' frames are a few hundred bytes; a larger one grows
 /// the buffer as far as it needs (up to the frame limit). Every connection touches this
@@ -83,6 +85,8 @@ pub struct Gateway {
     /// Replays other regions' messages from this region's mirror topics (federated only).
     pub mirror_replay: Option<Arc<MirrorReplay>>,
     pub metrics: Arc<Metrics>,
+    /// The server API's keys; `None` without `[api]` (then `/api/` is not served).
+    pub api: Option<api::ApiKeys>,
     /// Serve the chat page at `/` and its client library at `/dtfed-client/` (demo).
     pub chat_page: bool,
     /// How long a closing session waits for its in-flight publishes.
@@ -106,6 +110,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         chat_page: bool,
         drain_timeout: Duration,
+        api: Option<&api::ApiConfig>,
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             auth: Authenticator::new(&cfg),
@@ -116,6 +121,7 @@ impl Gateway {
             replay,
             mirror_replay,
             metrics,
+            api: api.map(api::ApiKeys::new),
             chat_page,
             drain_timeout,
             connections: AtomicUsize::new(0),
@@ -158,11 +164,15 @@ impl Gateway {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let router = Router::new()
             .route("/ws", get(upgrade))
             .route("/", get(chat_page::serve))
-            .route("/dtfed-client/{file}", get(chat_page::serve_client))
-            .with_state(self.clone())
+            .route("/dtfed-client/{file}", get(chat_page::serve_client));
+        let router = match self.api {
+            Some(_) => router.merge(api::routes()),
+            None => router,
+        };
+        router.with_state(self.clone())
     }
 }
 

@@ -30,6 +30,7 @@
 //! it (Kafka stays the one dependency of publishing), and a retry in that time may be
 //! stored twice. Publishes without a `ref` are appended as they come.
 
+use dtfed_proto::record::now_ms;
 use std::time::Duration;
 
 use dtfed_proto::record::LogValue;
@@ -248,13 +249,6 @@ fn digest(bytes: &[u8]) -> u64 {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

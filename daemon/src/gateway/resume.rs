@@ -17,14 +17,6 @@ use dtfed_proto::{Cursor, MsgFrame, RoomId, ServerFrame};
 
 use super::Gateway;
 use crate::bus::BusError;
-use crate::mirror_log::MirrorRoomReader;
-
-/// Reads other regions' messages from this region's mirror topics.
-pub struct MirrorReplay {
-    pub reader: MirrorRoomReader,
-    /// Origin region → partition count of its local topic (= its mirror topic here).
-    pub origins: std::collections::BTreeMap<String, i32>,
-}
 
 /// What one replay answers.
 #[derive(Debug)]

@@ -24,6 +24,7 @@
 //! connection from which nothing (no frame, no Pong) arrived for `client.idle_timeout_ms`.
 //! A JWT session closes (1008) when its token expires.
 
+use dtfed_proto::record::now_ms;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -703,11 +704,4 @@ fn token_deadline(expires_at: Option<std::time::SystemTime>) -> Option<tokio::ti
         .duration_since(std::time::SystemTime::now())
         .unwrap_or(Duration::ZERO);
     Some(tokio::time::Instant::now() + left)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -39,6 +39,7 @@
 //!   [`MirrorClient::links`] (per peer), and [`MirrorClient::pause_peer`] /
 //!   [`MirrorClient::resume_peer`] for drills.
 
+use dtfed_proto::record::now_ms;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -796,13 +797,6 @@ enum Outcome {
     },
 }
 
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Resolves once `rx` says paused.
 async fn until_paused(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|paused| *paused).await.is_err() {
@@ -1369,7 +1363,7 @@ impl PartitionTask {
             }
         };
         result.map_err(|e| format!("cannot append to the mirror topic: {e}"))?;
-        let acked_ms = unix_ms();
+        let acked_ms = now_ms();
         let mut ages = AgeHistogram::default();
         for r in fresh.iter().filter(|r| r.timestamp_ms >= 0) {
             ages.record(acked_ms.saturating_sub(r.timestamp_ms));

@@ -32,10 +32,7 @@ pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,
 };
 pub use latency::{AgeHistogram, AGE_BUCKETS_MS};
-pub use log::{
-    LogError, MemoryMirrorLog, MemoryOriginLog, MirrorGap, MirrorLog, MirroredRecord, OriginBatch,
-    OriginLog, OriginReader,
-};
+pub use log::{LogError, MirrorLog, OriginBatch, OriginLog, OriginReader};
 pub use server::{
     MirrorServer, MirrorServerConfig, PeerUsage, ServedStream, ServerStatus, CLOSE_TOO_MANY_LINKS,
 };

@@ -43,6 +43,8 @@ pub struct FederationSpec {
     pub first_region_kafka_nodes: usize,
     /// TOML merged into every daemon's config (e.g. `"[client]\noutbound_queue = 64\n"`).
     pub extra_config: String,
+    /// Environment variables of every daemon (secrets a config names, e.g. an API key's).
+    pub env: Vec<(String, String)>,
 }
 
 impl FederationSpec {
@@ -55,6 +57,7 @@ impl FederationSpec {
             relayed: false,
             first_region_kafka_nodes: 1,
             extra_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct Region {
     pub cfg: ConfigBuilder,
     pub ports: Vec<DaemonPorts>,
     pub daemons: Vec<DtfedProcess>,
+    /// Environment variables of its daemons ([`FederationSpec::env`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Region {
@@ -306,6 +311,7 @@ fn start_regions(
                 kafka,
                 redis,
                 daemons: Vec::new(),
+                env: spec.env.clone(),
             })
         })
         .collect()
@@ -317,8 +323,16 @@ fn start_daemons(regions: &mut [Region]) -> Result<()> {
         let handles: Vec<_> = regions
             .iter()
             .enumerate()
-            .flat_map(|(ri, r)| (0..r.ports.len()).map(move |i| (ri, r.daemon_config(i))))
-            .map(|(ri, cfg)| s.spawn(move || DtfedProcess::start(&cfg).map(|d| (ri, d))))
+            .flat_map(|(ri, r)| {
+                (0..r.ports.len()).map(move |i| (ri, r.daemon_config(i), r.env.clone()))
+            })
+            .map(|(ri, cfg, env)| {
+                s.spawn(move || {
+                    let env: Vec<(&str, &str)> =
+                        env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    DtfedProcess::start_with_env(&cfg, &env).map(|d| (ri, d))
+                })
+            })
             .collect();
         for h in handles {
             let (ri, d) = h

@@ -1,12 +1,7 @@
-//! The Kafka mirror logs (`dtfed::mirror_log`) against librdkafka's mock cluster, and the
-//! same checks (plus what the mock cannot do: DeleteRecords, transaction markers) against
-//! a real broker, ignored by default:
-//!
-//! ```text
-//! deploy/kafka.sh start --port 19392 --dir /tmp/mlk
-//! DTFED_TEST_KAFKA=127.0.0.1:19392 cargo test -p dtfed --test mirror_log -- --ignored
-//! deploy/kafka.sh stop --dir /tmp/mlk
-//! ```
+//! The daemon's Kafka mirror logs (`dtfed::mirror::{origin, sink}`,
+//! `dtfed::replay::remote`) against librdkafka's mock cluster, and the same checks (plus
+//! what the mock cannot do: DeleteRecords, transaction markers) against the real broker the
+//! harness starts (`deploy/kafka.sh`), one broker shared by this file's tests.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -15,17 +10,17 @@ use std::time::{Duration, Instant};
 use dtfed::append::KafkaAppender;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::{ensure_topic, partition_for, MockKafka};
-use dtfed::mirror_log::{
-    ensure_mirror_topic, mirror_topic, KafkaMirrorLog, KafkaOriginLog, MirrorRoomReader,
-    OriginReaderTuning,
-};
-use dtfed::replay::ReadLimit;
+use dtfed::mirror::mirror_topic;
+use dtfed::mirror::origin::{KafkaOriginLog, OriginReaderTuning};
+use dtfed::mirror::sink::{ensure_mirror_topic, KafkaMirrorLog};
+use dtfed::replay::{MirrorRoomReader, ReadLimit};
 use dtfed_proto::client::Body;
 use dtfed_proto::link::codec::record_len_bound;
 use dtfed_proto::link::LinkRecord;
 use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_ORIGIN};
 use dtfed_proto::RoomId;
 use dtfed_regions::mirror::log::{LogError, MirrorLog, OriginLog};
+use dtfed_tests::harness::KafkaBroker;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::FromClientConfig;
@@ -42,7 +37,8 @@ fn init_tracing() {
         .try_init();
 }
 
-/// Where a test runs: librdkafka's mock cluster, or the real broker in `DTFED_TEST_KAFKA`.
+/// Where a test runs: librdkafka's mock cluster, or the harness's real broker (shared by
+/// this file's tests).
 enum Cluster {
     Mock(MockKafka),
     Real(String),
@@ -56,7 +52,7 @@ impl Cluster {
 
     fn real() -> Cluster {
         init_tracing();
-        Cluster::Real(std::env::var("DTFED_TEST_KAFKA").expect("set DTFED_TEST_KAFKA=host:port"))
+        Cluster::Real(KafkaBroker::shared().expect("kafka").bootstrap())
     }
 
     fn cfg(&self, local_topic: &str) -> KafkaConfig {
@@ -291,7 +287,6 @@ async fn mirror_append_then_tail_and_read_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_mirror_append_then_tail_and_read_back() {
     check_append_tail_read_back(&Cluster::real()).await;
 }
@@ -382,7 +377,6 @@ async fn origin_reader_reads_back_from_any_offset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_origin_reader_reads_back_from_any_offset() {
     check_origin_reader(&Cluster::real()).await;
 }
@@ -482,7 +476,6 @@ async fn origin_reader_reports_retention() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_origin_reader_reports_retention() {
     check_retention(&Cluster::real(), 100_000, |cfg, topic| async move {
         use rdkafka::admin::{AdminClient, AdminOptions};
@@ -687,7 +680,6 @@ async fn mirror_room_reader_finds_ranges() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_mirror_room_reader_finds_ranges() {
     check_room_reader(&Cluster::real()).await;
 }
@@ -788,7 +780,6 @@ async fn mirror_room_reader_drops_records_mirrored_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_mirror_room_reader_drops_records_mirrored_twice() {
     check_resent(&Cluster::real()).await;
 }
@@ -875,7 +866,6 @@ async fn bounded_and_unavailable_while_kafka_is_down() {
 /// the last offset is a commit marker, not a record; the tail walks back to the record,
 /// and room reads pass over the markers. (The mock writes no markers: real broker only.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a real broker in DTFED_TEST_KAFKA"]
 async fn real_tail_walks_back_over_control_records() {
     let c = Cluster::real();
     let origin = c.name("tokyo");

@@ -7,21 +7,41 @@
 //! owner reads a true tail), then the mirror server, then close the endpoint.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Context;
 use async_trait::async_trait;
+use dtfed_proto::record::now_ms;
 use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
 use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
 use dtfed_regions::{FederationConfig, PeerRegion, RegionEndpoint, RegionIdentity};
+use origin::KafkaOriginLog;
 use serde::Serialize;
+use sink::{ensure_mirror_topic, KafkaMirrorLog};
+use tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::mirror_log::{ensure_mirror_topic, KafkaMirrorLog, KafkaOriginLog};
-use crate::mirror_tasks::{MirrorTaskRunner, MirrorTasks, MirrorTopic};
+
+pub mod metrics;
+pub mod origin;
+pub mod reads;
+pub mod sink;
+pub mod tasks;
+
+/// Mirror topics are named `<prefix><origin region>`.
+pub const MIRROR_TOPIC_PREFIX: &str = "dtfed.mirror.";
+
+/// The mirror topic of `origin`: `dtfed.mirror.<origin>`.
+pub fn mirror_topic(origin: &str) -> String {
+    format!("{MIRROR_TOPIC_PREFIX}{origin}")
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A peer link, for `/status`.
 #[derive(Clone, Debug, Serialize)]
@@ -292,11 +312,4 @@ impl Federation {
         self.client.close("region daemon shutting down");
         self.endpoint.close();
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

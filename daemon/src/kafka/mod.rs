@@ -1,16 +1,14 @@
-//! Kafka plumbing shared by the publish path, the fan-out owners and replay: client
-//! settings, topic creation and validation, the Java-compatible room → partition mapping,
-//! and librdkafka's mock cluster for `dtfed demo`.
+//! Kafka plumbing shared by the publish path, the fan-out owners, replay and mirroring:
+//! every client's settings ([`settings`]), topic creation and validation, the
+//! Java-compatible room → partition mapping, librdkafka handles dropped off the async
+//! runtime, and librdkafka's mock cluster for `dtfed demo` ([`mock`]).
 //!
 //! Every client this daemon builds starts from [`client_config`] and uses a
 //! [`TracingContext`] (or a context that delegates to one), so librdkafka's own log lines and
 //! global errors reach `tracing` under the target `librdkafka`, whatever `log` bridge is or is
 //! not installed.
 
-use std::collections::HashMap;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dtfed_proto::RoomId;
@@ -18,10 +16,16 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
-use rdkafka::mocking::MockCluster;
-use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+
+pub mod mock;
+pub mod settings;
+
+use mock::create_on_mock;
+pub use mock::MockKafka;
+pub use settings::client_config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
@@ -33,37 +37,6 @@ pub enum KafkaSetupError {
 
 /// How long [`ensure_topic`] keeps trying a cluster that is still starting.
 pub const ENSURE_TOPIC_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Settings every dtfed Kafka client shares: where the brokers are, who we are, and how
-/// eagerly to reconnect. Producers, consumers and admin clients add their own on top.
-///
-/// `client.id` is `dtfed-<region>-<node>` so a broker's request logs and quotas name the
-/// daemon.
-pub fn client_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", format!("dtfed-{region}-{node}"))
-        // Dead peers behind a NAT or a silently dropped connection are found by TCP.
-        .set("socket.keepalive.enable", "true")
-        // A broker that restarts is found again within a second, not librdkafka's 10 s.
-        .set("reconnect.backoff.ms", "50")
-        .set("reconnect.backoff.max.ms", "1000")
-        // Metadata (leaders, partition counts) refreshed often enough to follow a broker
-        // restart quickly; the default is 5 minutes.
-        .set("topic.metadata.refresh.interval.ms", "30000");
-    c.set_log_level(librdkafka_log_level());
-    c
-}
-
-/// The librdkafka log level matching what `tracing` will show for target `librdkafka`:
-/// notices and above normally, informational lines when debug logging is on.
-fn librdkafka_log_level() -> RDKafkaLogLevel {
-    if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
-        RDKafkaLogLevel::Info
-    } else {
-        RDKafkaLogLevel::Notice
-    }
-}
 
 /// A librdkafka client context that sends librdkafka's log lines and global errors to
 /// `tracing` (target `librdkafka`), tagged with the client id.
@@ -143,6 +116,22 @@ impl ClientContext for TracingContext {
 
 impl rdkafka::consumer::ConsumerContext for TracingContext {}
 
+/// Inside `impl ClientContext for X`: hands librdkafka's log lines and global errors to the
+/// [`TracingContext`] in field `$field` of a context that adds hooks of its own (statistics,
+/// rebalances).
+macro_rules! log_to_tracing {
+    ($field:ident) => {
+        fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+            self.$field.log(level, fac, log_message);
+        }
+
+        fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+            self.$field.error(error, reason);
+        }
+    };
+}
+pub(crate) use log_to_tracing;
+
 /// A node name for clients created without one: `<hostname>-<pid>`.
 pub fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -203,9 +192,7 @@ pub async fn ensure_topic_within(
         }
         None => false,
     };
-    let mut cc = client_config(cfg, "admin", &default_node_name());
-    // Never let a metadata request auto-create the topic with the broker's defaults.
-    cc.set("allow.auto.create.topics", "false");
+    let cc = settings::admin_config(cfg, "admin", &default_node_name());
     let ctx = TracingContext::for_config(&cc);
     let admin = AdminClient::from_config_and_context(&cc, ctx)
         .map(Arc::new)
@@ -426,246 +413,76 @@ pub fn partition_for(room: &RoomId, partitions: i32) -> i32 {
     (murmur2(room.as_str().as_bytes()) & 0x7fff_ffff) % partitions
 }
 
-/// The mock clusters alive in this process, by bootstrap address, so that
-/// [`ensure_topic`] can create topics on them (the mock does not implement CreateTopics).
-static MOCKS: OnceLock<Mutex<HashMap<String, mpsc::Sender<MockCmd>>>> = OnceLock::new();
-
-fn mocks() -> std::sync::MutexGuard<'static, HashMap<String, mpsc::Sender<MockCmd>>> {
-    let m = MOCKS.get_or_init(|| Mutex::new(HashMap::new()));
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
+/// Drops `value` on a blocking thread when inside a tokio runtime: librdkafka handles block
+/// while they shut down (threads joined, queues purged).
+pub fn drop_off_runtime<T: Send + 'static>(value: T) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        drop(tokio::task::spawn_blocking(move || drop(value)));
+    } else {
+        drop(value);
     }
 }
 
-/// Creates `topic` on the in-process mock cluster at `brokers`, if that is one. `None`: not
-/// a mock of this process.
-fn create_on_mock(brokers: &str, topic: &str, partitions: i32) -> Option<Result<(), String>> {
-    let tx = mocks().get(brokers.trim()).cloned()?;
-    let (reply, result) = mpsc::channel();
-    if tx
-        .send(MockCmd::CreateTopic {
-            topic: topic.to_owned(),
-            partitions,
-            reply,
-        })
-        .is_err()
-    {
-        return Some(Err("mock cluster stopped".into()));
+/// Owns a librdkafka handle whose drop blocks; drops it off the async runtime.
+pub struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> std::ops::Deref for OffRuntime<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // Only `drop` takes the value out.
+        match &self.0 {
+            Some(v) => v,
+            None => unreachable!("OffRuntime emptied before drop"),
+        }
     }
-    Some(
-        result
-            .recv()
-            .map_err(|_| "mock cluster stopped".to_owned())
-            .and_then(|r| r),
+}
+
+impl<T: Send + 'static> OffRuntime<T> {
+    pub fn new(value: T) -> OffRuntime<T> {
+        OffRuntime(Some(value))
+    }
+
+    /// The value back, to be dropped (or kept) by the caller.
+    pub fn into_inner(mut self) -> Option<T> {
+        self.0.take()
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.take() {
+            drop_off_runtime(v);
+        }
+    }
+}
+
+/// The topic or partition does not exist (yet, or any more).
+pub fn is_unknown_partition(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopic
+        )
     )
 }
 
-enum MockCmd {
-    CreateTopic {
-        topic: String,
-        partitions: i32,
-        reply: mpsc::Sender<Result<(), String>>,
-    },
-    BrokerDown {
-        broker: i32,
-        reply: mpsc::Sender<Result<(), String>>,
-    },
-    BrokerUp {
-        broker: i32,
-        reply: mpsc::Sender<Result<(), String>>,
-    },
-    RequestErrors {
-        api: RDKafkaApiKey,
-        errors: Vec<RDKafkaRespErr>,
-        reply: mpsc::Sender<Result<(), String>>,
-    },
-}
-
-/// librdkafka's in-process mock cluster, for `dtfed demo` and tests.
-///
-/// librdkafka's handle is not `Send`, so the cluster lives on a thread of its own for as
-/// long as this value does; the methods below talk to that thread. Dropping a `MockKafka`
-/// destroys the cluster (clients still pointed at it then see all brokers down).
-///
-/// The mock implements produce, fetch, consumer groups and idempotent producers, but not
-/// CreateTopics: create topics with [`MockKafka::create_topic`] (or let a metadata request
-/// auto-create them with 4 partitions).
-pub struct MockKafka {
-    bootstrap: String,
-    brokers: i32,
-    tx: Option<mpsc::Sender<MockCmd>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for MockKafka {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockKafka")
-            .field("bootstrap", &self.bootstrap)
-            .field("brokers", &self.brokers)
-            .finish()
-    }
-}
-
-impl MockKafka {
-    pub fn start(brokers: i32) -> Result<MockKafka, KafkaSetupError> {
-        let unreachable = |detail: String| KafkaSetupError::Unreachable {
-            brokers: "mock".into(),
-            detail,
-        };
-        if brokers < 1 {
-            return Err(unreachable(format!(
-                "a mock cluster needs at least 1 broker, not {brokers}"
-            )));
-        }
-        let (tx, rx) = mpsc::channel::<MockCmd>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
-        let thread = std::thread::Builder::new()
-            .name("kafka-mock".into())
-            .spawn(move || {
-                let cluster = match MockCluster::new(brokers) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-                // Serve commands until the MockKafka is dropped (the channel closes).
-                while let Ok(cmd) = rx.recv() {
-                    match cmd {
-                        MockCmd::CreateTopic {
-                            topic,
-                            partitions,
-                            reply,
-                        } => {
-                            let rf = brokers.min(3);
-                            let _ =
-                                reply.send(match cluster.create_topic(&topic, partitions, rf) {
-                                    Ok(())
-                                    | Err(KafkaError::MockCluster(
-                                        RDKafkaErrorCode::TopicAlreadyExists,
-                                    )) => Ok(()),
-                                    Err(e) => Err(e.to_string()),
-                                });
-                        }
-                        MockCmd::BrokerDown { broker, reply } => {
-                            let _ =
-                                reply.send(cluster.broker_down(broker).map_err(|e| e.to_string()));
-                        }
-                        MockCmd::BrokerUp { broker, reply } => {
-                            let _ =
-                                reply.send(cluster.broker_up(broker).map_err(|e| e.to_string()));
-                        }
-                        MockCmd::RequestErrors { api, errors, reply } => {
-                            if errors.is_empty() {
-                                cluster.clear_request_errors(api);
-                            } else {
-                                cluster.request_errors(api, &errors);
-                            }
-                            let _ = reply.send(Ok(()));
-                        }
-                    }
-                }
-                drop(cluster);
-            })
-            .map_err(|e| unreachable(format!("cannot start the mock cluster thread: {e}")))?;
-        let bootstrap = match ready_rx.recv() {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(unreachable(format!("mock cluster: {e}"))),
-            Err(_) => return Err(unreachable("mock cluster thread died".into())),
-        };
-        mocks().insert(bootstrap.clone(), tx.clone());
-        tracing::info!(%bootstrap, brokers, "started librdkafka mock cluster");
-        Ok(MockKafka {
-            bootstrap,
-            brokers,
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    pub fn bootstrap(&self) -> String {
-        self.bootstrap.clone()
-    }
-
-    /// Number of brokers; their ids are `1..=brokers`.
-    pub fn brokers(&self) -> i32 {
-        self.brokers
-    }
-
-    fn call(
-        &self,
-        what: &str,
-        make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> MockCmd,
-    ) -> Result<(), KafkaSetupError> {
-        let fail = |detail: String| KafkaSetupError::Unreachable {
-            brokers: self.bootstrap.clone(),
-            detail: format!("mock cluster {what}: {detail}"),
-        };
-        let (reply, result) = mpsc::channel();
-        self.tx
-            .as_ref()
-            .ok_or_else(|| fail("stopped".into()))?
-            .send(make(reply))
-            .map_err(|_| fail("thread gone".into()))?;
-        result
-            .recv()
-            .map_err(|_| fail("thread gone".into()))?
-            .map_err(fail)
-    }
-
-    /// Creates `topic` with `partitions` partitions (replication min(brokers, 3)); a topic
-    /// that exists already is left as it is.
-    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaSetupError> {
-        self.call("create_topic", |reply| MockCmd::CreateTopic {
-            topic: topic.to_owned(),
-            partitions,
-            reply,
-        })
-        .map_err(|e| KafkaSetupError::Topic {
-            topic: topic.to_owned(),
-            detail: e.to_string(),
-        })
-    }
-
-    /// Disconnects broker `broker` (`-1`: all) and refuses new connections to it.
-    pub fn broker_down(&self, broker: i32) -> Result<(), KafkaSetupError> {
-        self.call("broker_down", |reply| MockCmd::BrokerDown { broker, reply })
-    }
-
-    /// Lets broker `broker` (`-1`: all) accept connections again.
-    pub fn broker_up(&self, broker: i32) -> Result<(), KafkaSetupError> {
-        self.call("broker_up", |reply| MockCmd::BrokerUp { broker, reply })
-    }
-}
-
-impl MockKafka {
-    /// Makes the next requests of kind `api` fail with `errors`, one error per request, in
-    /// order (an empty list clears them).
-    pub fn request_errors(
-        &self,
-        api: RDKafkaApiKey,
-        errors: &[RDKafkaRespErr],
-    ) -> Result<(), KafkaSetupError> {
-        let errors = errors.to_vec();
-        self.call("request_errors", |reply| MockCmd::RequestErrors {
-            api,
-            errors,
-            reply,
-        })
-    }
-}
-
-impl Drop for MockKafka {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread's loop, which destroys the cluster.
-        mocks().remove(&self.bootstrap);
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Consumer errors librdkafka recovers from by itself (a dropped idle connection, a name
+/// that did not resolve this time): reading just goes on.
+pub fn is_transient_consumer_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NetworkException
+        )
+    ) && !matches!(e, KafkaError::MessageConsumptionFatal(_))
 }
 
 #[cfg(test)]

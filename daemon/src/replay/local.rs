@@ -1,25 +1,6 @@
-//! Replay from Kafka for cursors older than a room's hot history: read the room's partition
-//! of the local topic from an offset, keep the room's records, and say what retention has
-//! already deleted.
+//! Replay of this region's own messages: a room's records of the local topic from an offset
+//! on, read by pooled group-less consumers; says what retention has already deleted.
 //!
-//! # Cost and concurrency
-//!
-//! A read is a tail scan of one partition: every record of the partition in the range is
-//! fetched and the other rooms' records are dropped here, so the cost grows with the range,
-//! not with the room's share of it. Readers are plain librdkafka consumers with no group
-//! (a unique dummy `group.id`, manual `assign`, nothing ever committed). Each consumer is a
-//! librdkafka instance with its own threads and broker connections (a few MB and one TCP
-//! connection per broker), so they are pooled and reused rather than created per read,
-//! and at most [`MAX_CONCURRENT_READS`] reads run at once (each on a blocking thread): when
-//! many players resume together the rest queue (first come, first served), within the
-//! overall [`READ_TIMEOUT`]; a read that could not get a slot in time is an error, which the
-//! player sees as `unavailable` (retry), never as a gap.
-//!
-//! Every read stops at a [`ReadLimit`] ([`READ_LIMIT`]: messages, bytes, and records scanned)
-//! and says where ([`RoomRead::stopped_at`]): memory per read is bounded, and so is the time
-//! one read holds a slot, so slots pass from player to player instead of one resume of a
-//! large partition holding one for its whole scan. The player continues from there with
-//! another `sub`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,59 +16,11 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, default_node_name, partition_for, TracingContext};
-
-/// Reads that may run at once; the others wait for a slot.
-pub const MAX_CONCURRENT_READS: usize = 4;
-/// A whole read (waiting for a slot included) that takes longer fails.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How much one read takes before it stops (and says where).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReadLimit {
-    /// The room's messages returned.
-    pub messages: usize,
-    /// Bytes of the room's messages returned (their values as stored).
-    pub bytes: usize,
-    /// Records of the partition examined, the room's or not: the cost of the scan.
-    pub scanned: i64,
-}
-
-/// The limit of every replay read: about a megabyte per answer, and a scan of a fraction of
-/// a second.
-pub const READ_LIMIT: ReadLimit = ReadLimit {
-    messages: 1000,
-    bytes: 1 << 20,
-    scanned: 100_000,
+use crate::kafka::settings::replay_reader_config;
+use crate::kafka::{default_node_name, drop_off_runtime, partition_for, TracingContext};
+use crate::replay::{
+    ReadLimit, ReplayError, RoomRead, MAX_CONCURRENT_READS, READ_LIMIT, READ_TIMEOUT,
 };
-
-impl ReadLimit {
-    /// True once a read holding `messages` of `bytes` after examining `scanned` records
-    /// must stop.
-    pub fn reached(&self, messages: usize, bytes: usize, scanned: i64) -> bool {
-        messages >= self.messages || bytes >= self.bytes || scanned >= self.scanned
-    }
-}
-
-/// The room's records found in one partition range.
-#[derive(Debug)]
-pub struct RoomRead {
-    pub partition: i32,
-    /// The partition's earliest retained offset (low watermark) when read: a cursor below
-    /// `earliest - 1` has lost `cursor+1 ..= earliest-1` to retention.
-    pub earliest: i64,
-    /// The room's records, in offset order.
-    pub records: Vec<LogRecord>,
-    /// `Some(o)` when the read stopped at its [`ReadLimit`] before the end of the range:
-    /// every record of the room up to offset `o` is in `records`, nothing after `o` was read.
-    pub stopped_at: Option<i64>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("kafka replay: {0}")]
-    Kafka(String),
-}
 
 type Reader = BaseConsumer<TracingContext>;
 
@@ -109,29 +42,6 @@ impl std::fmt::Debug for RoomLogReader {
             .field("partitions", &self.partitions)
             .finish()
     }
-}
-
-/// Settings of a replay consumer, on top of [`client_config`].
-pub fn reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
-    let mut c = client_config(cfg, region, &format!("{node}-replay"));
-    // librdkafka wants a group.id for a consumer's queue plumbing; this one is never
-    // joined (manual assign) and never committed to.
-    let dummy = format!(
-        "dtfed-replay-{region}-{node}-{:016x}",
-        rand::random::<u64>()
-    );
-    c.set("group.id", dummy)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // Say when the partition's end is reached, so a range whose last offsets are not
-        // records still ends.
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        // A read needs a bounded range: don't prefetch 64 MB per partition.
-        .set("queued.max.messages.kbytes", "8192")
-        .set("allow.auto.create.topics", "false");
-    c
 }
 
 impl RoomLogReader {
@@ -156,7 +66,7 @@ impl RoomLogReader {
                 cfg.local_topic
             )));
         }
-        let config = reader_config(cfg, region, node);
+        let config = replay_reader_config(cfg, region, node);
         // Build one now so a bad configuration fails at start, not at the first resume.
         let first = build(&config)?;
         Ok(RoomLogReader {
@@ -314,10 +224,6 @@ impl Drop for RoomLogReader {
 fn build(config: &ClientConfig) -> Result<Reader, ReplayError> {
     BaseConsumer::from_config_and_context(config, TracingContext::for_config(config))
         .map_err(|e| ReplayError::Kafka(format!("cannot create a replay consumer: {e}")))
-}
-
-fn drop_off_runtime(reader: Reader) {
-    drop(tokio::task::spawn_blocking(move || drop(reader)));
 }
 
 /// One read, run on a blocking thread.

@@ -71,11 +71,11 @@
 //!   (room, origin, origin offset). This window is closed below the lease, in
 //!   the mirror log: every append is a Kafka transaction of the mirror partition's own
 //!   `transactional.id`, and a task's tail read fences every earlier writer of it (see
-//!   `mirror_log`, *One writer per mirror partition*), so the expelled daemon's appends
+//!   `sink`, *One writer per mirror partition*), so the expelled daemon's appends
 //!   are refused and nothing is written twice.
 //! - **A task that will not stop.** The revocation waits for it (logging every
 //!   [`STOP_WAIT_LOG_EVERY`]); if it takes longer than `max.poll.interval.ms`
-//!   ([`MAX_POLL_INTERVAL_MS`]) librdkafka considers this daemon stuck and leaves the
+//!   ([`MAX_POLL_INTERVAL_MS`](crate::kafka::settings::MAX_POLL_INTERVAL_MS)) librdkafka considers this daemon stuck and leaves the
 //!   group, and the partition moves while the task still runs. A runner must stop within
 //!   that bound (`MirrorClient` stops within its append and close graces, ~11 s).
 //!
@@ -90,13 +90,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -105,16 +105,15 @@ use rdkafka::TopicPartitionList;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::lock;
 use crate::config::KafkaConfig;
-use crate::kafka::{client_config, TracingContext};
+use crate::kafka::settings::mirror_lease_config;
+use crate::kafka::TracingContext;
 
 /// How long one poll of the lease consumer waits; also how quickly shutdown is noticed.
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 /// While a revocation or shutdown waits for a task to stop, it says so this often.
 pub const STOP_WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
-/// `max.poll.interval.ms` of the lease consumer: the longest a revocation may wait for its
-/// tasks before librdkafka gives the lease up on its own (librdkafka's default).
-pub const MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// First wait before restarting a task whose runner returned or panicked early.
 pub const RESTART_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between restarts.
@@ -162,10 +161,6 @@ pub struct MirrorTasksStatus {
 pub enum MirrorTasksError {
     #[error("mirror tasks: {0}")]
     Setup(String),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running task, as the poll thread sees it.
@@ -354,13 +349,7 @@ struct LeaseContext {
 }
 
 impl ClientContext for LeaseContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.log.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.log.error(error, reason);
-    }
+    crate::kafka::log_to_tracing!(log);
 }
 
 impl ConsumerContext for LeaseContext {
@@ -435,36 +424,6 @@ impl ConsumerContext for LeaseContext {
 }
 
 type Lease = BaseConsumer<LeaseContext>;
-
-/// The lease consumer's settings, on top of [`client_config`]; see the module docs.
-pub fn lease_config(
-    cfg: &KafkaConfig,
-    region: &str,
-    node: &str,
-    group: &str,
-) -> rdkafka::ClientConfig {
-    let mut c = client_config(cfg, region, node);
-    let session = cfg.session_timeout_ms;
-    c.set("client.id", format!("dtfed-{region}-{node}-mirror-tasks"))
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "latest")
-        .set("session.timeout.ms", session.to_string())
-        .set(
-            "heartbeat.interval.ms",
-            (session / 3).clamp(100, 1000).to_string(),
-        )
-        .set(
-            "max.poll.interval.ms",
-            MAX_POLL_INTERVAL_MS.max(session).to_string(),
-        )
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.partition.eof", "false")
-        // Nothing is meant to be fetched; if anything is, keep it small.
-        .set("queued.max.messages.kbytes", "1024");
-    c
-}
 
 fn new_lease(shared: &Arc<Shared>, config: &rdkafka::ClientConfig) -> Result<Lease, String> {
     let ctx = LeaseContext {
@@ -548,7 +507,7 @@ impl MirrorTasks {
             joined: AtomicBool::new(false),
             tasks: Mutex::new(BTreeMap::new()),
         });
-        let config = lease_config(cfg, region, node, &group);
+        let config = mirror_lease_config(cfg, region, node, &group);
         let consumer = new_lease(&shared, &config).map_err(MirrorTasksError::Setup)?;
         tracing::info!(region, node, group = %group, topics = %names, "mirror tasks: joining the group");
         let (ended_tx, ended) = tokio::sync::oneshot::channel();
