@@ -72,6 +72,9 @@ pub struct ClientConfig {
     pub ping_interval_ms: u64,
     /// A connection from which nothing arrives (no frame, no Pong) for this long is closed.
     pub idle_timeout_ms: u64,
+    /// Serve the demo chat page at `/` and `@dtfed/client` at `/dtfed-client/` (the demo
+    /// always does).
+    pub chat_page: bool,
 }
 
 impl Default for ClientConfig {
@@ -91,6 +94,7 @@ impl Default for ClientConfig {
             jwt_audience: None,
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
+            chat_page: false,
         }
     }
 }

@@ -163,7 +163,7 @@ impl Node {
             replay,
             mirror_replay,
             metrics.clone(),
-            opts.chat_page,
+            opts.chat_page || cfg.client.chat_page,
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
             cfg.api.as_ref(),
             cfg.stomp.clone(),

@@ -88,7 +88,7 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The server API's keys; `None` without `[api]` (then `/api/` is not served).
     pub api: Option<api::ApiKeys>,
-    /// Serve the chat page at `/` (demo).
+    /// Serve the chat page at `/` and its client library at `/dtfed-client/` (demo).
     pub chat_page: bool,
     /// How long a closing session waits for its in-flight publishes.
     pub drain_timeout: Duration,
@@ -171,7 +171,8 @@ impl Gateway {
     pub fn router(self: &Arc<Self>) -> Router {
         let mut router = Router::new()
             .route("/ws", get(upgrade))
-            .route("/", get(chat_page::serve));
+            .route("/", get(chat_page::serve))
+            .route("/dtfed-client/{file}", get(chat_page::serve_client));
         if self.stomp.config.enabled {
             router = router.route("/stomp", get(stomp::upgrade));
         }
