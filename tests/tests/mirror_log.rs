@@ -862,6 +862,66 @@ async fn bounded_and_unavailable_while_kafka_is_down() {
     assert_eq!(log.tail("tokyo", 0).await.expect("tail"), Some(4));
 }
 
+/// A mirror writer that died in its first transaction leaves an aborted record and the abort
+/// marker (written when the next writer of its transactional id fences it): the tail sees
+/// an empty partition, not an unreadable one, and mirroring starts from the beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_tail_of_a_partition_holding_only_an_aborted_first_transaction_is_empty() {
+    let c = Cluster::real();
+    let origin = c.name("tokyo");
+    let topic = mirror_topic(&origin);
+    c.create_topic(&topic, 1).await;
+    let cfg = c.cfg("dtfed.local");
+    let (brokers, t, from) = (cfg.brokers.clone(), topic.clone(), origin.clone());
+    let r = room(3);
+    let dead_room = r.clone();
+    // The dead writer: the partition's own transactional id, one record sent, no commit.
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let mut cc = rdkafka::ClientConfig::new();
+        cc.set("bootstrap.servers", &brokers)
+            .set("transactional.id", format!("dtfed-mirror.seoul.{from}.0"));
+        let p: BaseProducer = BaseProducer::from_config(&cc).expect("producer");
+        p.init_transactions(Duration::from_secs(30)).expect("init");
+        p.begin_transaction().expect("begin");
+        let lr = link(0, &dead_room, &value(0));
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in lr.mirror_headers(&from) {
+            headers = headers.insert(Header {
+                key: &k,
+                value: Some(&v),
+            });
+        }
+        p.send(
+            BaseRecord::to(&t)
+                .partition(0)
+                .key(&lr.key)
+                .payload(&lr.value)
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+        p.flush(Duration::from_secs(30)).expect("flush");
+        // Dropped here without a commit, as by a crash: the transaction stays open.
+    })
+    .await
+    .expect("task");
+    let log = KafkaMirrorLog::with_node(&cfg, "seoul", "n2").expect("mirror log");
+    // The tail fences the dead writer (Kafka writes the abort marker), then reads.
+    assert_eq!(log.tail(&origin, 0).await.expect("tail"), None);
+    let (_, high) = watermarks_async(&cfg, &topic, 0).await;
+    assert_eq!(high, 2, "the aborted record and its abort marker");
+    log.append(
+        &origin,
+        0,
+        &[link(0, &r, &value(0)), link(1, &r, &value(1))],
+    )
+    .await
+    .expect("append");
+    assert_eq!(log.tail(&origin, 0).await.expect("tail"), Some(1));
+}
+
 /// Something else than dtfed wrote to a mirror partition with a transactional producer:
 /// the last offset is a commit marker, not a record; the tail walks back to the record,
 /// and room reads pass over the markers. (The mock writes no markers: real broker only.)

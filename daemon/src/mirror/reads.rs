@@ -450,12 +450,19 @@ impl PartitionReads<'_> {
                 return origin.map(Some).ok_or_else(|| self.corrupt(offset));
             }
             if start == low {
-                break;
+                // Every offset from the low watermark up holds only what `read_committed`
+                // skips: records of aborted transactions and transaction markers (a writer
+                // that died in its first transaction, fenced by this tail's writer before
+                // the read). Nothing was ever mirrored here: the partition is empty.
+                return Ok(None);
             }
         }
         Err(ReadError::Other(format!(
-            "no readable record in mirror partition {}/{} (offsets {low}..{high})",
-            self.topic, self.partition
+            "no readable record in the last {} offsets of mirror partition {}/{} (offsets \
+             {low}..{high})",
+            TAIL_WINDOWS[TAIL_WINDOWS.len() - 1],
+            self.topic,
+            self.partition
         )))
     }
 
