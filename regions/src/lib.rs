@@ -1,5 +1,5 @@
 //! dtfed federation: region topology, certificates, and QUIC links with mutual TLS between
-//! regions (see `DESIGN.md`, "Mirroring between regions").
+//! regions (see `docs/ARCHITECTURE.md`, "Federation: the mirror flow").
 //!
 //! Start reading at [`endpoint`]: a [`RegionEndpoint`] is a region's one QUIC endpoint; it
 //! accepts links from peer regions and dials them, and yields only [`PeerConnection`]s to

@@ -3,6 +3,13 @@
 //! pulls every peer's partitions into `dtfed.mirror.<origin>`, with the partition
 //! tasks shared among the region's daemons through a consumer group ([`MirrorTasks`]).
 //!
+//! Along the flow, mirror origin → QUIC → mirror sink: [`origin`] serves this region's local
+//! topic to peers, [`sink`] writes a peer's records into `dtfed.mirror.<origin>`, [`reads`]
+//! holds the short reads of mirror partitions (tails, watermarks) that the sink and the
+//! replay of remote origins (`crate::replay::remote`) share, [`tasks`] decides which daemon
+//! of the region runs which (origin, partition), and [`metrics`] exports the mirror's state
+//! to `/metrics`. Start at [`Federation::start`].
+//!
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
 //! owner reads a true tail), then the mirror server, then close the endpoint.
 

@@ -1,5 +1,5 @@
 //! Mirroring between regions over the QUIC links of [`crate::endpoint`], with the sans-IO
-//! link sessions of [`dtfed_proto::link`] (see `DESIGN.md`, "Mirroring between regions").
+//! link sessions of [`dtfed_proto::link`] (see `docs/ARCHITECTURE.md`, "Federation: the mirror flow").
 //!
 //! - [`server::MirrorServer`] runs in the origin region: it accepts links from peer
 //!   regions and serves each bidirectional stream (one per mirrored partition) with a
@@ -9,7 +9,10 @@
 //!   region; [`MirrorClient::run_partition`] mirrors one origin partition into the mirror
 //!   topic through a [`MirrorLog`], resuming from the mirror partition's tail after any
 //!   failure (nothing lost, nothing written twice).
-//! - [`log`]: the two Kafka-facing traits and in-memory implementations for tests.
+//! - [`stream`]: the one driver both sides run their session on (read, decode, events,
+//!   write with backpressure, timers).
+//! - [`log`]: the two Kafka-facing traits (the tests' in-memory implementations are in
+//!   `regions/tests/common/memory_log.rs`).
 //!
 //! Flow control end to end: the client appends what it has received (up to 1 MiB at a
 //! time) before reading the stream further, so a slow mirror topic stops the client's

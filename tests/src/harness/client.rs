@@ -1,5 +1,5 @@
 //! [`WsClient`]: a test player speaking client protocol v1 (JSON text frames over
-//! WebSocket, see DESIGN.md) with tokio-tungstenite, `TCP_NODELAY` set.
+//! WebSocket, see `docs/PROTOCOL.md`) with tokio-tungstenite, `TCP_NODELAY` set.
 //!
 //! Frames the test has not asked for yet are never dropped: [`WsClient::recv_until`] (and
 //! the helpers built on it: [`sub`](WsClient::sub), [`publish`](WsClient::publish),
