@@ -23,6 +23,7 @@ pub mod publish;
 pub mod read_error;
 pub mod resume;
 pub mod session;
+pub mod socket;
 pub mod stomp;
 
 use std::collections::HashMap;

@@ -16,7 +16,7 @@
 //! after a live message, the session takes whatever else is already queued (up to
 //! [`WRITE_BATCH`] items, acks likewise), so a burst of a room's messages costs one
 //! `sendto` instead of one per frame. A write (feed or flush) the player does not take
-//! within [`WRITE_TIMEOUT`] closes the connection as a slow reader.
+//! within [`WRITE_TIMEOUT`](super::socket::WRITE_TIMEOUT) closes the connection as a slow reader.
 //!
 //! # Liveness
 //!
@@ -30,12 +30,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use dtfed_proto::client::decode_client_frame;
 use dtfed_proto::record::LogValue;
 use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -46,6 +46,7 @@ use super::publish::{publish, PublishError, Turn};
 use super::read_error;
 use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER};
+use crate::gateway::socket::{close, PlayerSocket, WriteFailed};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
 /// Rooms one connection may subscribe to at once.
@@ -53,10 +54,6 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 /// Publishes one connection may have waiting for Kafka at once; beyond it the session stops
 /// reading until acks come back (TCP backpressure on the player).
 pub(super) const MAX_IN_FLIGHT: usize = 256;
-/// A write the player does not take within this time closes the connection as a slow reader.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long closing may take: sending our Close, then waiting for the player's.
-pub(super) const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
 /// Queued live messages (or ready acks) written before one flush.
 const WRITE_BATCH: usize = 64;
 /// `sub`s with `since` that read the log, per second and in a burst, per connection (the
@@ -84,7 +81,7 @@ struct Session {
     gw: Arc<Gateway>,
     id: SessionId,
     player: Player,
-    socket: WebSocket,
+    socket: PlayerSocket,
     /// Rooms subscribed, with the player's cursor in each (at most [`MAX_SUBSCRIPTIONS`];
     /// looked up for every live message, so with a fast seeded hash).
     subs: HashMap<RoomId, Cursor, foldhash::fast::RandomState>,
@@ -97,8 +94,6 @@ struct Session {
     /// Fires once the latest publish is queued for Kafka: the next one waits for it, so a
     /// player's messages are stored in the order sent.
     last_publish: Option<oneshot::Receiver<()>>,
-    /// Frames fed into the socket since the last flush.
-    unflushed: bool,
 }
 
 /// Runs one connection to its end.
@@ -144,23 +139,15 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         gw: gw.clone(),
         id,
         player,
-        socket,
+        socket: PlayerSocket::new(socket),
         subs: HashMap::default(),
         queue,
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
         last_publish: None,
-        unflushed: false,
     };
     let end = s.serve(&mut outbound).await;
     Box::pin(s.finish(end)).await;
-}
-
-pub(super) fn close(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
 }
 
 impl Session {
@@ -207,9 +194,7 @@ impl Session {
                         heard = now;
                     }
                     if now >= next_ping {
-                        let fed = within_write_timeout(self.socket.feed(Message::Ping(Default::default()))).await;
-                        self.write_outcome(fed)?;
-                        self.unflushed = true;
+                        self.socket.feed(Message::Ping(Default::default())).await.map_err(|e| self.write_failed(e))?;
                         next_ping = now + ping_every;
                     }
                     liveness.as_mut().reset(deadline(heard, next_ping));
@@ -273,11 +258,7 @@ impl Session {
             }
         }
         let closing = match end {
-            End::Close(code, reason) => {
-                tokio::time::timeout(CLOSE_HANDSHAKE, self.socket.send(close(code, reason)))
-                    .await
-                    .is_ok_and(|sent| sent.is_ok())
-            }
+            End::Close(code, reason) => self.socket.send_close(code, reason).await,
             End::ClientClosed => false,
         };
         let rooms: Vec<RoomId> = self.subs.drain().map(|(r, _)| r).collect();
@@ -285,18 +266,7 @@ impl Session {
             self.gw.rooms.leave(&room, self.id).await;
         }
         if closing {
-            // The closing handshake: read (and drop) what the player still sends until its
-            // Close answers ours. Dropping the socket with unread bytes in the kernel's
-            // receive buffer would reset the connection, and the player would see 1006
-            // instead of the close code that says why (a flooder's frames, for instance).
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-                while let Some(Ok(msg)) = self.socket.recv().await {
-                    if matches!(msg, Message::Close(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
+            self.socket.await_close_answer().await;
         }
     }
 
@@ -306,37 +276,25 @@ impl Session {
 
     /// Feeds one frame into the write buffer; [`Session::flush`] sends it.
     async fn send_text(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        let fed = within_write_timeout(self.socket.feed(Message::Text(text))).await;
-        self.write_outcome(fed)?;
-        self.unflushed = true;
+        self.socket
+            .feed(Message::Text(text))
+            .await
+            .map_err(|e| self.write_failed(e))?;
         self.gw.metrics.frames_out.inc();
         Ok(())
     }
 
     /// Writes what was fed since the last flush.
     async fn flush(&mut self) -> Result<(), End> {
-        if !self.unflushed {
-            return Ok(());
-        }
-        let flushed = within_write_timeout(self.socket.flush()).await;
-        self.write_outcome(flushed)?;
-        self.unflushed = false;
-        Ok(())
+        self.socket.flush().await.map_err(|e| self.write_failed(e))
     }
 
-    fn write_outcome(
-        &self,
-        r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<(), End> {
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::ClientClosed),
-            Err(_) => {
+    fn write_failed(&self, e: WriteFailed) -> End {
+        match e {
+            WriteFailed::Closed => End::ClientClosed,
+            WriteFailed::TimedOut => {
                 self.gw.metrics.closed("slow_reader");
-                Err(End::Close(
-                    CLOSE_SLOW_READER,
-                    "slow reader: write timed out",
-                ))
+                End::Close(CLOSE_SLOW_READER, "slow reader: write timed out")
             }
         }
     }
@@ -682,19 +640,6 @@ impl Session {
         };
         self.send(&more).await
     }
-}
-
-/// `write` bounded by [`WRITE_TIMEOUT`]. A write that completes at once (the socket had room,
-/// the common case) costs no timer: the timer is armed only when the write has to wait.
-pub(super) async fn within_write_timeout<F, T>(write: F) -> Result<T, tokio::time::error::Elapsed>
-where
-    F: std::future::Future<Output = T>,
-{
-    tokio::pin!(write);
-    if let Some(done) = (&mut write).now_or_never() {
-        return Ok(done);
-    }
-    tokio::time::timeout(WRITE_TIMEOUT, write).await
 }
 
 /// When the player's token expires, on the runtime's clock; `None` without one.

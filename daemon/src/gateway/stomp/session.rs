@@ -25,7 +25,7 @@ use axum::extract::ws::{Message, WebSocket};
 use dtfed_proto::record::LogValue;
 use dtfed_proto::{Cursor, ErrorCode, RoomId};
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -40,9 +40,9 @@ use crate::gateway::limits::TokenBucket;
 use crate::gateway::publish::{publish, PublishError, Turn};
 use crate::gateway::read_error;
 use crate::gateway::session::{
-    close, token_deadline, within_write_timeout, CLOSE_HANDSHAKE, LOG_REPLAYS_PER_SEC,
-    LOG_REPLAY_BURST, MAX_IN_FLIGHT,
+    token_deadline, LOG_REPLAYS_PER_SEC, LOG_REPLAY_BURST, MAX_IN_FLIGHT,
 };
+use crate::gateway::socket::{PlayerSocket, WriteFailed};
 use crate::gateway::{
     Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER,
 };
@@ -126,7 +126,7 @@ struct Session {
     gw: Arc<Gateway>,
     stomp: Arc<Stomp>,
     id: SessionId,
-    socket: WebSocket,
+    socket: PlayerSocket,
     decoder: FrameDecoder,
     version: Version,
     /// Set by `CONNECT`.
@@ -141,7 +141,6 @@ struct Session {
     log_replays: TokenBucket,
     pending: FuturesUnordered<PendingReceipt>,
     last_publish: Option<oneshot::Receiver<()>>,
-    unflushed: bool,
     /// Negotiated: the server sends an EOL this often; the client promised one this often.
     send_every: Option<Duration>,
     hear_every: Option<Duration>,
@@ -172,14 +171,13 @@ pub async fn run(gw: Arc<Gateway>, stomp: Arc<Stomp>, id: SessionId, socket: Web
         gw: gw.clone(),
         stomp,
         id,
-        socket,
+        socket: PlayerSocket::new(socket),
         subs: HashMap::default(),
         ids: HashMap::default(),
         queue,
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
         last_publish: None,
-        unflushed: false,
         send_every: None,
         hear_every: None,
     };
@@ -243,9 +241,7 @@ impl Session {
                         heard = now;
                     }
                     if self.hear_every.is_none() && now >= next_ping {
-                        let fed = within_write_timeout(self.socket.feed(Message::Ping(Default::default()))).await;
-                        self.write_outcome(fed)?;
-                        self.unflushed = true;
+                        self.socket.feed(Message::Ping(Default::default())).await.map_err(|e| self.write_failed(e))?;
                         next_ping = now + ping_every;
                     }
                     if let (Some(at), Some(every)) = (next_beat, self.send_every) {
@@ -378,24 +374,14 @@ impl Session {
             }
         };
         let _ = self.flush().await;
-        let closing = code != 0
-            && tokio::time::timeout(CLOSE_HANDSHAKE, self.socket.send(close(code, reason)))
-                .await
-                .is_ok_and(|sent| sent.is_ok());
+        let closing = code != 0 && self.socket.send_close(code, reason).await;
         let rooms: Vec<RoomId> = self.subs.drain().map(|(r, _)| r).collect();
         self.ids.clear();
         for room in rooms {
             self.gw.rooms.leave(&room, self.id).await;
         }
         if closing {
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
-                while let Some(Ok(msg)) = self.socket.recv().await {
-                    if matches!(msg, Message::Close(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
+            self.socket.await_close_answer().await;
         }
     }
 
@@ -410,35 +396,23 @@ impl Session {
             Ok(text) => Message::Text(text.into()),
             Err(e) => Message::Binary(e.into_bytes().into()),
         };
-        let fed = within_write_timeout(self.socket.feed(msg)).await;
-        self.write_outcome(fed)?;
-        self.unflushed = true;
+        self.socket
+            .feed(msg)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        if !self.unflushed {
-            return Ok(());
-        }
-        let flushed = within_write_timeout(self.socket.flush()).await;
-        self.write_outcome(flushed)?;
-        self.unflushed = false;
-        Ok(())
+        self.socket.flush().await.map_err(|e| self.write_failed(e))
     }
 
-    fn write_outcome(
-        &self,
-        r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<(), End> {
-        match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::ClientClosed),
-            Err(_) => {
+    fn write_failed(&self, e: WriteFailed) -> End {
+        match e {
+            WriteFailed::Closed => End::ClientClosed,
+            WriteFailed::TimedOut => {
                 self.gw.metrics.closed("slow_reader");
-                Err(End::Close(
-                    CLOSE_SLOW_READER,
-                    "slow reader: write timed out",
-                ))
+                End::Close(CLOSE_SLOW_READER, "slow reader: write timed out")
             }
         }
     }
