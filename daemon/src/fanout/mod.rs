@@ -67,7 +67,7 @@ use crate::bus::Bus;
 use crate::config::KafkaConfig;
 use crate::fanout::run::Run;
 use crate::kafka::settings::fanout_consumer_config;
-use crate::kafka::TracingContext;
+use crate::kafka::{tpl_names, TracingContext};
 use crate::metrics::{Metrics, PartitionLabel, ReasonLabel};
 
 mod decode;
@@ -255,19 +255,6 @@ impl ConsumerContext for OwnerContext {
             }
             self.shared.joined.store(true, Ordering::Release);
         }
-    }
-}
-
-fn tpl_names(tpl: &rdkafka::TopicPartitionList) -> String {
-    let v: Vec<String> = tpl
-        .elements()
-        .iter()
-        .map(|e| format!("{}/{}", e.topic(), e.partition()))
-        .collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(",")
     }
 }
 

@@ -24,7 +24,7 @@ use crate::fanout::{
     Owner, OwnerContext, Shared, MAX_BATCH, QUARANTINE_AFTER, RETRY_FIRST, RETRY_MAX,
     SHUTDOWN_GRACE,
 };
-use crate::kafka::TracingContext;
+use crate::kafka::{ErrorLog, TracingContext};
 use crate::metrics::PartitionLabel;
 
 /// The owner task.
@@ -38,34 +38,6 @@ pub(super) struct Run {
     pub(super) local_topic: String,
     pub(super) region: String,
     pub(super) shutdown: CancellationToken,
-}
-
-/// Says a repeated consumer error (every poll while Kafka is down) once per
-/// [`ERROR_LOG_EVERY`], with how many times it repeated.
-#[derive(Default)]
-pub(super) struct ErrorLog {
-    pub(super) last: Option<(String, std::time::Instant)>,
-    pub(super) repeats: u64,
-}
-
-pub(super) const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl ErrorLog {
-    /// `Some(times it was suppressed since last said)` if `e` should be logged now.
-    pub(super) fn note(&mut self, e: &KafkaError) -> Option<u64> {
-        let text = e.to_string();
-        let now = std::time::Instant::now();
-        match &self.last {
-            Some((t, at)) if *t == text && now.duration_since(*at) < ERROR_LOG_EVERY => {
-                self.repeats += 1;
-                None
-            }
-            _ => {
-                self.last = Some((text, now));
-                Some(std::mem::take(&mut self.repeats))
-            }
-        }
-    }
 }
 
 /// What one consumed record turned into, decoded before any await so that the borrowed

@@ -132,6 +132,50 @@ macro_rules! log_to_tracing {
 }
 pub(crate) use log_to_tracing;
 
+/// Says a repeated consumer error (every poll while Kafka is down) once per
+/// [`ERROR_LOG_EVERY`], with how many times it repeated (the fan-out owner and the mirror
+/// lease both poll through outages).
+#[derive(Default)]
+pub struct ErrorLog {
+    last: Option<(String, Instant)>,
+    repeats: u64,
+}
+
+/// How often [`ErrorLog`] repeats the same error.
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl ErrorLog {
+    /// `Some(times it was suppressed since last said)` if `e` should be logged now.
+    pub fn note(&mut self, e: &KafkaError) -> Option<u64> {
+        let text = e.to_string();
+        let now = Instant::now();
+        match &self.last {
+            Some((t, at)) if *t == text && now.duration_since(*at) < ERROR_LOG_EVERY => {
+                self.repeats += 1;
+                None
+            }
+            _ => {
+                self.last = Some((text, now));
+                Some(std::mem::take(&mut self.repeats))
+            }
+        }
+    }
+}
+
+/// `topic/partition,...` of a partition list, for logs (`none` when empty).
+pub fn tpl_names(tpl: &rdkafka::TopicPartitionList) -> String {
+    let v: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(",")
+    }
+}
+
 /// A node name for clients created without one: `<hostname>-<pid>`.
 pub fn default_node_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -108,7 +108,7 @@ use tracing::Instrument;
 use super::lock;
 use crate::config::KafkaConfig;
 use crate::kafka::settings::mirror_lease_config;
-use crate::kafka::TracingContext;
+use crate::kafka::{tpl_names, ErrorLog, TracingContext};
 
 /// How long one poll of the lease consumer waits; also how quickly shutdown is noticed.
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -280,19 +280,6 @@ fn tpl_keys(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .iter()
         .map(|e| (e.topic().to_owned(), e.partition()))
         .collect()
-}
-
-fn tpl_names(tpl: &TopicPartitionList) -> String {
-    let v: Vec<String> = tpl
-        .elements()
-        .iter()
-        .map(|e| format!("{}/{}", e.topic(), e.partition()))
-        .collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(",")
-    }
 }
 
 /// Runs a task until `stop`, restarting a runner that returns or panics early. `done` is
@@ -577,32 +564,6 @@ impl Drop for MirrorTasks {
     /// and leaves the group, in the background.
     fn drop(&mut self) {
         self.shared.stop.cancel();
-    }
-}
-
-/// Says a repeated consumer error once per [`ERROR_LOG_EVERY`], with how many repeats.
-#[derive(Default)]
-struct ErrorLog {
-    last: Option<(String, Instant)>,
-    repeats: u64,
-}
-
-const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl ErrorLog {
-    fn note(&mut self, e: &KafkaError) -> Option<u64> {
-        let text = e.to_string();
-        let now = Instant::now();
-        match &self.last {
-            Some((t, at)) if *t == text && now.duration_since(*at) < ERROR_LOG_EVERY => {
-                self.repeats += 1;
-                None
-            }
-            _ => {
-                self.last = Some((text, now));
-                Some(std::mem::take(&mut self.repeats))
-            }
-        }
     }
 }
 
