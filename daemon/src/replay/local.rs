@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use dtfed_proto::client::Body;
 use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_REF};
-use dtfed_proto::{LogRecord, RoomId};
+use dtfed_proto::RoomId;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -19,7 +19,7 @@ use crate::config::KafkaConfig;
 use crate::kafka::settings::replay_reader_config;
 use crate::kafka::{default_node_name, drop_off_runtime, partition_for, TracingContext};
 use crate::replay::{
-    ReadLimit, ReplayError, RoomRead, MAX_CONCURRENT_READS, READ_LIMIT, READ_TIMEOUT,
+    ReadLimit, ReplayError, RoomRead, RoomRecords, MAX_CONCURRENT_READS, READ_LIMIT, READ_TIMEOUT,
 };
 
 type Reader = BaseConsumer<TracingContext>;
@@ -271,16 +271,15 @@ impl Job {
             Some(b) => b.min(high),
             None => high,
         };
-        let mut records = Vec::new();
         if start >= end {
             return Ok(RoomRead {
                 partition: p,
                 earliest: low,
-                records,
+                records: Vec::new(),
                 stopped_at: None,
             });
         }
-        let mut bytes = 0usize;
+        let mut found = RoomRecords::default();
         let mut stopped_at = None;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, p, Offset::Offset(start))
@@ -318,26 +317,9 @@ impl Job {
             }
             last = o;
             if m.key() == Some(room) {
-                match m.payload().map(LogValue::from_json) {
-                    Some(Ok(value)) => {
-                        bytes = bytes.saturating_add(m.payload_len());
-                        records.push(LogRecord {
-                            room: self.room.clone(),
-                            origin: self.region.clone(),
-                            partition: p,
-                            offset: o,
-                            value,
-                        });
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "replay: skipping a record that is not a chat message");
-                    }
-                    None => {
-                        tracing::warn!(topic = %self.topic, partition = p, offset = o, "replay: skipping a record without a value");
-                    }
-                }
+                found.keep(m.payload(), &self.room, &self.region, p, o);
             }
-            if o < end - 1 && self.limit.reached(records.len(), bytes, o - start + 1) {
+            if o < end - 1 && found.reached(&self.limit, o - start + 1) {
                 stopped_at = Some(o);
                 break;
             }
@@ -345,7 +327,7 @@ impl Job {
         Ok(RoomRead {
             partition: p,
             earliest: low,
-            records,
+            records: found.records,
             stopped_at,
         })
     }

@@ -26,7 +26,8 @@
 
 use std::time::Duration;
 
-use dtfed_proto::LogRecord;
+use dtfed_proto::record::LogValue;
+use dtfed_proto::{LogRecord, RoomId};
 
 pub mod local;
 pub mod remote;
@@ -84,4 +85,54 @@ pub struct RoomRead {
 pub enum ReplayError {
     #[error("kafka replay: {0}")]
     Kafka(String),
+}
+
+/// A room's records as one read collects them, with the bytes they hold (for the
+/// [`ReadLimit`]). Shared by the local and the remote replay.
+#[derive(Debug, Default)]
+pub(crate) struct RoomRecords {
+    pub(crate) records: Vec<LogRecord>,
+    pub(crate) bytes: usize,
+}
+
+impl RoomRecords {
+    /// Keeps the record at `offset` of `partition` (origin `origin`), a record of `room`
+    /// whose value is `payload`, if that value is a chat message; logs and skips it if not.
+    pub(crate) fn keep(
+        &mut self,
+        payload: Option<&[u8]>,
+        room: &RoomId,
+        origin: &str,
+        partition: i32,
+        offset: i64,
+    ) {
+        match payload.map(|v| (v.len(), LogValue::from_json(v))) {
+            Some((len, Ok(value))) => {
+                self.bytes = self.bytes.saturating_add(len);
+                self.records.push(LogRecord {
+                    room: room.clone(),
+                    origin: origin.to_owned(),
+                    partition,
+                    offset,
+                    value,
+                });
+            }
+            Some((_, Err(e))) => {
+                tracing::warn!(origin, partition, offset, error = %e, "replay: skipping a record that is not a chat message");
+            }
+            None => {
+                tracing::warn!(
+                    origin,
+                    partition,
+                    offset,
+                    "replay: skipping a record without a value"
+                );
+            }
+        }
+    }
+
+    /// Whether a read that holds these records after examining `scanned` must stop.
+    pub(crate) fn reached(&self, limit: &ReadLimit, scanned: i64) -> bool {
+        limit.reached(self.records.len(), self.bytes, scanned)
+    }
 }

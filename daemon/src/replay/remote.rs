@@ -5,15 +5,14 @@
 
 use std::time::Duration;
 
-use dtfed_proto::record::LogValue;
-use dtfed_proto::{LogRecord, RoomId};
+use dtfed_proto::RoomId;
 use rdkafka::message::Message;
 
 use crate::config::KafkaConfig;
 use crate::kafka::{default_node_name, partition_for};
 use crate::mirror::mirror_topic;
 use crate::mirror::reads::{origin_offset, other_origin, PartitionReads, ProbePool, ReadError};
-use crate::replay::{ReadLimit, ReplayError, RoomRead, READ_LIMIT, READ_TIMEOUT};
+use crate::replay::{ReadLimit, ReplayError, RoomRead, RoomRecords, READ_LIMIT, READ_TIMEOUT};
 
 /// Reads a room's messages from another region (an origin) out of this region's mirror
 /// topic `dtfed.mirror.<origin>`, for players resuming with a cursor.
@@ -153,8 +152,8 @@ impl RoomJob {
         };
         let room = self.room.as_str().as_bytes();
         let mut last = self.after.unwrap_or(i64::MIN);
-        let mut records = Vec::new();
-        let (mut bytes, mut scanned, mut stopped_at) = (0usize, 0i64, None);
+        let mut found = RoomRecords::default();
+        let (mut scanned, mut stopped_at) = (0i64, None);
         reads.read(start, high, &mut |m| {
             let o = origin_offset(m).ok_or_else(|| reads.corrupt(m.offset()))?;
             if self.before.is_some_and(|b| o >= b) {
@@ -172,26 +171,9 @@ impl RoomJob {
                     tracing::warn!(origin = %self.origin, partition = p, offset = o, claimed = %claimed, "mirror replay: skipping a record labelled with another origin");
                     return Ok(true);
                 }
-                match m.payload().map(LogValue::from_json) {
-                    Some(Ok(value)) => {
-                        bytes = bytes.saturating_add(m.payload_len());
-                        records.push(LogRecord {
-                            room: self.room.clone(),
-                            origin: self.origin.clone(),
-                            partition: p,
-                            offset: o,
-                            value,
-                        });
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(origin = %self.origin, partition = p, offset = o, error = %e, "mirror replay: skipping a record that is not a chat message");
-                    }
-                    None => {
-                        tracing::warn!(origin = %self.origin, partition = p, offset = o, "mirror replay: skipping a record without a value");
-                    }
-                }
+                found.keep(m.payload(), &self.room, &self.origin, p, o);
             }
-            if self.limit.reached(records.len(), bytes, scanned) {
+            if found.reached(&self.limit, scanned) {
                 // The end of the range may be right here; then the next read finds nothing.
                 stopped_at = Some(o);
                 return Ok(false);
@@ -201,7 +183,7 @@ impl RoomJob {
         Ok(RoomRead {
             partition: p,
             earliest,
-            records,
+            records: found.records,
             stopped_at,
         })
     }
