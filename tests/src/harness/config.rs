@@ -237,6 +237,7 @@ jwt_secret = ""
 jwt_rooms_claim = "rooms"
 ping_interval_ms = 20000
 idle_timeout_ms = 60000
+chat_page = false
 
 [admin]
 listen = "127.0.0.1:0"
