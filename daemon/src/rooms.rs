@@ -38,8 +38,10 @@ pub struct LiveMsg {
 pub enum Outbound {
     /// A live message of a room the session subscribes to.
     Msg(Arc<LiveMsg>),
-    /// Live delivery of this room may have lost messages: backfill from history.
-    Resync(RoomId),
+    /// Live delivery of this room may have lost messages: backfill from history. (Behind an
+    /// `Arc` like `Msg`: an item is then two words, and every session's queue allocates room
+    /// for 32 of them up front, idle or not.)
+    Resync(Arc<RoomId>),
 }
 
 /// A session's end of the dispatcher: its queue, and the token that closes it when the
@@ -176,6 +178,7 @@ impl LocalRooms {
                         "bus resynced; sessions backfill from history"
                     );
                     for (room, sessions) in rooms.iter() {
+                        let room = Arc::new(room.clone());
                         for sink in sessions.values() {
                             offer(sink, Outbound::Resync(room.clone()), &self.metrics);
                         }
