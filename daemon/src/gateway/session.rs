@@ -43,10 +43,9 @@ use tracing::Instrument;
 use super::auth::{AuthError, Player};
 use super::limits::TokenBucket;
 use super::publish::{publish, PublishError, Turn};
-use super::read_error;
 use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER};
-use crate::gateway::socket::{close, PlayerSocket, WriteFailed};
+use crate::gateway::socket::{close, PlayerSocket, Received, WriteFailed};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
 /// Rooms one connection may subscribe to at once.
@@ -217,22 +216,13 @@ impl Session {
                         }
                     }
                 }
-                incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
-                    None => return Ok(End::ClientClosed),
-                    Some(Ok(msg)) => {
+                incoming = self.socket.recv(&self.gw.metrics), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
+                    Received::Ended => return Ok(End::ClientClosed),
+                    Received::Message(msg) => {
                         heard = tokio::time::Instant::now();
                         Box::pin(self.incoming(msg)).await?
                     }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        return match read_error::classify(&e) {
-                            Some(f) => {
-                                self.gw.metrics.closed(f.metric);
-                                Err(End::Close(f.code, f.reason))
-                            }
-                            None => Ok(End::ClientClosed),
-                        };
-                    }
+                    Received::Broken(code, reason) => return Err(End::Close(code, reason)),
                 },
             }
             self.flush().await?;

@@ -9,6 +9,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{FutureExt, SinkExt};
 
+use super::read_error;
+use crate::metrics::Metrics;
+
 /// A write the player does not take within this time closes the connection as a slow reader.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing may take: sending our Close, then waiting for the player's.
@@ -21,6 +24,15 @@ pub enum WriteFailed {
     Closed,
     /// The player took nothing for [`WRITE_TIMEOUT`]: a slow reader.
     TimedOut,
+}
+
+/// What a read from the player's socket gave.
+pub enum Received {
+    Message(Message),
+    /// The connection went away (closed, reset, EOF): nobody to tell.
+    Ended,
+    /// A read that broke the protocol or the limits: close with this code and reason.
+    Broken(u16, &'static str),
 }
 
 /// A session's socket and whether anything waits in its write buffer.
@@ -56,9 +68,24 @@ impl PlayerSocket {
         Ok(())
     }
 
-    /// The player's next message (`None`: the connection ended).
-    pub async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
-        self.socket.recv().await
+    /// The player's next message, or how the connection ended: a read that failed in a way
+    /// the player should be told about ([`read_error::classify`]) is counted in
+    /// `dtfed_connections_closed_total` and answered with its close code.
+    pub async fn recv(&mut self, metrics: &Metrics) -> Received {
+        match self.socket.recv().await {
+            Some(Ok(msg)) => Received::Message(msg),
+            None => Received::Ended,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "read failed");
+                match read_error::classify(&e) {
+                    Some(f) => {
+                        metrics.closed(f.metric);
+                        Received::Broken(f.code, f.reason)
+                    }
+                    None => Received::Ended,
+                }
+            }
+        }
     }
 
     /// Sends our Close within [`CLOSE_HANDSHAKE`]; true if it went out.

@@ -38,11 +38,10 @@ use crate::config::AuthMode;
 use crate::gateway::auth::Player;
 use crate::gateway::limits::TokenBucket;
 use crate::gateway::publish::{publish, PublishError, Turn};
-use crate::gateway::read_error;
 use crate::gateway::session::{
     token_deadline, LOG_REPLAYS_PER_SEC, LOG_REPLAY_BURST, MAX_IN_FLIGHT,
 };
-use crate::gateway::socket::{PlayerSocket, WriteFailed};
+use crate::gateway::socket::{PlayerSocket, Received, WriteFailed};
 use crate::gateway::{
     Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER,
 };
@@ -280,9 +279,9 @@ impl Session {
                         }
                     }
                 }
-                incoming = self.socket.recv(), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
-                    None => return Ok(End::ClientClosed),
-                    Some(Ok(msg)) => {
+                incoming = self.socket.recv(&self.gw.metrics), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
+                    Received::Ended => return Ok(End::ClientClosed),
+                    Received::Message(msg) => {
                         heard = tokio::time::Instant::now();
                         let was_connected = self.player.is_some();
                         Box::pin(self.incoming(msg)).await?;
@@ -301,16 +300,7 @@ impl Session {
                             liveness.as_mut().reset(due);
                         }
                     }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "read failed");
-                        return match read_error::classify(&e) {
-                            Some(f) => {
-                                self.gw.metrics.closed(f.metric);
-                                Err(End::Close(f.code, f.reason))
-                            }
-                            None => Ok(End::ClientClosed),
-                        };
-                    }
+                    Received::Broken(code, reason) => return Err(End::Close(code, reason)),
                 },
             }
             self.flush().await?;
