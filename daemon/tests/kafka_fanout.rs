@@ -11,104 +11,24 @@ fn cfg(mock: &MockKafka, topic: &str, partitions: i32, group: &str) -> KafkaConf
 }
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use common::fake_bus::FakeBus;
 use common::{init_tracing, room, value, wait_for};
 use dtfed::append::KafkaAppender;
-use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
+use dtfed::bus::Bus;
 use dtfed::config::KafkaConfig;
 use dtfed::fanout::FanoutOwner;
 use dtfed::kafka::MockKafka;
 use dtfed::metrics::Metrics;
 use dtfed_proto::record::{HEADER_ORIGIN, HEADER_ORIGIN_OFFSET};
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use dtfed_proto::{LogRecord, RoomId};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
-
-/// Records every successful apply, in call order; fails the first `fail_first` calls.
-#[derive(Default)]
-struct FakeBus {
-    applied: Mutex<Vec<LogRecord>>,
-    fail_first: AtomicUsize,
-    failures: AtomicUsize,
-}
-
-impl FakeBus {
-    fn failing(n: usize) -> Arc<FakeBus> {
-        Arc::new(FakeBus {
-            fail_first: AtomicUsize::new(n),
-            ..FakeBus::default()
-        })
-    }
-
-    fn applied(&self) -> Vec<LogRecord> {
-        self.applied.lock().expect("lock").clone()
-    }
-
-    fn len(&self) -> usize {
-        self.applied.lock().expect("lock").len()
-    }
-}
-
-#[async_trait]
-impl Bus for FakeBus {
-    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
-        if self
-            .fail_first
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(BusError::Redis("injected failure".into()));
-        }
-        self.applied.lock().expect("lock").push(rec.clone());
-        Ok(Some(rec.to_msg(None)))
-    }
-
-    async fn history(&self, _room: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
-        Ok(Vec::new())
-    }
-
-    async fn tails(&self, _room: &RoomId) -> Result<Cursor, BusError> {
-        Ok(Cursor::default())
-    }
-
-    async fn subscribe(&self, _room: &RoomId) -> Result<(), BusError> {
-        Ok(())
-    }
-
-    async fn unsubscribe(&self, _room: &RoomId) -> Result<(), BusError> {
-        Ok(())
-    }
-
-    async fn ping(&self) -> Result<(), BusError> {
-        Ok(())
-    }
-
-    async fn claim_publish(
-        &self,
-        _key: &PublishKey,
-        _now_ms: i64,
-        _stale_ms: i64,
-        _window_ms: i64,
-    ) -> Result<PublishClaim, BusError> {
-        Ok(PublishClaim::Fresh)
-    }
-
-    async fn settle_publish(
-        &self,
-        _key: &PublishKey,
-        _outcome: PublishOutcome,
-        _window_ms: i64,
-    ) -> Result<(), BusError> {
-        Ok(())
-    }
-}
 
 /// Appends `n` messages over 13 rooms; returns (partition, offset) of each.
 async fn publish(app: &KafkaAppender, from: usize, n: usize) -> Vec<(i32, i64)> {

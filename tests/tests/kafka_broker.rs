@@ -3,13 +3,16 @@
 //! use librdkafka's mock cluster: the end-to-end path on one broker, and a broker restart
 //! in the middle of a stream of appends.
 
+#[path = "../../daemon/tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use common::fake_bus::FakeBus;
+use common::{init_tracing, room};
 use dtfed::append::KafkaAppender;
-use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
 use dtfed::config::KafkaConfig;
 use dtfed::fanout::FanoutOwner;
 use dtfed::kafka::{ensure_topic, partition_for};
@@ -17,22 +20,11 @@ use dtfed::metrics::Metrics;
 use dtfed::replay::RoomLogReader;
 use dtfed_proto::client::Body;
 use dtfed_proto::record::LogValue;
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
 use dtfed_tests::harness::KafkaBroker;
 use tokio_util::sync::CancellationToken;
 
 fn brokers() -> String {
     KafkaBroker::shared().expect("kafka").bootstrap()
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,dtfed=info")),
-        )
-        .try_init();
 }
 
 fn cfg(topic: &str, partitions: i32) -> KafkaConfig {
@@ -58,55 +50,6 @@ fn value(i: usize) -> LogValue {
         ts: 1_700_000_000_000 + i as i64,
         body: Body::from_json(&format!("{{\"n\":{i},\"text\":\"roll for initiative\"}}"))
             .expect("json"),
-    }
-}
-
-fn room(i: usize) -> RoomId {
-    RoomId::parse(&format!("room-{i}")).expect("room")
-}
-
-#[derive(Default)]
-struct RecordingBus(Mutex<Vec<LogRecord>>);
-
-#[async_trait]
-impl Bus for RecordingBus {
-    async fn apply(&self, rec: &LogRecord) -> Result<Option<MsgFrame>, BusError> {
-        self.0.lock().expect("lock").push(rec.clone());
-        Ok(Some(rec.to_msg(None)))
-    }
-    async fn history(&self, _: &RoomId) -> Result<Vec<MsgFrame>, BusError> {
-        Ok(Vec::new())
-    }
-    async fn tails(&self, _: &RoomId) -> Result<Cursor, BusError> {
-        Ok(Cursor::default())
-    }
-    async fn subscribe(&self, _: &RoomId) -> Result<(), BusError> {
-        Ok(())
-    }
-    async fn unsubscribe(&self, _: &RoomId) -> Result<(), BusError> {
-        Ok(())
-    }
-    async fn ping(&self) -> Result<(), BusError> {
-        Ok(())
-    }
-
-    async fn claim_publish(
-        &self,
-        _key: &PublishKey,
-        _now_ms: i64,
-        _stale_ms: i64,
-        _window_ms: i64,
-    ) -> Result<PublishClaim, BusError> {
-        Ok(PublishClaim::Fresh)
-    }
-
-    async fn settle_publish(
-        &self,
-        _key: &PublishKey,
-        _outcome: PublishOutcome,
-        _window_ms: i64,
-    ) -> Result<(), BusError> {
-        Ok(())
     }
 }
 
@@ -152,7 +95,7 @@ async fn append_fanout_and_replay_on_a_real_broker() {
     );
 
     // Fan-out: two owners, then one leaves.
-    let bus = Arc::new(RecordingBus::default());
+    let bus = Arc::new(FakeBus::default());
     let start = |node: &str, stop: &CancellationToken| {
         FanoutOwner::start(
             &cfg,
@@ -171,9 +114,7 @@ async fn append_fanout_and_replay_on_a_real_broker() {
     let b = start("b", &stop_b);
     let want: BTreeSet<(i32, i64)> = sent.iter().map(|(_, p, o)| (*p, *o)).collect();
     let seen = || -> BTreeSet<(i32, i64)> {
-        bus.0
-            .lock()
-            .expect("lock")
+        bus.applied()
             .iter()
             .map(|r| (r.partition, r.offset))
             .collect()
@@ -255,7 +196,7 @@ async fn a_broker_restart_loses_no_acknowledged_append() {
     cfg.publish_timeout_ms = 2000;
     ensure_topic(&cfg, &topic, 3).await.expect("create");
     let app = KafkaAppender::with_node(&cfg, "seoul", "n1").expect("appender");
-    let bus = Arc::new(RecordingBus::default());
+    let bus = Arc::new(FakeBus::default());
     let stop = CancellationToken::new();
     let owner = FanoutOwner::start(
         &cfg,
@@ -322,9 +263,7 @@ async fn a_broker_restart_loses_no_acknowledged_append() {
     let t1 = Instant::now();
     loop {
         let seen: BTreeSet<(i32, i64)> = bus
-            .0
-            .lock()
-            .expect("lock")
+            .applied()
             .iter()
             .map(|r| (r.partition, r.offset))
             .collect();

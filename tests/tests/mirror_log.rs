@@ -3,10 +3,14 @@
 //! what the mock cannot do: DeleteRecords, transaction markers) against the real broker the
 //! harness starts (`deploy/kafka.sh`), one broker shared by this file's tests.
 
+#[path = "../../daemon/tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{init_tracing, room, value};
 use dtfed::append::KafkaAppender;
 use dtfed::config::KafkaConfig;
 use dtfed::kafka::{ensure_topic, partition_for, MockKafka};
@@ -14,9 +18,9 @@ use dtfed::mirror::mirror_topic;
 use dtfed::mirror::origin::{KafkaOriginLog, OriginReaderTuning};
 use dtfed::mirror::sink::{ensure_mirror_topic, KafkaMirrorLog};
 use dtfed::replay::{MirrorRoomReader, ReadLimit};
-use dtfed_proto::client::Body;
 use dtfed_proto::link::codec::record_len_bound;
 use dtfed_proto::link::LinkRecord;
+use dtfed_proto::record::now_ms;
 use dtfed_proto::record::{LogValue, HEADER_FROM, HEADER_ORIGIN};
 use dtfed_proto::RoomId;
 use dtfed_regions::mirror::log::{LogError, MirrorLog, OriginLog};
@@ -27,14 +31,19 @@ use rdkafka::config::FromClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
+/// A check as two tests: on librdkafka's mock cluster, and on the harness's real broker.
+macro_rules! on_both_clusters {
+    ($mock:ident, $real:ident, $check:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mock() {
+            $check(&Cluster::mock()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $real() {
+            $check(&Cluster::real()).await;
+        }
+    };
 }
 
 /// Where a test runs: librdkafka's mock cluster, or the harness's real broker (shared by
@@ -101,25 +110,6 @@ impl Cluster {
 fn ts_base() -> i64 {
     static BASE: OnceLock<i64> = OnceLock::new();
     *BASE.get_or_init(|| now_ms() - 3_600_000)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn value(i: usize) -> LogValue {
-    LogValue {
-        from: format!("p{i}"),
-        ts: 1_700_000_000_000 + i as i64,
-        body: Body::from_json(&format!("{{\"n\":{i}}}")).expect("json"),
-    }
-}
-
-fn room(i: usize) -> RoomId {
-    RoomId::parse(&format!("room-{i}")).expect("room")
 }
 
 /// An origin record as the mirror client would hand it over.
@@ -281,15 +271,11 @@ async fn check_append_tail_read_back(c: &Cluster) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirror_append_then_tail_and_read_back() {
-    check_append_tail_read_back(&Cluster::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_mirror_append_then_tail_and_read_back() {
-    check_append_tail_read_back(&Cluster::real()).await;
-}
+on_both_clusters!(
+    mirror_append_then_tail_and_read_back,
+    real_mirror_append_then_tail_and_read_back,
+    check_append_tail_read_back
+);
 
 // ---------------------------------------------------------------------------------------
 // Origin reader
@@ -371,15 +357,11 @@ async fn check_origin_reader(c: &Cluster) {
     tracing::info!(latency = ?t.elapsed(), "new record read");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn origin_reader_reads_back_from_any_offset() {
-    check_origin_reader(&Cluster::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_origin_reader_reads_back_from_any_offset() {
-    check_origin_reader(&Cluster::real()).await;
-}
+on_both_clusters!(
+    origin_reader_reads_back_from_any_offset,
+    real_origin_reader_reads_back_from_any_offset,
+    check_origin_reader
+);
 
 /// Writes `n` records of `size` bytes to partition 0 of `topic`, one produce request each.
 async fn produce_big(cfg: &KafkaConfig, topic: &str, n: usize, size: usize) {
@@ -674,15 +656,11 @@ async fn check_room_reader(c: &Cluster) {
     assert_eq!(read.earliest, 42);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirror_room_reader_finds_ranges() {
-    check_room_reader(&Cluster::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_mirror_room_reader_finds_ranges() {
-    check_room_reader(&Cluster::real()).await;
-}
+on_both_clusters!(
+    mirror_room_reader_finds_ranges,
+    real_mirror_room_reader_finds_ranges,
+    check_room_reader
+);
 
 /// A re-sent stretch (a purged append that still landed, then the retry from the tail):
 /// the mirror partition holds origin offsets 1..=10, 6..=20; readers see each once.
@@ -774,15 +752,11 @@ async fn mirror_room_reader_skips_records_labelled_with_another_origin() {
     assert_eq!(got, [1, 2, 3, 4, 5, 7, 8, 9, 10]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirror_room_reader_drops_records_mirrored_twice() {
-    check_resent(&Cluster::mock()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_mirror_room_reader_drops_records_mirrored_twice() {
-    check_resent(&Cluster::real()).await;
-}
+on_both_clusters!(
+    mirror_room_reader_drops_records_mirrored_twice,
+    real_mirror_room_reader_drops_records_mirrored_twice,
+    check_resent
+);
 
 // ---------------------------------------------------------------------------------------
 // Failures

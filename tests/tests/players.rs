@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dtfed_tests::harness::jwt::hs256;
 use dtfed_tests::{ConfigBuilder, DtfedProcess, WsClient};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -416,19 +417,6 @@ async fn a_session_ends_when_its_token_expires_and_bad_claims_are_refused() -> R
         assert_eq!(eve.expect_close(T).await?.0, 1008);
     }
     Ok(())
-}
-
-/// A minimal HS256 JWT, independent of the daemon's JWT library.
-fn hs256(secret: &str, claims: &Value) -> String {
-    use base64::Engine;
-    use hmac::Mac;
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let head = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let body = b64.encode(claims.to_string());
-    let mut mac =
-        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{head}.{body}").as_bytes());
-    format!("{head}.{body}.{}", b64.encode(mac.finalize().into_bytes()))
 }
 
 /// Issue 7, item 16: room joins and leaves used to share one daemon-wide lock, held across

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dtfed_tests::harness::jwt::hs256;
 use dtfed_tests::{ConfigBuilder, DtfedProcess, KafkaBroker, RedisServer, WsClient};
 use serde_json::{json, Value};
 
@@ -592,19 +593,6 @@ async fn jwt_auth_refuses_bad_tokens_and_forbidden_rooms() -> Result<()> {
         "unauthorized"
     );
     Ok(())
-}
-
-/// A minimal HS256 JWT, independent of the daemon's JWT library.
-fn hs256(secret: &str, claims: &Value) -> String {
-    use base64::Engine;
-    use hmac::Mac;
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let head = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let body = b64.encode(claims.to_string());
-    let mut mac =
-        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{head}.{body}").as_bytes());
-    format!("{head}.{body}.{}", b64.encode(mac.finalize().into_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

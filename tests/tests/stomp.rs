@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use dtfed_tests::harness::jwt::hs256;
 use dtfed_tests::harness::{NodeOutput, NodeScript};
 use dtfed_tests::{ConfigBuilder, DtfedProcess, TestDir, WsClient};
 use serde_json::{json, Value};
@@ -241,18 +242,6 @@ async fn a_bad_destination_bad_frame_too_large_or_too_fast_send_gets_error_then_
     let flood = stored(&d, "flood").await?;
     assert_eq!(flood.len(), 2, "{flood:#?}");
     Ok(())
-}
-
-fn hs256(secret: &str, claims: &Value) -> String {
-    use base64::Engine;
-    use hmac::Mac;
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let head = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let body = b64.encode(claims.to_string());
-    let mut mac =
-        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{head}.{body}").as_bytes());
-    format!("{head}.{body}.{}", b64.encode(mac.finalize().into_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,43 +509,22 @@ async fn versions_1_0_to_1_2_negotiate_and_escape_as_the_spec_says() -> Result<(
         lines(out, "RESULT")?.pop().context("no RESULT")
     };
     let r = result(&node(run("-", "v10")).await?)?;
-    let frames: Vec<&str> = r["frames"]
-        .as_array()
-        .context("frames")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let frames = raw_frames(&r)?;
     assert!(frames[0].contains("\nversion:1.0\n"), "{r}");
-    let msg = frames
-        .iter()
-        .find(|f| f.starts_with("MESSAGE"))
-        .context("MESSAGE")?;
+    let msg = first_message(&frames)?;
     assert!(msg.contains("\ndtfed-from:ann:the:bard\n"), "{msg}");
     assert!(msg.contains("\nsubscription:/sub/chat/room/v10\n"), "{msg}");
 
     let r = result(&node(run("1.1,1.2", "v12").env("WITH_ID", "1")).await?)?;
     assert_eq!(r["protocol"], "v12.stomp");
-    let frames: Vec<&str> = r["frames"]
-        .as_array()
-        .context("frames")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let frames = raw_frames(&r)?;
     assert!(frames[0].contains("\nversion:1.2\n"), "{r}");
-    let msg = frames
-        .iter()
-        .find(|f| f.starts_with("MESSAGE"))
-        .context("MESSAGE")?;
+    let msg = first_message(&frames)?;
     assert!(msg.contains("\ndtfed-from:ann\\cthe\\cbard\n"), "{msg}");
     assert!(msg.contains("\nsubscription:s-1\n"), "{msg}");
     // From 1.1 on a subscription needs an id.
     let r = result(&node(run("1.2", "v12b")).await?)?;
-    let frames: Vec<&str> = r["frames"]
-        .as_array()
-        .context("frames")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let frames = raw_frames(&r)?;
     assert!(
         frames
             .iter()
@@ -566,12 +534,7 @@ async fn versions_1_0_to_1_2_negotiate_and_escape_as_the_spec_says() -> Result<(
     assert!(!frames.iter().any(|f| f.starts_with("MESSAGE")), "{r}");
 
     let r = result(&node(run("2.0", "v20")).await?)?;
-    let frames: Vec<&str> = r["frames"]
-        .as_array()
-        .context("frames")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let frames = raw_frames(&r)?;
     assert!(
         frames[0].starts_with("ERROR") && frames[0].contains("\nversion:1.0,1.1,1.2\n"),
         "{r}"
@@ -734,4 +697,23 @@ async fn a_redis_restart_costs_a_stomp_subscriber_nothing() -> Result<()> {
     assert_eq!(got, acked);
     drop(redis);
     Ok(())
+}
+
+/// The raw frames a `versions.mjs` run recorded, in order.
+fn raw_frames(r: &Value) -> Result<Vec<&str>> {
+    Ok(r["frames"]
+        .as_array()
+        .context("frames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect())
+}
+
+/// The first `MESSAGE` among raw frames.
+fn first_message<'a>(frames: &[&'a str]) -> Result<&'a str> {
+    frames
+        .iter()
+        .find(|f| f.starts_with("MESSAGE"))
+        .copied()
+        .context("MESSAGE")
 }

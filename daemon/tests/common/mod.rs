@@ -1,6 +1,10 @@
 //! Shared helpers of the daemon's library tests: logs, librdkafka's mock cluster as a
-//! [`KafkaConfig`], messages and rooms numbered `i`, and polling for a condition.
+//! [`KafkaConfig`], messages and rooms numbered `i`, polling for a condition, and a recording
+//! [`fake_bus::FakeBus`]. The tests crate's library-level Kafka tests include this module too
+//! (`#[path]`), so there is one copy.
 #![allow(dead_code)]
+
+pub mod fake_bus;
 
 use std::time::{Duration, Instant};
 

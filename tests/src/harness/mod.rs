@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod federation;
 pub mod http;
+pub mod jwt;
 pub mod kafka;
 pub mod node;
 pub mod redis;
