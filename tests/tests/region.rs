@@ -416,11 +416,8 @@ async fn redis_restart_players_miss_nothing() -> Result<()> {
     let mut redis = Some(redis);
     for i in 0..120 {
         if i == 40 {
-            let mut r = redis.take().context("redis")?;
-            r = tokio::task::spawn_blocking(move || r.kill().map(|_| r)).await??;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            r = tokio::task::spawn_blocking(move || r.restart().map(|_| r)).await??;
-            redis = Some(r);
+            let r = redis.take().context("redis")?;
+            redis = Some(r.bounce(Duration::from_millis(500)).await?);
         }
         let a = caller
             .publish("tower", json!({"text": format!("bell {i}")}), T)

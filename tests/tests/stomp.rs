@@ -676,11 +676,8 @@ async fn a_redis_restart_costs_a_stomp_subscriber_nothing() -> Result<()> {
     let mut redis = Some(redis);
     for i in 0..total {
         if i == 40 {
-            let mut r = redis.take().context("redis")?;
-            r = tokio::task::spawn_blocking(move || r.kill().map(|_| r)).await??;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            r = tokio::task::spawn_blocking(move || r.restart().map(|_| r)).await??;
-            redis = Some(r);
+            let r = redis.take().context("redis")?;
+            redis = Some(r.bounce(Duration::from_millis(500)).await?);
         }
         let a = caller
             .publish("tower", json!({"text": format!("bell {i}")}), T)

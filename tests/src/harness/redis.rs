@@ -179,6 +179,14 @@ impl RedisServer {
         self.stop()?;
         self.spawn()
     }
+
+    /// A Redis crash in the middle of a test: SIGKILL, `down` of silence, then a restart
+    /// on the same port (data gone), from async code (the blocking steps off the runtime).
+    pub async fn bounce(mut self, down: std::time::Duration) -> Result<RedisServer> {
+        self = tokio::task::spawn_blocking(move || self.kill().map(|()| self)).await??;
+        tokio::time::sleep(down).await;
+        tokio::task::spawn_blocking(move || self.restart().map(|()| self)).await?
+    }
 }
 
 impl Drop for RedisServer {
