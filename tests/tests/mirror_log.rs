@@ -851,31 +851,10 @@ async fn real_tail_of_a_partition_holding_only_an_aborted_first_transaction_is_e
     let dead_room = r.clone();
     // The dead writer: the partition's own transactional id, one record sent, no commit.
     tokio::task::spawn_blocking(move || {
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let mut cc = rdkafka::ClientConfig::new();
-        cc.set("bootstrap.servers", &brokers)
-            .set("transactional.id", format!("dtfed-mirror.seoul.{from}.0"));
-        let p: BaseProducer = BaseProducer::from_config(&cc).expect("producer");
-        p.init_transactions(Duration::from_secs(30)).expect("init");
+        use rdkafka::producer::Producer;
+        let p = txn_producer(&brokers, &format!("dtfed-mirror.seoul.{from}.0"));
         p.begin_transaction().expect("begin");
-        let lr = link(0, &dead_room, &value(0));
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in lr.mirror_headers(&from) {
-            headers = headers.insert(Header {
-                key: &k,
-                value: Some(&v),
-            });
-        }
-        p.send(
-            BaseRecord::to(&t)
-                .partition(0)
-                .key(&lr.key)
-                .payload(&lr.value)
-                .headers(headers),
-        )
-        .map_err(|(e, _)| e)
-        .expect("send");
+        send_mirror_record(&p, &t, &link(0, &dead_room, &value(0)), &from);
         p.flush(Duration::from_secs(30)).expect("flush");
         // Dropped here without a commit, as by a crash: the transaction stays open.
     })
@@ -919,33 +898,12 @@ async fn real_tail_walks_back_over_control_records() {
         origin.clone(),
     );
     tokio::task::spawn_blocking(move || {
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let mut cc = rdkafka::ClientConfig::new();
-        cc.set("bootstrap.servers", &brokers)
-            .set("transactional.id", format!("test-txn-{t}"));
-        let p: BaseProducer = BaseProducer::from_config(&cc).expect("producer");
-        p.init_transactions(Duration::from_secs(30)).expect("init");
+        use rdkafka::producer::Producer;
+        let p = txn_producer(&brokers, &format!("test-txn-{t}"));
         for batch in [[9i64, 12], [15, 16]] {
             p.begin_transaction().expect("begin");
             for o in batch {
-                let lr = link(o, &txn_room, &value(o as usize));
-                let mut headers = OwnedHeaders::new();
-                for (k, v) in lr.mirror_headers(&from) {
-                    headers = headers.insert(Header {
-                        key: &k,
-                        value: Some(&v),
-                    });
-                }
-                p.send(
-                    BaseRecord::to(&t)
-                        .partition(0)
-                        .key(&lr.key)
-                        .payload(&lr.value)
-                        .headers(headers),
-                )
-                .map_err(|(e, _)| e)
-                .expect("send");
+                send_mirror_record(&p, &t, &link(o, &txn_room, &value(o as usize)), &from);
             }
             p.commit_transaction(Duration::from_secs(30))
                 .expect("commit");
@@ -979,4 +937,43 @@ async fn real_tail_walks_back_over_control_records() {
         .await
         .expect("append");
     assert_eq!(log.tail(&origin, 0).await.expect("tail"), Some(20));
+}
+
+/// A transactional producer with id `transactional_id`, its transactions initialised
+/// (blocking): a writer that is not dtfed's, or one of dtfed's ids written by hand.
+fn txn_producer(brokers: &str, transactional_id: &str) -> rdkafka::producer::BaseProducer {
+    use rdkafka::producer::Producer;
+    let mut cc = rdkafka::ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
+        .set("transactional.id", transactional_id);
+    let p: rdkafka::producer::BaseProducer = cc.create().expect("producer");
+    p.init_transactions(Duration::from_secs(30)).expect("init");
+    p
+}
+
+/// Sends `lr` to partition 0 of `topic` with `origin`'s mirror headers, as the mirror sink
+/// writes it (blocking; inside the producer's open transaction).
+fn send_mirror_record(
+    p: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    lr: &LinkRecord,
+    origin: &str,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in lr.mirror_headers(origin) {
+        headers = headers.insert(Header {
+            key: &k,
+            value: Some(&v),
+        });
+    }
+    p.send(
+        rdkafka::producer::BaseRecord::to(topic)
+            .partition(0)
+            .key(&lr.key)
+            .payload(&lr.value)
+            .headers(headers),
+    )
+    .map_err(|(e, _)| e)
+    .expect("send");
 }
