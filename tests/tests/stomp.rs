@@ -385,33 +385,12 @@ async fn heart_beats_keep_a_connection_alive_and_their_absence_closes_it() -> Re
 
     let out = node(raw("0")).await?;
     out.ensure_success()?;
-    let r = &lines(&out, "RESULT")?[0];
-    assert_eq!(r["close"]["code"], 4003, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no heart-beat")),
-        "{r}"
-    );
-    let after = r["closedAfter"].as_i64().unwrap_or(0);
-    assert!(
-        (1900..3500).contains(&after),
-        "closed after {after} ms: {r}"
-    );
+    assert_idle_close(&lines(&out, "RESULT")?[0], "no heart-beat", 1900..3500);
 
     // Heart-beats without a CONNECT do not hold a socket: closed after the idle timeout.
     let out = node(raw("300").env("NO_CONNECT", "1")).await?;
     out.ensure_success()?;
-    let r = &lines(&out, "RESULT")?[0];
-    assert_eq!(r["close"]["code"], 4003, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("no CONNECT")),
-        "{r}"
-    );
-    let after = r["closedAfter"].as_i64().unwrap_or(0);
-    assert!((800..2500).contains(&after), "closed after {after} ms: {r}");
+    assert_idle_close(&lines(&out, "RESULT")?[0], "no CONNECT", 800..2500);
     Ok(())
 }
 
@@ -713,4 +692,12 @@ fn first_message<'a>(frames: &[&'a str]) -> Result<&'a str> {
         .find(|f| f.starts_with("MESSAGE"))
         .copied()
         .context("MESSAGE")
+}
+
+/// A `raw.mjs` result closed as idle (4003) after an ERROR saying `why`, within `after_ms`.
+fn assert_idle_close(r: &Value, why: &str, after_ms: std::ops::Range<i64>) {
+    assert_eq!(r["close"]["code"], 4003, "{r}");
+    assert!(r["error"].as_str().is_some_and(|e| e.contains(why)), "{r}");
+    let after = r["closedAfter"].as_i64().unwrap_or(0);
+    assert!(after_ms.contains(&after), "closed after {after} ms: {r}");
 }
