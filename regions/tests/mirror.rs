@@ -1216,6 +1216,16 @@ async fn streams_and_links_beyond_the_per_peer_limits_are_refused() {
     )
     .await;
     assert!(mirror.is_empty(ORIGIN, 2));
+    // A refused stream counts while its refusal is answered (the client can read the
+    // answer before the server's side of it ends): then the count is back at the limit.
+    wait_until("the refused stream to be answered and let go", || {
+        daemon
+            .status
+            .peer_usage()
+            .first()
+            .is_some_and(|(_, u)| u.streams <= 2)
+    })
+    .await;
     let usage = daemon.status.peer_usage();
     assert_eq!(usage.len(), 1, "{usage:?}");
     assert_eq!(usage[0].0, LOCAL);
