@@ -230,10 +230,16 @@ impl DemoFederation {
                     addrs: vec![format!("127.0.0.1:{p}")],
                     partitions: Some(DEMO_PARTITIONS),
                     topic: None,
+                    // Every demo region relays for the others: cut one link (`POST
+                    // /peers/<r>/pause` does not; a firewall does) and the third carries it.
+                    relay: true,
+                    direct: true,
                 })
                 .collect(),
             max_links_per_peer: dtfed_regions::topology::DEFAULT_MAX_LINKS_PER_PEER,
             max_streams_per_peer: dtfed_regions::topology::DEFAULT_MAX_STREAMS_PER_PEER,
+            serve_relay: true,
+            relay_after_ms: dtfed_regions::topology::DEFAULT_RELAY_AFTER_MS,
         }
     }
 }

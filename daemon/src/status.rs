@@ -110,16 +110,17 @@ fn render(s: &Value) -> String {
         }
     }
     if let Some(tasks) = s["mirror"].as_array() {
-        out.push_str("\nmirror (origin partition: mirrored / origin end, lag)\n");
+        out.push_str("\nmirror (origin partition: mirrored / origin end, lag, route)\n");
         for t in tasks {
             out.push_str(&format!(
-                "  {:<12} p{:<3} {:>10} / {:<10} lag {} records, {} s  {}\n",
+                "  {:<12} p{:<3} {:>10} / {:<10} lag {} records, {} s  {}  {}\n",
                 str_of(&t["origin"]),
                 str_of(&t["partition"]),
                 str_of(&t["mirrored_offset"]),
                 str_of(&t["origin_high_watermark"]),
                 str_of(&t["lag_records"]),
                 str_of(&t["lag_seconds"]),
+                str_of(&t["route"]),
                 str_of(&t["state"])
             ));
         }
@@ -158,12 +159,13 @@ mod tests {
             "region": "seoul", "node": "seoul-1", "clients": 3, "rooms": 2, "draining": false,
             "links": [{"region": "tokyo", "state": "connected", "rtt_ms": 71, "addr": "127.0.0.1:7001"}],
             "mirror": [{"origin": "tokyo", "partition": 0, "mirrored_offset": 41, "origin_high_watermark": 42,
-                        "lag_records": 0, "lag_seconds": 0, "state": "streaming"}],
+                        "lag_records": 0, "lag_seconds": 0, "route": "via frankfurt", "state": "streaming"}],
             "fanout": {"joined": true, "partitions": [{"topic": "dtfed.local", "partition": 1, "position": 10, "high_watermark": 12}]}
         });
         let text = render(&s);
         assert!(text.contains("tokyo"), "{text}");
         assert!(text.contains("rtt_ms"), "{text}");
         assert!(text.contains("lag 2"), "{text}");
+        assert!(text.contains("via frankfurt  streaming"), "{text}");
     }
 }

@@ -51,6 +51,26 @@ pub struct FederationConfig {
     /// the limit.
     #[serde(default = "default_max_streams_per_peer")]
     pub max_streams_per_peer: usize,
+    /// Serve the mirror topics of this region's peers to its other peers (relaying, see
+    /// `docs/PROTOCOL.md`, "Relays"; default false). A peer never gets its own records
+    /// back, and only mirror topics of configured peers are served.
+    #[serde(default)]
+    pub serve_relay: bool,
+    /// How long a direct link must be down (dials failing, or no packet received on it)
+    /// before a partition is pulled through a relay peer instead (3000 ms).
+    #[serde(default = "default_relay_after_ms")]
+    pub relay_after_ms: u64,
+}
+
+/// Default of [`FederationConfig::relay_after_ms`].
+pub const DEFAULT_RELAY_AFTER_MS: u64 = 3000;
+
+fn default_relay_after_ms() -> u64 {
+    DEFAULT_RELAY_AFTER_MS
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Default of [`FederationConfig::max_links_per_peer`].
@@ -84,6 +104,14 @@ pub struct PeerRegion {
     /// The peer's local topic, the one its daemons serve (default `dtfed.local`).
     #[serde(default)]
     pub topic: Option<String>,
+    /// Other origins' partitions may be pulled through this peer when their direct link is
+    /// down (the peer must set `serve_relay`). Default false.
+    #[serde(default)]
+    pub relay: bool,
+    /// Dial this peer for its own partitions (default true). False: never; its partitions
+    /// are always pulled through a `relay` peer.
+    #[serde(default = "default_true")]
+    pub direct: bool,
 }
 
 impl FederationConfig {
@@ -141,6 +169,22 @@ impl FederationConfig {
                     problems.push(format!("{at}: partitions must be at least 1, not {n}"));
                 }
             }
+            if !peer.direct && !self.peers.iter().any(|r| r.relay && r.name != peer.name) {
+                problems.push(format!(
+                    "{at}: direct = false needs another peer with relay = true to pull it through"
+                ));
+            }
+            if peer.relay && !peer.direct {
+                problems.push(format!(
+                    "{at}: relay = true with direct = false: a relay peer is one this region links to"
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&self.relay_after_ms) {
+            problems.push(format!(
+                "federation.relay_after_ms = {}: must be 100..=600000",
+                self.relay_after_ms
+            ));
         }
         problems
     }
@@ -281,6 +325,42 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:#?}");
         assert!(problems[0].contains("federation.max_links_per_peer = 0"));
         assert!(problems[1].contains("federation.max_streams_per_peer = 5000"));
+    }
+
+    #[test]
+    fn relay_settings_default_off_and_are_checked() {
+        let cfg: FederationConfig = toml::from_str(GOOD).expect("parse");
+        assert!(!cfg.serve_relay);
+        assert_eq!(cfg.relay_after_ms, DEFAULT_RELAY_AFTER_MS);
+        assert!(cfg.peers.iter().all(|p| p.direct && !p.relay));
+
+        // tokyo only through frankfurt: fine.
+        let text = GOOD
+            .replace("partitions = 12", "partitions = 12\ndirect = false")
+            .replace(
+                "addrs = [\"[fd00::1]:7100\"]",
+                "addrs = [\"[fd00::1]:7100\"]\nrelay = true",
+            );
+        let cfg: FederationConfig = toml::from_str(&text).expect("parse");
+        assert_eq!(cfg.validate("seoul"), Vec::<String>::new());
+        assert!(!cfg.peers[0].direct && cfg.peers[1].relay);
+
+        // No relay to pull tokyo through, a relay never dialled, a silly delay.
+        let text = GOOD
+            .replace(
+                "partitions = 12",
+                "partitions = 12\ndirect = false\nrelay = true",
+            )
+            .replace(
+                "key = \"/etc/dtfed/seoul.key\"",
+                "key = \"/etc/dtfed/seoul.key\"\nrelay_after_ms = 5\nserve_relay = true",
+            );
+        let cfg: FederationConfig = toml::from_str(&text).expect("parse");
+        let problems = cfg.validate("seoul");
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems[0].contains("direct = false needs another peer with relay = true"));
+        assert!(problems[1].contains("relay = true with direct = false"));
+        assert!(problems[2].contains("federation.relay_after_ms = 5"));
     }
 
     #[test]

@@ -131,6 +131,8 @@ fn receiver_with_partitions(
         addrs,
         partitions,
         topic: None,
+        relay: false,
+        direct: true,
     }];
     let client =
         MirrorClient::with_config(endpoint.clone(), Arc::new(mirror.clone()), peers, config);
@@ -696,6 +698,8 @@ async fn a_slow_mirror_log_with_small_origin_batches_is_not_abandoned() {
             addrs: vec![daemon.addr()],
             partitions: None,
             topic: None,
+            relay: false,
+            direct: true,
         }],
         client_config(),
     );

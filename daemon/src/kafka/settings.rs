@@ -181,6 +181,18 @@ pub fn origin_reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> Clie
     c
 }
 
+/// Settings of a relay's reader of a mirror topic (`dtfed.mirror.<O>`, served with O's
+/// offsets to another peer, `crate::mirror::relay`): [`origin_reader_config`] (a record
+/// the relay lacks must be said, not skipped, so `auto.offset.reset=error` still holds),
+/// plus `isolation.level=read_committed` stated rather than inherited from librdkafka's
+/// default: mirror appends are transactions, and a fenced writer's aborted append must
+/// never be relayed.
+pub fn relay_reader_config(cfg: &KafkaConfig, region: &str, node: &str) -> ClientConfig {
+    let mut c = origin_reader_config(cfg, region, &format!("{node}-relay"));
+    c.set("isolation.level", "read_committed");
+    c
+}
+
 /// Settings of the mirror producer: [`producer_config`] (idempotent, `acks=all`) with
 ///
 /// - `max.in.flight.requests.per.connection=5`: the most an idempotent producer allows

@@ -6,7 +6,8 @@
 //! Along the flow, mirror origin → QUIC → mirror sink: [`origin`] serves this region's local
 //! topic to peers, [`sink`] writes a peer's records into `dtfed.mirror.<origin>`, [`reads`]
 //! holds the short reads of mirror partitions (tails, watermarks) that the sink and the
-//! replay of remote origins (`crate::replay::remote`) share, [`tasks`] decides which daemon
+//! replay of remote origins (`crate::replay::remote`) share, [`relay`] serves this region's
+//! mirror topics to other peers with the origins' offsets (`federation.serve_relay`), [`tasks`] decides which daemon
 //! of the region runs which (origin, partition), and [`metrics`] exports the mirror's state
 //! to `/metrics`. Start at [`Federation::start`].
 //!
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use anyhow::Context;
 use async_trait::async_trait;
 use dtfed_proto::record::now_ms;
-use dtfed_regions::mirror::client::{MirrorClient, MirrorTaskState};
+use dtfed_regions::mirror::client::{MirrorClient, MirrorClientConfig, MirrorTaskState};
 use dtfed_regions::mirror::server::{MirrorServer, MirrorServerConfig};
 use dtfed_regions::mirror::{AgeHistogram, AGE_BUCKETS_MS};
 use dtfed_regions::{FederationConfig, PeerRegion, RegionEndpoint, RegionIdentity};
@@ -35,16 +36,11 @@ use crate::config::Config;
 pub mod metrics;
 pub mod origin;
 pub mod reads;
+pub mod relay;
 pub mod sink;
 pub mod tasks;
 
-/// Mirror topics are named `<prefix><origin region>`.
-pub const MIRROR_TOPIC_PREFIX: &str = "dtfed.mirror.";
-
-/// The mirror topic of `origin`: `dtfed.mirror.<origin>`.
-pub fn mirror_topic(origin: &str) -> String {
-    format!("{MIRROR_TOPIC_PREFIX}{origin}")
-}
+pub use dtfed_regions::mirror::{mirror_topic, MIRROR_TOPIC_PREFIX};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -73,6 +69,10 @@ pub struct MirrorView {
     pub lag_seconds: Option<f64>,
     pub gaps: u64,
     pub records_mirrored: u64,
+    /// Where the partition is pulled from: `"direct"` or `"via <relay region>"`.
+    pub route: String,
+    /// Route changes since the task started on this daemon.
+    pub route_switches: u64,
     /// Ages of this task's records (now − origin timestamp) when their mirror append was
     /// acknowledged: the cross-region hop (origin Kafka → origin reader → link → mirror
     /// append), without this region's fan-out.
@@ -165,13 +165,21 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
-        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log)).with_config(
-            MirrorServerConfig {
-                max_links_per_peer: fed.max_links_per_peer,
-                max_streams_per_peer: fed.max_streams_per_peer,
-                ..MirrorServerConfig::default()
-            },
-        );
+        let mut server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
+        if fed.serve_relay {
+            // Only the mirror topics of configured peers: those are written only from
+            // their own authenticated links (or from relays that checked the same).
+            for peer in &fed.peers {
+                let relayed = relay::RelayedOriginLog::new(&cfg.kafka, region, node, &peer.name)
+                    .with_context(|| format!("starting the relay reader of {}", peer.name))?;
+                server = server.with_relayed(peer.name.clone(), Arc::new(relayed));
+            }
+        }
+        let server = server.with_config(MirrorServerConfig {
+            max_links_per_peer: fed.max_links_per_peer,
+            max_streams_per_peer: fed.max_streams_per_peer,
+            ..MirrorServerConfig::default()
+        });
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
@@ -204,7 +212,15 @@ impl Federation {
                 ..p.clone()
             })
             .collect();
-        let client = MirrorClient::new(endpoint.clone(), Arc::new(mirror_log), peers);
+        let client = MirrorClient::with_config(
+            endpoint.clone(),
+            Arc::new(mirror_log),
+            peers,
+            MirrorClientConfig {
+                relay_after: std::time::Duration::from_millis(fed.relay_after_ms),
+                ..MirrorClientConfig::default()
+            },
+        );
         let mirror_topics = topics.iter().map(|t| t.mirror_topic.clone()).collect();
         let tasks = if topics.is_empty() {
             None
@@ -283,6 +299,8 @@ impl Federation {
                     lag_records: t.lag_records.filter(|_| streaming),
                     gaps: t.gaps,
                     records_mirrored: t.records_mirrored,
+                    route: t.route,
+                    route_switches: t.route_switches,
                     append_age: AgeView::from(&t.append_age),
                 }
             })

@@ -69,6 +69,8 @@ pub struct KafkaOriginLog {
     /// Partition count and when it was read.
     partitions: Mutex<Option<(i32, Instant)>>,
     tuning: OriginReaderTuning,
+    /// The readers' settings ([`origin_reader_config`], or a relay's).
+    reader_config: fn(&KafkaConfig, &str, &str) -> rdkafka::ClientConfig,
 }
 
 /// How long a partition count read from metadata is reused.
@@ -114,7 +116,18 @@ impl KafkaOriginLog {
             meta: Arc::new(OffRuntime::new(meta)),
             partitions: Mutex::new(None),
             tuning: OriginReaderTuning::default(),
+            reader_config: origin_reader_config,
         })
+    }
+
+    /// Builds the readers with `settings` instead of [`origin_reader_config`] (a relay's
+    /// mirror topic reader: `crate::kafka::settings::relay_reader_config`).
+    pub fn with_reader_config(
+        mut self,
+        settings: fn(&KafkaConfig, &str, &str) -> rdkafka::ClientConfig,
+    ) -> KafkaOriginLog {
+        self.reader_config = settings;
+        self
     }
 
     /// Overrides the readers' timing (tests, tuning).
@@ -213,7 +226,7 @@ impl OriginLog for KafkaOriginLog {
             return Err(LogError::OffsetOutOfRange { earliest: low });
         }
         let high_cell = Arc::new(AtomicI64::new(high));
-        let config = origin_reader_config(&self.cfg, &self.region, &self.node);
+        let config = (self.reader_config)(&self.cfg, &self.region, &self.node);
         let ctx = ReaderContext {
             log: TracingContext::for_config(&config),
             topic: self.topic.clone(),

@@ -183,9 +183,14 @@ impl Clock {
 pub struct PullConfig {
     /// This (receiving) region's name, sent in our `Hello`.
     pub local_region: String,
-    /// The origin region; its `Hello` must name exactly this region.
+    /// The origin region: the region whose records (and offsets) are pulled.
     pub origin: String,
-    /// The origin's local topic (e.g. `dtfed.local`).
+    /// The region answering the stream when it is not the origin: a relay serving its
+    /// mirror of the origin (`topic` is then `dtfed.mirror.<origin>`). The answering
+    /// `Hello` must name `via` if set, else `origin`.
+    pub via: Option<String>,
+    /// The topic subscribed: the origin's local topic (e.g. `dtfed.local`), or a relay's
+    /// mirror topic of the origin.
     pub topic: String,
     /// The partition, in the origin's local topic and in the mirror topic alike.
     pub partition: i32,
@@ -208,6 +213,7 @@ impl PullConfig {
         PullConfig {
             local_region: local_region.into(),
             origin: origin.into(),
+            via: None,
             topic: topic.into(),
             partition,
             resume_from,
@@ -450,9 +456,10 @@ impl MirrorPull {
         codec_version: u16,
     ) -> Result<(), SessionError> {
         check_hello(magic, protocol_version, codec_version)?;
-        if region != self.cfg.origin {
+        let expected = self.cfg.via.as_ref().unwrap_or(&self.cfg.origin);
+        if region != *expected {
             return Err(SessionError::WrongRegion {
-                expected: self.cfg.origin.clone(),
+                expected: expected.clone(),
                 got: region,
             });
         }
@@ -569,9 +576,12 @@ impl MirrorPull {
 pub struct ServeConfig {
     /// This (origin) region's name, sent in our `Hello`. A peer claiming it is refused.
     pub local_region: String,
-    /// The one topic served: the local topic. Mirror topics are never served, so nothing
-    /// mirrored comes back around.
+    /// The local topic, served to every peer.
     pub topic: String,
+    /// Mirror topics of other regions served too (`dtfed.mirror.<O>`, relaying: see
+    /// `docs/PROTOCOL.md`, "Relays"); empty unless this region serves relays. The caller
+    /// decides, on [`ServeEvent::Subscribe`], whether this peer may have that one.
+    pub relayed_topics: Vec<String>,
     /// The region the transport authenticated (the peer certificate's name), if any: a
     /// `Hello` naming another region is refused with `Forbidden`.
     pub peer_region: Option<String>,
@@ -588,6 +598,7 @@ impl ServeConfig {
         ServeConfig {
             local_region: local_region.into(),
             topic: topic.into(),
+            relayed_topics: Vec::new(),
             peer_region: None,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             timers: LinkTimers::default(),
@@ -642,6 +653,8 @@ pub struct MirrorServe {
     cfg: ServeConfig,
     state: ServeState,
     peer_region: Option<String>,
+    /// The topic a `Describe` asked about, until answered.
+    described: Option<String>,
     last_high_watermark: Option<i64>,
     /// Frames to send, with their estimated payload size.
     transmit: VecDeque<(LinkFrame, usize)>,
@@ -656,6 +669,7 @@ impl MirrorServe {
         MirrorServe {
             state: ServeState::AwaitHello,
             peer_region: None,
+            described: None,
             last_high_watermark: None,
             transmit: VecDeque::new(),
             queued_bytes: 0,
@@ -710,8 +724,9 @@ impl MirrorServe {
                 },
             ) => self.on_subscribe(topic, partition, from_offset),
             (ServeState::AwaitSubscribe, LinkFrame::Describe { topic }) => {
-                if topic == self.cfg.topic {
+                if self.serves(&topic) {
                     self.state = ServeState::Describing;
+                    self.described = Some(topic.clone());
                     self.events.push_back(ServeEvent::Describe { topic });
                     Ok(())
                 } else {
@@ -808,7 +823,10 @@ impl MirrorServe {
             _ => return Err(SessionError::NotServing),
         }
         let frame = LinkFrame::Described {
-            topic: self.cfg.topic.clone(),
+            topic: self
+                .described
+                .take()
+                .unwrap_or_else(|| self.cfg.topic.clone()),
             partitions,
         };
         self.push(frame, 0);
@@ -909,13 +927,18 @@ impl MirrorServe {
         Ok(())
     }
 
+    /// The local topic, or one of the relayed mirror topics.
+    fn serves(&self, topic: &str) -> bool {
+        topic == self.cfg.topic || self.cfg.relayed_topics.iter().any(|t| t == topic)
+    }
+
     fn on_subscribe(
         &mut self,
         topic: String,
         partition: i32,
         from_offset: i64,
     ) -> Result<(), SessionError> {
-        if topic != self.cfg.topic {
+        if !self.serves(&topic) {
             return Err(SessionError::UnknownTopic(topic));
         }
         if partition < 0 {
@@ -1812,5 +1835,101 @@ mod tests {
         );
         p.handle_written(9);
         assert_eq!(p.poll_transmit(), None);
+    }
+
+    #[test]
+    fn a_relay_serves_its_mirror_topics_only_when_configured() {
+        const MIRROR: &str = "dtfed.mirror.seoul";
+        // Frankfurt relays seoul's mirror topic to tokyo; tokyo expects frankfurt's hello.
+        let relay_cfg = ServeConfig {
+            relayed_topics: vec![MIRROR.into()],
+            ..ServeConfig::new("frankfurt", TOPIC)
+        };
+        let mut s = MirrorServe::new(relay_cfg, Duration::ZERO);
+        let mut p = MirrorPull::new(
+            PullConfig {
+                via: Some("frankfurt".into()),
+                ..PullConfig::new("tokyo", "seoul", MIRROR, 3, 7)
+            },
+            Duration::ZERO,
+        );
+        for r in pump(|| p.poll_transmit(), |f| s.handle_frame(Duration::ZERO, f)) {
+            r.expect("relay accepts hello and subscribe");
+        }
+        for r in pump(|| s.poll_transmit(), |f| p.handle_frame(Duration::ZERO, f)) {
+            r.expect("puller accepts the relay's hello");
+        }
+        assert_eq!(drain(|| p.poll_event()), [PullEvent::Ready]);
+        assert_eq!(
+            drain(|| s.poll_event()),
+            [ServeEvent::Subscribe {
+                topic: MIRROR.into(),
+                partition: 3,
+                from_offset: 7
+            }]
+        );
+
+        // A region without relaying refuses the mirror topic.
+        let mut plain = serve();
+        let mut p = MirrorPull::new(
+            PullConfig::new("tokyo", "seoul", MIRROR, 3, 7),
+            Duration::ZERO,
+        );
+        let results = pump(
+            || p.poll_transmit(),
+            |f| plain.handle_frame(Duration::ZERO, f),
+        );
+        assert_eq!(
+            results.last(),
+            Some(&Err(SessionError::UnknownTopic(MIRROR.into())))
+        );
+
+        // Without `via`, a relay's hello is another region than the origin: refused.
+        let mut s = MirrorServe::new(
+            ServeConfig {
+                relayed_topics: vec![MIRROR.into()],
+                ..ServeConfig::new("frankfurt", TOPIC)
+            },
+            Duration::ZERO,
+        );
+        let mut p = MirrorPull::new(
+            PullConfig::new("tokyo", "seoul", MIRROR, 3, 7),
+            Duration::ZERO,
+        );
+        let _ = pump(|| p.poll_transmit(), |f| s.handle_frame(Duration::ZERO, f));
+        let results = pump(|| s.poll_transmit(), |f| p.handle_frame(Duration::ZERO, f));
+        assert!(matches!(
+            results.first(),
+            Some(Err(SessionError::WrongRegion { .. }))
+        ));
+    }
+
+    #[test]
+    fn describe_names_the_topic_asked_about() {
+        let mut s = MirrorServe::new(
+            ServeConfig {
+                relayed_topics: vec!["dtfed.mirror.seoul".into()],
+                ..ServeConfig::new("frankfurt", TOPIC)
+            },
+            Duration::ZERO,
+        );
+        s.handle_frame(Duration::ZERO, LinkFrame::hello("tokyo"))
+            .expect("hello");
+        s.handle_frame(
+            Duration::ZERO,
+            LinkFrame::Describe {
+                topic: "dtfed.mirror.seoul".into(),
+            },
+        )
+        .expect("describe");
+        s.describe(4).expect("answer");
+        let frames = drain(|| s.poll_transmit());
+        assert_eq!(
+            frames.last(),
+            Some(&LinkFrame::Described {
+                topic: "dtfed.mirror.seoul".into(),
+                partitions: 4
+            })
+        );
     }
 }

@@ -34,12 +34,21 @@ pub mod stream;
 
 pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,
+    ROUTE_DIRECT,
 };
 pub use latency::{AgeHistogram, AGE_BUCKETS_MS};
 pub use log::{LogError, MirrorLog, OriginBatch, OriginLog, OriginReader};
 pub use server::{
     MirrorServer, MirrorServerConfig, PeerUsage, ServedStream, ServerStatus, CLOSE_TOO_MANY_LINKS,
 };
+
+/// Mirror topics are named `<prefix><origin region>`.
+pub const MIRROR_TOPIC_PREFIX: &str = "dtfed.mirror.";
+
+/// The mirror topic of `origin`: `dtfed.mirror.<origin>` (what a relay serves of it).
+pub fn mirror_topic(origin: &str) -> String {
+    format!("{MIRROR_TOPIC_PREFIX}{origin}")
+}
 
 /// Stream reset / stop code: the stream was abandoned mid-frame (shutdown, stalled peer,
 /// undecodable input); the peer must not expect a closing `Error` frame.

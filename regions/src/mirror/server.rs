@@ -16,6 +16,11 @@
 //!   no progress at all (not one byte accepted) for `write_stall_timeout` abandons the
 //!   stream.
 //!
+//! **Relaying** ([`MirrorServer::with_relayed`]): a region that mirrors origin O may also
+//! serve its mirror topic `dtfed.mirror.O` to its other peers, with O's own offsets (the
+//! [`OriginLog`] given translates). Never to O itself (`forbidden`), and only topics of
+//! origins the daemon was given, i.e. its configured peers.
+//!
 //! A failure on the origin side (retention passed the offset, unknown partition, Kafka
 //! down) becomes an `Error` frame with the matching code, then the stream is finished; the
 //! receiver retries with backoff. Nothing is kept between streams: any daemon of the
@@ -261,6 +266,8 @@ impl Drop for StreamSlot {
 pub struct MirrorServer {
     endpoint: Arc<RegionEndpoint>,
     log: Arc<dyn OriginLog>,
+    /// Mirror topic → (its origin, a reader of it with the origin's offsets).
+    relayed: HashMap<String, (String, Arc<dyn OriginLog>)>,
     config: MirrorServerConfig,
     status: ServerStatus,
 }
@@ -279,6 +286,7 @@ impl std::fmt::Debug for MirrorServer {
 struct Shared {
     local_region: String,
     log: Arc<dyn OriginLog>,
+    relayed: HashMap<String, (String, Arc<dyn OriginLog>)>,
     config: MirrorServerConfig,
     status: ServerStatus,
 }
@@ -289,9 +297,19 @@ impl MirrorServer {
         MirrorServer {
             endpoint,
             log,
+            relayed: HashMap::new(),
             config: MirrorServerConfig::default(),
             status: ServerStatus::default(),
         }
+    }
+
+    /// Also serves `log`, this region's mirror of `origin` (its `topic()`, normally
+    /// `dtfed.mirror.<origin>`), read with `origin`'s offsets, to every peer but `origin`.
+    /// Call it only for origins this region mirrors from a configured peer.
+    pub fn with_relayed(mut self, origin: impl Into<String>, log: Arc<dyn OriginLog>) -> Self {
+        self.relayed
+            .insert(log.topic().to_owned(), (origin.into(), log));
+        self
     }
 
     /// Replaces the numbers.
@@ -313,12 +331,14 @@ impl MirrorServer {
         let shared = Arc::new(Shared {
             local_region: self.endpoint.region().to_owned(),
             log: self.log.clone(),
+            relayed: self.relayed.clone(),
             config: self.config.clone(),
             status: self.status.clone(),
         });
         let span = info_span!("mirror_server", origin = %shared.local_region);
         async {
-            info!(topic = %shared.log.topic(), "mirror server up");
+            let relayed: Vec<&String> = shared.relayed.keys().collect();
+            info!(topic = %shared.log.topic(), ?relayed, "mirror server up");
             // Cancelled on shutdown and when the endpoint closes: stops every connection.
             let stop = shutdown.child_token();
             let mut connections = JoinSet::new();
@@ -488,6 +508,8 @@ async fn serve_connection(shared: Arc<Shared>, peer: PeerConnection, cancel: Can
 /// by a [`StreamDriver`].
 struct StreamServer {
     shared: Arc<Shared>,
+    /// The receiving region (the certificate's).
+    peer: String,
     cancel: CancellationToken,
     /// The log reader of the subscription (at most one), aborted on drop.
     reader: JoinSet<()>,
@@ -507,13 +529,16 @@ impl StreamServer {
         let cfg = ServeConfig {
             local_region: shared.local_region.clone(),
             topic: shared.log.topic().to_owned(),
+            relayed_topics: shared.relayed.keys().cloned().collect(),
             peer_region: Some(peer.clone()),
             max_batch_bytes: shared.config.max_batch_bytes,
             timers: shared.config.timers,
         };
         let slot = shared.status.register(&peer);
+        let peer = peer.clone();
         let side = StreamServer {
             shared,
+            peer,
             cancel,
             reader: JoinSet::new(),
             batches: None,
@@ -526,9 +551,36 @@ impl StreamServer {
             .await;
     }
 
-    /// Answers a `Describe` with the local topic's partition count (bounded wait).
-    async fn answer_describe(&mut self, session: &mut MirrorServe) {
-        let counted = timeout(DESCRIBE_TIMEOUT, self.shared.log.partitions()).await;
+    /// The log serving `topic` to this stream's peer: the local topic, or a relayed mirror
+    /// topic of another region than the peer. Else the refusal to send.
+    fn log_for(&self, topic: &str) -> Result<Arc<dyn OriginLog>, (LinkErrorCode, String)> {
+        if topic == self.shared.log.topic() {
+            return Ok(self.shared.log.clone());
+        }
+        match self.shared.relayed.get(topic) {
+            Some((origin, _)) if *origin == self.peer => Err((
+                LinkErrorCode::Forbidden,
+                format!("{topic} holds {origin}'s own records: never served back to {origin}"),
+            )),
+            Some((_, log)) => Ok(log.clone()),
+            None => Err((
+                LinkErrorCode::UnknownTopic,
+                format!("topic {topic:?} is not served here"),
+            )),
+        }
+    }
+
+    /// Answers a `Describe` with the topic's partition count (bounded wait).
+    async fn answer_describe(&mut self, session: &mut MirrorServe, topic: &str) {
+        let log = match self.log_for(topic) {
+            Ok(log) => log,
+            Err((code, why)) => {
+                warn!(topic, code = %code, reason = %why, "refusing a describe");
+                session.close(code, why);
+                return;
+            }
+        };
+        let counted = timeout(DESCRIBE_TIMEOUT, log.partitions()).await;
         match counted {
             Ok(Ok(n)) => {
                 if let Err(e) = session.describe(n) {
@@ -599,13 +651,20 @@ impl StreamSide for StreamServer {
                     from_offset,
                 } => {
                     Span::current().record("partition", partition);
-                    info!(topic = %topic, from_offset, "serving partition");
+                    let log = match self.log_for(&topic) {
+                        Ok(log) => log,
+                        Err((code, why)) => {
+                            warn!(topic = %topic, code = %code, reason = %why, "refusing a subscription");
+                            session.close(code, why);
+                            continue;
+                        }
+                    };
+                    info!(topic = %topic, from_offset, relayed = topic != self.shared.log.topic(), "serving partition");
                     self.slot.update(|s| {
                         s.partition = Some(partition);
                         s.from_offset = Some(from_offset);
                     });
                     let (tx, rx) = mpsc::channel(1);
-                    let log = self.shared.log.clone();
                     let max_bytes = self.shared.config.max_batch_bytes;
                     self.reader.spawn(
                         read_origin(log, partition, from_offset, max_bytes, tx)
@@ -615,7 +674,7 @@ impl StreamSide for StreamServer {
                 }
                 ServeEvent::Describe { topic } => {
                     debug!(topic = %topic, "receiver asks for the partition count");
-                    self.answer_describe(session).await;
+                    self.answer_describe(session, &topic).await;
                 }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");

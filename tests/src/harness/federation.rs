@@ -38,6 +38,9 @@ pub struct FederationSpec {
     pub partitions: i64,
     /// Every link through its own cuttable relay (5 ms one way).
     pub relayed: bool,
+    /// Every region serves relays (`serve_relay`) and may pull through every peer
+    /// (`relay = true`): a cut link is bridged by a third region.
+    pub relaying: bool,
     /// Kafka nodes of the first region (the others have one): 3 gives it replication
     /// factor 3 and `min.insync.replicas` 2.
     pub first_region_kafka_nodes: usize,
@@ -55,6 +58,7 @@ impl FederationSpec {
             daemons_per_region,
             partitions: 4,
             relayed: false,
+            relaying: false,
             first_region_kafka_nodes: 1,
             extra_config: String::new(),
             env: Vec::new(),
@@ -278,6 +282,9 @@ fn start_regions(
                 "[federation]\nlisten = \"127.0.0.1:0\"\nca_cert = \"{dir}/ca.crt\"\ncert = \"{dir}/{name}.crt\"\nkey = \"{dir}/{name}.key\"\n",
                 dir = certs.display(),
             );
+            if spec.relaying {
+                fed.push_str("serve_relay = true\n");
+            }
             for peer in spec.regions.iter().filter(|p| **p != name) {
                 let addrs: Vec<String> = match via.get(&(name.clone(), peer.clone())) {
                     Some(a) => vec![format!("\"{a}\"")],
@@ -292,6 +299,9 @@ fn start_regions(
                     topics[peer],
                     spec.partitions
                 ));
+                if spec.relaying {
+                    fed.push_str("relay = true\n");
+                }
             }
             let replication = if kafka.nodes.len() >= 3 { 3 } else { 1 };
             Ok(Region {

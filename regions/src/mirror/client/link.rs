@@ -33,6 +33,20 @@ pub(super) struct PeerLink {
     /// The partition count of the mirror topic here ([`PeerRegion::partitions`]): the
     /// origin's must be the same. `None`: not checked.
     pub(super) expected_partitions: Option<i32>,
+    /// Other origins may be pulled through this peer ([`PeerRegion::relay`]).
+    pub(super) relay: bool,
+    /// This peer's own partitions are pulled from it directly ([`PeerRegion::direct`]).
+    pub(super) direct: bool,
+    /// What the connection last received, to tell a silent path (a cut) long before QUIC's
+    /// idle timeout closes it.
+    pub(super) heard: Mutex<Option<Heard>>,
+}
+
+/// The connection's received-datagram count when it last changed.
+pub(super) struct Heard {
+    conn: usize,
+    datagrams: u64,
+    at: Instant,
 }
 
 pub(super) struct Redial {
@@ -68,6 +82,35 @@ impl PeerLink {
             .as_ref()
             .filter(|c| c.connection().close_reason().is_none())
             .cloned()
+    }
+
+    /// How long the live connection has received nothing at all (sampled now: callers
+    /// sample every few hundred ms while it matters); `None` without a live connection.
+    /// QUIC keep-alives (every 2 s, answered by acknowledgements) keep a healthy idle link
+    /// from ever looking silent for longer than that.
+    pub(super) fn silent_for(&self) -> Option<Duration> {
+        let conn = self.live()?;
+        let id = conn.connection().stable_id();
+        let datagrams = conn.connection().stats().udp_rx.datagrams;
+        let now = Instant::now();
+        let mut heard = lock(&self.heard);
+        match &*heard {
+            Some(h) if h.conn == id && h.datagrams == datagrams => {}
+            _ => {
+                *heard = Some(Heard {
+                    conn: id,
+                    datagrams,
+                    at: now,
+                })
+            }
+        }
+        heard.as_ref().map(|h| now.saturating_duration_since(h.at))
+    }
+
+    /// The live connection if it was heard from within `limit`.
+    pub(super) fn usable(&self, limit: Duration) -> Option<PeerConnection> {
+        let conn = self.live()?;
+        (self.silent_for()? < limit).then_some(conn)
     }
 
     /// The connection, dialling if there is none. Returns when an attempt succeeds, or with

@@ -35,6 +35,15 @@
 //!   and appended as one batch, and acknowledged, before the stream is read further, so a
 //!   slow mirror topic slows the origin down through QUIC flow control rather than
 //!   buffering here, while a fast one is never held to one append per origin batch.
+//! - **Routes (relaying).** A partition is pulled from its origin directly, or, when the
+//!   direct link has been down for `relay_after` (dials failing, or nothing received on the
+//!   connection) or the origin is configured `direct = false`, through a peer configured
+//!   `relay = true` that mirrors the origin: it serves its `dtfed.mirror.<origin>` with the
+//!   origin's offsets. The resume point is the mirror partition's tail either way, and the
+//!   task is the partition's only writer, so switching routes at any moment loses,
+//!   duplicates or reorders nothing. While relayed, the task keeps dialling the origin and
+//!   switches back as soon as its link is heard from again. The route is in
+//!   [`MirrorTaskStatus::route`]; each switch is logged.
 //! - **Ops.** [`MirrorClient::status`] (per task: state, offsets, lag, gaps),
 //!   [`MirrorClient::links`] (per peer), and [`MirrorClient::pause_peer`] /
 //!   [`MirrorClient::resume_peer`] for drills.
@@ -96,6 +105,8 @@ pub struct MirrorClientConfig {
     /// How often the task of partition 0 asks a streaming origin its partition count again,
     /// so a count changed at run time shows (60 s).
     pub partitions_recheck: Duration,
+    /// How long a direct link must be down or silent before a relay is used (3 s).
+    pub relay_after: Duration,
 }
 
 impl Default for MirrorClientConfig {
@@ -108,6 +119,7 @@ impl Default for MirrorClientConfig {
             append_grace: Duration::from_secs(10),
             close_grace: Duration::from_secs(1),
             partitions_recheck: Duration::from_secs(60),
+            relay_after: Duration::from_millis(crate::topology::DEFAULT_RELAY_AFTER_MS),
         }
     }
 }
@@ -166,7 +178,14 @@ pub struct MirrorTaskStatus {
     /// Ages of the records this task wrote (now − origin timestamp) when their append was
     /// acknowledged.
     pub append_age: AgeHistogram,
+    /// Where the task pulls from (or last tried): `"direct"` or `"via <relay region>"`.
+    pub route: String,
+    /// Route changes since the task started (direct → relay, relay → direct, ...).
+    pub route_switches: u64,
 }
+
+/// [`MirrorTaskStatus::route`] of a direct pull.
+pub const ROUTE_DIRECT: &str = "direct";
 
 impl MirrorTaskStatus {
     /// Lag in milliseconds at `now_ms` (Unix ms): 0 when caught up, else the age of the
@@ -268,6 +287,9 @@ impl MirrorClient {
                     paused: watch::channel(false).0,
                     described: tokio::sync::Mutex::new(None),
                     expected_partitions: p.partitions,
+                    relay: p.relay,
+                    direct: p.direct,
+                    heard: Mutex::new(None),
                     addrs: p.addrs,
                     region: p.name.clone(),
                 };
@@ -330,6 +352,8 @@ impl MirrorClient {
                     records_mirrored: 0,
                     streams_opened: 0,
                     append_age: AgeHistogram::default(),
+                    route: ROUTE_DIRECT.to_owned(),
+                    route_switches: 0,
                 },
             );
         }
@@ -338,8 +362,21 @@ impl MirrorClient {
             key: key.clone(),
         };
         let span = info_span!("mirror_pull", origin = %origin, partition);
+        let mut relays: Vec<Arc<PeerLink>> = self
+            .inner
+            .peers
+            .values()
+            .filter(|p| p.relay && p.region != origin)
+            .cloned()
+            .collect();
+        relays.sort_by(|a, b| a.region.cmp(&b.region));
         let mut task = PartitionTask {
             inner: self.inner.clone(),
+            relays,
+            direct_down_since: None,
+            relay_cooldown: HashMap::new(),
+            streamed_route: None,
+            direct_probe: None,
             peer,
             origin: origin.to_owned(),
             topic: topic.to_owned(),

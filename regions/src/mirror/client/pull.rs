@@ -2,6 +2,7 @@
 //! shared [`StreamDriver`], appending records as they arrive.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dtfed_proto::link::{LinkErrorCode, MirrorPull, PullEvent};
@@ -12,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::endpoint::PeerConnection;
-use crate::mirror::client::task::{until_paused, Outcome};
-use crate::mirror::client::PartitionTask;
+use crate::mirror::client::link::PeerLink;
+use crate::mirror::client::task::{until_paused, Outcome, ROUTE_CHECK_EVERY};
+use crate::mirror::client::{PartitionTask, ROUTE_DIRECT};
 use crate::mirror::stream::{PeerInput, StreamSide};
 use crate::mirror::{MirrorClientConfig, MirrorTaskState};
 
@@ -36,10 +38,22 @@ pub(super) struct PullStream<'a> {
     /// Whether this stream asks for the origin's partition count again, and when.
     pub(super) recheck: bool,
     pub(super) recheck_at: Instant,
+    /// The relay this stream pulls through (`None`: from the origin directly).
+    pub(super) via: Option<Arc<PeerLink>>,
+    /// Whether this stream re-judges its route (the task has relays), and when next.
+    pub(super) route_checks: bool,
+    pub(super) route_check_at: Instant,
     pub(super) resume_from: i64,
 }
 
 impl PullStream<'_> {
+    fn relay_name(&self) -> String {
+        self.via
+            .as_ref()
+            .map(|r| r.region.clone())
+            .unwrap_or_default()
+    }
+
     pub(super) fn failed(&self, reason: String, transient: bool) -> Outcome {
         Outcome::Failed {
             reason,
@@ -66,6 +80,13 @@ impl StreamSide for PullStream<'_> {
                         "origin accepted the subscription"
                     );
                     self.task.set_state(MirrorTaskState::Streaming);
+                    match &self.via {
+                        Some(relay) => {
+                            let route = format!("via {}", relay.region);
+                            self.task.on_route_ready(&route, false);
+                        }
+                        None => self.task.on_route_ready(ROUTE_DIRECT, true),
+                    }
                     None
                 }
                 // Shutting down: write nothing more (the next owner resumes from the tail).
@@ -98,6 +119,17 @@ impl StreamSide for PullStream<'_> {
                     self.task.update_offsets();
                     None
                 }
+                // A relay never reports the origin's retention (it answers `unavailable`
+                // when it lacks what is asked); should one say so anyway, it is not
+                // believed: the origin itself may still hold those offsets.
+                PullEvent::Gap { from, to } if self.via.is_some() => {
+                    let relay = self.relay_name();
+                    self.task.cool_down(&relay);
+                    Some(self.failed(
+                        format!("relay {relay} does not hold offsets {from}..={to}; not recorded as a gap"),
+                        true,
+                    ))
+                }
                 PullEvent::Gap { from, to } => Some(match self.task.on_gap(from, to).await {
                     Ok(()) => Outcome::Gap,
                     Err(reason) => self.failed(reason, true),
@@ -116,6 +148,19 @@ impl StreamSide for PullStream<'_> {
                     ),
                     false,
                 )),
+                // A relay that cannot serve (not relaying, too old, refusing) is not asked
+                // again for a while; the task goes on with another route.
+                PullEvent::PeerError { code, message } if self.via.is_some() => {
+                    let relay = self.relay_name();
+                    if !code.is_transient() {
+                        warn!(relay = %relay, code = %code, message = %message, "relay refused the partition");
+                        self.task.cool_down(&relay);
+                    }
+                    Some(self.failed(
+                        format!("relay {relay} ended the stream: {code}: {message}"),
+                        true,
+                    ))
+                }
                 PullEvent::PeerError { code, message } => Some(self.failed(
                     format!("origin ended the stream: {code}: {message}"),
                     code.is_transient(),
@@ -178,14 +223,30 @@ impl StreamSide for PullStream<'_> {
     }
 
     async fn wake(&mut self) {
-        if self.recheck {
-            sleep_until(self.recheck_at).await;
-        } else {
-            std::future::pending::<()>().await;
+        let at = match (self.recheck, self.route_checks) {
+            (false, false) => None,
+            (true, false) => Some(self.recheck_at),
+            (false, true) => Some(self.route_check_at),
+            (true, true) => Some(self.recheck_at.min(self.route_check_at)),
+        };
+        match at {
+            Some(at) => sleep_until(at).await,
+            None => std::future::pending::<()>().await,
         }
     }
 
     async fn on_wake(&mut self, session: &mut MirrorPull, (): ()) -> Option<Outcome> {
+        let now = Instant::now();
+        if self.route_checks && now >= self.route_check_at {
+            self.route_check_at = now + ROUTE_CHECK_EVERY;
+            if let Some(reason) = self.task.route_change(self.via.as_ref()) {
+                session.close(LinkErrorCode::Unavailable, reason.clone());
+                return Some(Outcome::Reroute(reason));
+            }
+        }
+        if !self.recheck || now < self.recheck_at {
+            return None;
+        }
         self.recheck_at = Instant::now() + self.config.partitions_recheck;
         // Bounded well below the dead-peer timeout: the stream is not read meanwhile.
         let limit = self.config.timers.heartbeat_interval;

@@ -1,6 +1,9 @@
-//! One (origin, partition) being mirrored ([`PartitionTask`]): link, tail, stream, in a
-//! loop with backoff; appends and gaps.
+//! One (origin, partition) being mirrored ([`PartitionTask`]): route, link, tail, stream,
+//! in a loop with backoff; appends and gaps. The route (direct, or through a relay peer) is
+//! chosen before every stream ([`PartitionTask::route`]) and re-judged while it runs
+//! ([`PartitionTask::route_change`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,17 +11,26 @@ use dtfed_proto::link::{LinkRecord, MirrorPull, PullConfig};
 use dtfed_proto::record::now_ms;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::endpoint::PeerConnection;
 use crate::mirror::client::pull::PullStream;
+use crate::mirror::client::ROUTE_DIRECT;
 use crate::mirror::client::{lock, ClientInner, PeerLink, READ_BUDGET, READ_CHUNK};
 use crate::mirror::latency::AgeHistogram;
 use crate::mirror::log::LogError;
 use crate::mirror::stream::StreamDriver;
-use crate::mirror::{Backoff, MirrorTaskState, MirrorTaskStatus};
+use crate::mirror::{mirror_topic, Backoff, MirrorTaskState, MirrorTaskStatus};
+
+/// How often a running stream re-judges its route (silent links, the direct link back).
+pub(super) const ROUTE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a relay that refused a partition for good (not configured to relay, too old,
+/// refusing the origin) is not asked again.
+const RELAY_COOLDOWN: Duration = Duration::from_secs(30);
 
 /// How one attempt (tail, link, stream) ended.
 pub(super) enum Outcome {
@@ -28,6 +40,9 @@ pub(super) enum Outcome {
     Gap,
     /// No link to the peer: its own backoff paces the next dial.
     NoLink(String),
+    /// The stream was ended to change route (the direct link went silent or came back, the
+    /// relay went silent): pick a route again at once.
+    Reroute(String),
     Failed {
         reason: String,
         /// Retrying soon may work (else: wait the longest backoff and alert).
@@ -54,7 +69,20 @@ pub(super) async fn until_resumed(rx: &mut watch::Receiver<bool>) {
 /// One (origin, partition) being mirrored.
 pub(super) struct PartitionTask {
     pub(super) inner: Arc<ClientInner>,
+    /// The origin's link.
     pub(super) peer: Arc<PeerLink>,
+    /// Peers the origin's partitions may be pulled through (configured `relay`, not the
+    /// origin), by name.
+    pub(super) relays: Vec<Arc<PeerLink>>,
+    /// Since when the direct link is known down or silent (cleared once a direct stream
+    /// is accepted).
+    pub(super) direct_down_since: Option<Instant>,
+    /// Relays not to ask before the given time (they refused for good).
+    pub(super) relay_cooldown: HashMap<String, Instant>,
+    /// The route of the last stream the serving side accepted, for switch logs.
+    pub(super) streamed_route: Option<String>,
+    /// A background dial of the direct link while pulling through a relay.
+    pub(super) direct_probe: Option<JoinHandle<()>>,
     pub(super) origin: String,
     pub(super) topic: String,
     pub(super) partition: i32,
@@ -125,6 +153,10 @@ impl PartitionTask {
                 Outcome::NoLink(reason) => {
                     self.set_state(MirrorTaskState::Backoff(reason));
                 }
+                Outcome::Reroute(reason) => {
+                    info!(reason = %reason, "mirror stream ended to change route");
+                    backoff.reset();
+                }
                 Outcome::Failed {
                     reason,
                     transient,
@@ -154,6 +186,9 @@ impl PartitionTask {
                 }
             }
         }
+        if let Some(probe) = self.direct_probe.take() {
+            probe.abort();
+        }
         info!("mirror task stopped");
     }
 
@@ -163,33 +198,185 @@ impl PartitionTask {
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
     ) -> Outcome {
-        let peer = self.peer.clone();
         // The tail is read while the link is set up, not after: this task is the mirror
         // partition's only writer (its lease) and appends nothing before it subscribes, so
         // a tail read alongside the dial is as current as one read after it, and after a
         // heal the link and the tail are ready together instead of one after the other.
         let log = self.inner.log.clone();
-        let (conn, tail) = tokio::select! {
+        let (origin, partition) = (self.origin.clone(), self.partition);
+        let (route, tail) = tokio::select! {
             () = shutdown.cancelled() => return Outcome::Shutdown,
             () = until_paused(paused) => return Outcome::Paused,
             both = async {
-                tokio::join!(
-                    peer.connection(&self.inner.endpoint),
-                    log.tail(&self.origin, self.partition)
-                )
+                tokio::join!(self.route(), log.tail(&origin, partition))
             } => both,
         };
-        let conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => return Outcome::NoLink(format!("no link to {}: {e}", self.origin)),
+        let (conn, via) = match route {
+            Ok(route) => route,
+            Err(reason) => return Outcome::NoLink(reason),
         };
-        if let Some(refused) = self.check_partitions(&conn, shutdown, paused).await {
-            return refused;
+        // A relay's mirror topic was checked against the origin by the relay itself.
+        if via.is_none() {
+            if let Some(refused) = self.check_partitions(&conn, shutdown, paused).await {
+                return refused;
+            }
         }
-        let span = info_span!("stream", peer = %conn.remote_address());
-        self.subscribe(conn, tail, shutdown, paused)
+        let span = info_span!(
+            "stream",
+            peer = %conn.remote_address(),
+            via = via.as_ref().map_or("", |r| r.region.as_str()),
+        );
+        self.subscribe(conn, via, tail, shutdown, paused)
             .instrument(span)
             .await
+    }
+
+    /// The link to pull through: the origin's (`None`), or a relay's. Without relay peers,
+    /// the origin's, as long as it takes. With them: the origin's while it is up and heard
+    /// from, or until it has been down or silent for `relay_after`; then the first relay
+    /// that is up (or dials) while the origin is redialled in the background.
+    pub(super) async fn route(
+        &mut self,
+    ) -> Result<(PeerConnection, Option<Arc<PeerLink>>), String> {
+        let endpoint = self.inner.endpoint.clone();
+        if self.relays.is_empty() {
+            return self
+                .peer
+                .connection(&endpoint)
+                .await
+                .map(|conn| (conn, None))
+                .map_err(|e| format!("no link to {}: {e}", self.origin));
+        }
+        let limit = self.inner.config.relay_after;
+        let mut why = String::from("direct link not used (direct = false)");
+        let mut dial_error = None;
+        if self.peer.direct {
+            loop {
+                if let Some(conn) = self.peer.usable(limit) {
+                    return Ok((conn, None));
+                }
+                let since = *self.direct_down_since.get_or_insert_with(Instant::now);
+                let left = limit.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    why = format!(
+                        "direct link to {} down for {:?}{}",
+                        self.origin,
+                        since.elapsed(),
+                        dial_error
+                            .map(|e| format!(" (last dial: {e})"))
+                            .unwrap_or_default()
+                    );
+                    break;
+                }
+                if self.peer.live().is_some() {
+                    // Up but silent: it is heard from again, or the grace ends.
+                    sleep(left.min(ROUTE_CHECK_EVERY)).await;
+                    continue;
+                }
+                match timeout(left, self.peer.connection(&endpoint)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => dial_error = Some(e),
+                    Err(_) => {}
+                }
+            }
+            self.probe_direct();
+        }
+        let now = Instant::now();
+        self.relay_cooldown.retain(|_, until| *until > now);
+        let candidates: Vec<Arc<PeerLink>> = self
+            .relays
+            .iter()
+            .filter(|r| !self.relay_cooldown.contains_key(&r.region))
+            .cloned()
+            .collect();
+        if let Some((conn, relay)) = candidates
+            .iter()
+            .find_map(|r| r.usable(limit).map(|c| (c, r.clone())))
+        {
+            return Ok((conn, Some(relay)));
+        }
+        for relay in candidates.iter().filter(|r| r.live().is_none()) {
+            if let Ok(Ok(conn)) = timeout(limit, relay.connection(&endpoint)).await {
+                return Ok((conn, Some(relay.clone())));
+            }
+        }
+        let names: Vec<&str> = self.relays.iter().map(|r| r.region.as_str()).collect();
+        Err(format!(
+            "no route to {}: {why}, and no relay ({}) reachable",
+            self.origin,
+            names.join(", ")
+        ))
+    }
+
+    /// Keeps one dial of the direct link going in the background (each bounded by
+    /// `relay_after`), so the link is back soon after the path heals.
+    pub(super) fn probe_direct(&mut self) {
+        if self.direct_probe.as_ref().is_some_and(|p| !p.is_finished()) {
+            return;
+        }
+        let peer = self.peer.clone();
+        let endpoint = self.inner.endpoint.clone();
+        let limit = self.inner.config.relay_after;
+        self.direct_probe = Some(tokio::spawn(async move {
+            let _ = timeout(limit, peer.connection(&endpoint)).await;
+        }));
+    }
+
+    /// While a stream runs: `Some(reason)` when it should end to change route (the direct
+    /// link went silent and a relay may carry it; the direct link is back; the relay went
+    /// silent). Called every [`ROUTE_CHECK_EVERY`] by streams of tasks that have relays.
+    pub(super) fn route_change(&mut self, via: Option<&Arc<PeerLink>>) -> Option<String> {
+        let limit = self.inner.config.relay_after;
+        match via {
+            None => {
+                let silent = self.peer.silent_for()?;
+                if silent < limit {
+                    return None;
+                }
+                let now = Instant::now();
+                self.direct_down_since = Some(now.checked_sub(silent).unwrap_or(now));
+                Some(format!(
+                    "nothing received from {} for {silent:?}; trying a relay",
+                    self.origin
+                ))
+            }
+            Some(relay) => {
+                if self.peer.direct {
+                    if self.peer.usable(limit).is_some() {
+                        return Some(format!("the direct link to {} is back", self.origin));
+                    }
+                    self.probe_direct();
+                }
+                match relay.silent_for() {
+                    Some(silent) if silent < limit => None,
+                    Some(silent) => Some(format!(
+                        "nothing received from relay {} for {silent:?}",
+                        relay.region
+                    )),
+                    None => Some(format!("the link to relay {} closed", relay.region)),
+                }
+            }
+        }
+    }
+
+    /// The serving side accepted a stream on route `route`: log a switch, count it.
+    pub(super) fn on_route_ready(&mut self, route: &str, direct: bool) {
+        if direct {
+            self.direct_down_since = None;
+        }
+        if self.streamed_route.as_deref() == Some(route) {
+            return;
+        }
+        if let Some(from) = self.streamed_route.replace(route.to_owned()) {
+            info!(from = %from, to = %route, next_offset = self.next_needed(), "mirror route switched");
+            self.update(|s| s.route_switches += 1);
+        }
+    }
+
+    /// A relay refused this partition for good: do not ask it again for a while.
+    pub(super) fn cool_down(&mut self, relay: &str) {
+        self.relay_cooldown
+            .insert(relay.to_owned(), Instant::now() + RELAY_COOLDOWN);
     }
 
     /// Checks that the origin's partition count is the mirror topic's (once per link):
@@ -261,6 +448,7 @@ impl PartitionTask {
     pub(super) async fn subscribe(
         &mut self,
         conn: PeerConnection,
+        via: Option<Arc<PeerLink>>,
         tail: Result<Option<i64>, LogError>,
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
@@ -295,8 +483,14 @@ impl PartitionTask {
                 }
             }
         };
-        self.update(|s| s.streams_opened += 1);
-        self.stream(&conn, send, recv, resume_from, shutdown, paused)
+        let route = via
+            .as_ref()
+            .map_or_else(|| ROUTE_DIRECT.to_owned(), |r| format!("via {}", r.region));
+        self.update(|s| {
+            s.streams_opened += 1;
+            s.route = route;
+        });
+        self.stream(&conn, via, (send, recv), resume_from, shutdown, paused)
             .await
     }
 
@@ -304,8 +498,8 @@ impl PartitionTask {
     pub(super) async fn stream(
         &mut self,
         conn: &PeerConnection,
-        send: SendStream,
-        recv: RecvStream,
+        via: Option<Arc<PeerLink>>,
+        (send, recv): (SendStream, RecvStream),
         resume_from: i64,
         shutdown: &CancellationToken,
         paused: &mut watch::Receiver<bool>,
@@ -314,7 +508,12 @@ impl PartitionTask {
         let cfg = PullConfig {
             local_region: self.inner.endpoint.region().to_owned(),
             origin: self.origin.clone(),
-            topic: self.topic.clone(),
+            via: via.as_ref().map(|r| r.region.clone()),
+            // A relay serves its mirror topic of the origin, with the origin's offsets.
+            topic: match &via {
+                Some(_) => mirror_topic(&self.origin),
+                None => self.topic.clone(),
+            },
             partition: self.partition,
             resume_from,
             timers: config.timers,
@@ -322,10 +521,15 @@ impl PartitionTask {
         let session = MirrorPull::new(cfg, Duration::ZERO);
         // The origin's partition count may change while streams run (an operator added
         // partitions): partition 0's task asks again now and then, so the mismatch shows.
-        let recheck = self.partition == 0 && self.peer.expected_partitions.is_some();
+        let recheck =
+            self.partition == 0 && self.peer.expected_partitions.is_some() && via.is_none();
+        let route_checks = !self.relays.is_empty();
         debug!(resume_from, "subscribing");
         let side = PullStream {
             recheck_at: Instant::now() + config.partitions_recheck,
+            route_check_at: Instant::now() + ROUTE_CHECK_EVERY,
+            route_checks,
+            via,
             task: self,
             conn,
             shutdown: shutdown.clone(),
