@@ -120,9 +120,10 @@ impl OriginLog for RelayedOriginLog {
                     };
                     let (low, high) = reads.watermarks()?;
                     let Some((first, earliest)) = reads.first_at(low, high)? else {
-                        return Err(ReadError::Unavailable(format!(
-                            "this relay holds nothing of {origin}'s partition {partition} yet"
-                        )));
+                        // Nothing mirrored yet (an idle partition): served from the start;
+                        // the reader checks the first record it meets is not past
+                        // `from_offset`.
+                        return Ok((low, None));
                     };
                     if earliest > from_offset {
                         return Err(ReadError::Unavailable(format!(
@@ -155,6 +156,9 @@ impl OriginLog for RelayedOriginLog {
             high: tail
                 .map_or(from_offset, |t| t.saturating_add(1))
                 .max(from_offset),
+            // A mirror partition that holds something was checked above to reach back to
+            // `from_offset`; an empty one is checked on its first record.
+            checked: tail.is_some(),
             foreign: 0,
         }))
     }
@@ -170,6 +174,10 @@ struct RelayedReader {
     next: i64,
     /// What this region knows of the origin's partition end.
     high: i64,
+    /// The mirror partition is known to reach back to `next` (else the first record read
+    /// must not be past it: this relay would lack what was asked, `unavailable`, never a
+    /// silent jump).
+    checked: bool,
     /// Records skipped because their `dtfed-origin` named another region.
     foreign: u64,
 }
@@ -234,6 +242,16 @@ impl OriginReader for RelayedReader {
                     self.topic, self.partition, r.offset
                 ))
             })?;
+            if !self.checked {
+                if record.offset > self.next {
+                    return Err(LogError::Unavailable(format!(
+                        "this relay's mirror of {}'s partition {} starts at origin offset {}, \
+                         {} was asked; ask the origin",
+                        self.origin, self.partition, record.offset, self.next
+                    )));
+                }
+                self.checked = true;
+            }
             if record.offset < self.next {
                 continue;
             }

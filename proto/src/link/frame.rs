@@ -68,7 +68,9 @@ pub enum LinkFrame {
     /// Pull side to serve side, once per stream: send every record of `topic`/`partition`
     /// from `from_offset` (inclusive) on.
     Subscribe {
-        /// The origin's local topic (e.g. `dtfed.local`); mirror topics are never served.
+        /// The origin's local topic (e.g. `dtfed.local`), or, to a relay, its mirror topic of
+        /// the origin (`dtfed.mirror.<origin>`, served with the origin's offsets; see
+        /// `docs/PROTOCOL.md`, "Relays").
         #[serde(deserialize_with = "text::deserialize")]
         topic: String,
         partition: i32,
