@@ -30,13 +30,18 @@ struct Seen {
 
 /// Tokyo's mirror tasks of seoul, from its `/status`: (partition, route, state).
 fn seoul_routes(tokyo: &Region) -> Result<Vec<(i64, String, String)>> {
-    let status: Value = tokyo.daemons[0]
+    routes_of(tokyo, "seoul")
+}
+
+/// `region`'s mirror tasks of `origin`, from its `/status`: (partition, route, state).
+fn routes_of(region: &Region, origin: &str) -> Result<Vec<(i64, String, String)>> {
+    let status: Value = region.daemons[0]
         .admin_get("/status", Some(ADMIN_TOKEN))?
         .json()?;
     let tasks = status["mirror"].as_array().context("mirror in /status")?;
     Ok(tasks
         .iter()
-        .filter(|t| t["origin"] == "seoul")
+        .filter(|t| t["origin"] == origin)
         .map(|t| {
             (
                 t["partition"].as_i64().unwrap_or(-1),
@@ -190,6 +195,15 @@ async fn a_cut_link_is_bridged_by_a_third_region_then_heals_back_to_direct() -> 
     assert!(
         routes.iter().all(|(_, r, _)| r == "via frankfurt"),
         "still relayed before the heal: {routes:?}"
+    );
+    // The other way too: seoul pulls tokyo's partitions through frankfurt.
+    let reverse = tokio::task::block_in_place(|| routes_of(seoul, "tokyo"))?;
+    assert!(
+        reverse.len() == partitions
+            && reverse
+                .iter()
+                .all(|(_, r, s)| r == "via frankfurt" && s == "streaming"),
+        "seoul's tasks of tokyo during the cut: {reverse:?}"
     );
     let heal_at = Instant::now();
     for (receiver, origin) in cut_links {

@@ -268,7 +268,116 @@ impl OriginReader for RelayedReader {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
+
+    /// Hands out prepared batches of mirror records, then empty ones.
+    struct Batches(VecDeque<Vec<LinkRecord>>);
+
+    #[async_trait]
+    impl OriginReader for Batches {
+        async fn next_batch(&mut self, _max_bytes: usize) -> Result<OriginBatch, LogError> {
+            Ok(OriginBatch {
+                records: self.0.pop_front().unwrap_or_default(),
+                high_watermark: 0,
+            })
+        }
+    }
+
+    /// Mirror record `mirror_offset` holding origin `origin`'s record `offset`.
+    fn mirrored(mirror_offset: i64, origin: &str, offset: i64) -> LinkRecord {
+        LinkRecord {
+            offset: mirror_offset,
+            timestamp_ms: 1,
+            key: b"tavern".to_vec(),
+            headers: vec![
+                (HEADER_ORIGIN.into(), origin.as_bytes().to_vec()),
+                (HEADER_ORIGIN_OFFSET.into(), offset.to_string().into_bytes()),
+            ],
+            value: offset.to_string().into_bytes(),
+        }
+    }
+
+    fn reader(batches: Vec<Vec<LinkRecord>>, from: i64, checked: bool) -> RelayedReader {
+        RelayedReader {
+            origin: "seoul".into(),
+            topic: "dtfed.mirror.seoul".into(),
+            partition: 0,
+            inner: Box::new(Batches(batches.into())),
+            next: from,
+            high: from,
+            checked,
+            foreign: 0,
+        }
+    }
+
+    fn offsets(batch: &OriginBatch) -> Vec<i64> {
+        batch.records.iter().map(|r| r.offset).collect()
+    }
+
+    #[tokio::test]
+    async fn origin_offsets_only_grow_and_start_where_asked() {
+        // A re-sent stretch (an old writer's late append) and records before the start.
+        let mut r = reader(
+            vec![
+                vec![mirrored(10, "seoul", 4), mirrored(11, "seoul", 5)],
+                vec![
+                    mirrored(13, "seoul", 6),
+                    mirrored(14, "seoul", 5),
+                    mirrored(15, "seoul", 6),
+                    mirrored(16, "seoul", 8),
+                ],
+            ],
+            5,
+            true,
+        );
+        let first = r.next_batch(1 << 20).await.expect("batch");
+        assert_eq!(offsets(&first), vec![5]);
+        let second = r.next_batch(1 << 20).await.expect("batch");
+        assert_eq!(offsets(&second), vec![6, 8]);
+        assert_eq!(second.high_watermark, 9);
+        assert_eq!(second.records[1].value, b"8");
+        // Idle: an empty batch still says how far this relay holds the origin.
+        let idle = r.next_batch(1 << 20).await.expect("batch");
+        assert!(idle.records.is_empty());
+        assert_eq!(idle.high_watermark, 9);
+    }
+
+    #[tokio::test]
+    async fn a_record_naming_another_origin_is_not_relayed() {
+        let mut r = reader(
+            vec![vec![mirrored(0, "tokyo", 0), mirrored(1, "seoul", 1)]],
+            0,
+            true,
+        );
+        let b = r.next_batch(1 << 20).await.expect("batch");
+        assert_eq!(offsets(&b), vec![1]);
+        assert_eq!(r.foreign, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unproven_start_past_the_asked_offset_is_unavailable_not_a_jump() {
+        // An empty mirror partition at open whose first record is past what was asked:
+        // this relay lacks 3..=6, the origin may not.
+        let mut r = reader(vec![vec![mirrored(0, "seoul", 7)]], 3, false);
+        match r.next_batch(1 << 20).await {
+            Err(LogError::Unavailable(why)) => assert!(why.contains("ask the origin"), "{why}"),
+            other => panic!("expected unavailable, got {other:?}"),
+        }
+        // Starting at or before it is fine.
+        let mut r = reader(vec![vec![mirrored(0, "seoul", 3)]], 3, false);
+        assert_eq!(
+            offsets(&r.next_batch(1 << 20).await.expect("batch")),
+            vec![3]
+        );
+    }
+
+    #[test]
+    fn retention_at_the_relay_is_never_a_gap() {
+        let e = as_relay_error(LogError::OffsetOutOfRange { earliest: 40 }, "t", 0);
+        assert!(matches!(e, LogError::Unavailable(_)), "{e:?}");
+    }
 
     #[test]
     fn a_mirror_record_becomes_the_origins_record() {

@@ -300,6 +300,9 @@ impl PartitionTask {
                 return Ok((conn, Some(relay.clone())));
             }
         }
+        // Every relay cooling down, silent or unreachable: the next try is paced here (the
+        // direct link's dials pace themselves, and one goes on in the background).
+        sleep(ROUTE_CHECK_EVERY).await;
         let names: Vec<&str> = self.relays.iter().map(|r| r.region.as_str()).collect();
         Err(format!(
             "no route to {}: {why}, and no relay ({}) reachable",
