@@ -57,10 +57,15 @@ pub struct FederationConfig {
     #[serde(default)]
     pub serve_relay: bool,
     /// How long a direct link must be down (dials failing, or no packet received on it)
-    /// before a partition is pulled through a relay peer instead (3000 ms).
+    /// before a partition is pulled through a relay peer instead (3000 ms; at least 2500,
+    /// above the links' 2 s keep-alive).
     #[serde(default = "default_relay_after_ms")]
     pub relay_after_ms: u64,
 }
+
+/// Least [`FederationConfig::relay_after_ms`]: above the links' QUIC keep-alive (2 s), so
+/// an idle but healthy link never looks silent.
+pub const MIN_RELAY_AFTER_MS: u64 = 2500;
 
 /// Default of [`FederationConfig::relay_after_ms`].
 pub const DEFAULT_RELAY_AFTER_MS: u64 = 3000;
@@ -180,9 +185,10 @@ impl FederationConfig {
                 ));
             }
         }
-        if !(100..=600_000).contains(&self.relay_after_ms) {
+        if !(MIN_RELAY_AFTER_MS..=600_000).contains(&self.relay_after_ms) {
             problems.push(format!(
-                "federation.relay_after_ms = {}: must be 100..=600000",
+                "federation.relay_after_ms = {}: must be {MIN_RELAY_AFTER_MS}..=600000 (an idle \
+                 link is heard from every 2 s, its QUIC keep-alive)",
                 self.relay_after_ms
             ));
         }

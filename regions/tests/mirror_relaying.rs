@@ -16,7 +16,7 @@ use dtfed_proto::link::{LinkRecord, LinkTimers};
 use dtfed_proto::record::HEADER_ORIGIN;
 use dtfed_regions::mirror::{
     mirror_topic, MirrorClient, MirrorClientConfig, MirrorServer, MirrorServerConfig,
-    MirrorTaskState, MirrorTaskStatus,
+    MirrorTaskState, MirrorTaskStatus, ServerStatus,
 };
 use dtfed_regions::{FederationCa, LinkTuning, PeerRegion, RegionEndpoint, WanProfile, WanRelay};
 use memory_log::{MemoryMirrorLog, MemoryOriginLog, MirroredRecord};
@@ -60,7 +60,7 @@ fn serve(
     local: &MemoryOriginLog,
     relayed: Option<(&str, &MemoryOriginLog)>,
     stop: &CancellationToken,
-) {
+) -> ServerStatus {
     let mut server = MirrorServer::new(endpoint.clone(), Arc::new(local.clone())).with_config(
         MirrorServerConfig {
             timers: timers(),
@@ -70,7 +70,9 @@ fn serve(
     if let Some((origin, log)) = relayed {
         server = server.with_relayed(origin, Arc::new(log.clone()));
     }
+    let status = server.status();
     tokio::spawn(server.run(stop.clone()));
+    status
 }
 
 fn peer(name: &str, addr: String, relay: bool, direct: bool) -> PeerRegion {
@@ -333,4 +335,125 @@ async fn a_relay_never_serves_a_region_its_own_records() {
     stop.cancel();
     task.await.expect("task").expect("ran");
     client.close("test over");
+}
+
+/// `direct = false`: the origin is never dialled, its partitions always come through the
+/// relay; a peer that does not relay answers `unknown_topic` and is not asked again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_marked_not_direct_is_pulled_through_a_relay_only() {
+    init_tracing();
+    let ca = FederationCa::generate("relay only").expect("ca");
+    let servers = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let frankfurt_mirror = MemoryOriginLog::new(mirror_topic("seoul"), PARTITIONS);
+    for o in 0..200 {
+        frankfurt_mirror.push(0, record(o)).expect("push");
+    }
+    let frankfurt = bind(&ca, "frankfurt", &["tokyo"]);
+    serve(
+        &frankfurt,
+        &MemoryOriginLog::new(TOPIC, PARTITIONS),
+        Some(("seoul", &frankfurt_mirror)),
+        &servers,
+    );
+    // A peer that does not relay (no mirror topics served).
+    let london = bind(&ca, "london", &["tokyo"]);
+    serve(
+        &london,
+        &MemoryOriginLog::new(TOPIC, PARTITIONS),
+        None,
+        &servers,
+    );
+    // seoul is up (with nothing to serve): a direct pull would find it, and mirror nothing.
+    let seoul = bind(&ca, "seoul", &["tokyo"]);
+    let seoul_status = serve(
+        &seoul,
+        &MemoryOriginLog::new(TOPIC, PARTITIONS),
+        None,
+        &servers,
+    );
+    let seoul_addr = seoul.local_addr().expect("addr").to_string();
+
+    let mirror = MemoryMirrorLog::new();
+    let tokyo = bind(&ca, "tokyo", &["seoul", "frankfurt", "london"]);
+    let client = MirrorClient::with_config(
+        tokyo.clone(),
+        Arc::new(mirror.clone()),
+        vec![
+            peer("seoul", seoul_addr, false, false),
+            peer(
+                "frankfurt",
+                frankfurt.local_addr().expect("addr").to_string(),
+                true,
+                true,
+            ),
+            peer(
+                "london",
+                london.local_addr().expect("addr").to_string(),
+                true,
+                true,
+            ),
+        ],
+        client_config(),
+    );
+    let task = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move { client.run_partition("seoul", TOPIC, 0, stop).await })
+    };
+    wait_until("every record through the relay", || {
+        mirrored_offsets(&mirror, 0).len() == 200
+    })
+    .await;
+    assert_eq!(mirrored_offsets(&mirror, 0), (0..200).collect::<Vec<_>>());
+    let status = routes(&client);
+    assert_eq!(status[0].route, "via frankfurt", "{status:?}");
+    assert_eq!(status[0].state, MirrorTaskState::Streaming);
+    assert!(
+        seoul_status.peer_usage().is_empty(),
+        "seoul was dialled: {:?}",
+        seoul_status.peer_usage()
+    );
+    stop.cancel();
+    task.await.expect("task").expect("ran");
+
+    // Only london to pull through: it refuses (it does not relay), and says why.
+    let mirror = MemoryMirrorLog::new();
+    let stop = CancellationToken::new();
+    let client = MirrorClient::with_config(
+        tokyo.clone(),
+        Arc::new(mirror.clone()),
+        vec![
+            peer("seoul", "127.0.0.1:9".into(), false, false),
+            peer(
+                "london",
+                london.local_addr().expect("addr").to_string(),
+                true,
+                true,
+            ),
+        ],
+        client_config(),
+    );
+    let task = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move { client.run_partition("seoul", TOPIC, 0, stop).await })
+    };
+    wait_until("london's refusal", || {
+        client.status().iter().any(|s| {
+            matches!(&s.state, MirrorTaskState::Backoff(why)
+                if why.contains("relay london ended the stream: unknown_topic"))
+        })
+    })
+    .await;
+    // Then it is not asked again for a while: the task says no relay is reachable.
+    wait_until("london cooling down", || {
+        client.status().iter().any(|s| {
+            matches!(&s.state, MirrorTaskState::Backoff(why) if why.contains("no route to seoul"))
+        })
+    })
+    .await;
+    assert!(mirror.is_empty("seoul", 0));
+    stop.cancel();
+    task.await.expect("task").expect("ran");
+    client.close("test over");
+    servers.cancel();
 }

@@ -196,6 +196,18 @@ async fn a_cut_link_is_bridged_by_a_third_region_then_heals_back_to_direct() -> 
         routes.iter().all(|(_, r, _)| r == "via frankfurt"),
         "still relayed before the heal: {routes:?}"
     );
+    // Dashboards see it too.
+    let metrics = tokyo.daemons[0]
+        .admin_get("/metrics", Some(ADMIN_TOKEN))?
+        .body;
+    let relayed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("dtfed_mirror_relayed{") && l.contains("origin=\"seoul\""))
+        .collect();
+    assert!(
+        relayed.len() == partitions && relayed.iter().all(|l| l.ends_with(" 1")),
+        "{relayed:?}"
+    );
     // The other way too: seoul pulls tokyo's partitions through frankfurt.
     let reverse = tokio::task::block_in_place(|| routes_of(seoul, "tokyo"))?;
     assert!(

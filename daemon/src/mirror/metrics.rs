@@ -7,7 +7,9 @@
 //! (origin, partition) comes from the daemon running it): `dtfed_mirror_lag_records`,
 //! `dtfed_mirror_lag_seconds`
 //! (only while the task streams: an unknown lag is no sample, never 0),
-//! `dtfed_mirror_streaming` (1 or 0), `dtfed_mirror_records_total`, `dtfed_mirror_gaps_total`;
+//! `dtfed_mirror_streaming` (1 or 0), `dtfed_mirror_records_total`, `dtfed_mirror_gaps_total`,
+//! `dtfed_mirror_relayed` (1 while pulled through a relay region) and
+//! `dtfed_mirror_route_switches_total`;
 //! per peer link, `dtfed_link_up` (1 connected, 0 down or paused) and `dtfed_link_rtt_seconds`.
 
 use std::borrow::Cow;
@@ -46,6 +48,8 @@ pub fn append(exposition: &mut String, region: &str, links: &[LinkView], mirror:
     let streaming = Family::<TaskLabel, Gauge>::default();
     let records = Family::<TaskLabel, Counter>::default();
     let gaps = Family::<TaskLabel, Counter>::default();
+    let relayed = Family::<TaskLabel, Gauge>::default();
+    let switches = Family::<TaskLabel, Counter>::default();
     for t in mirror {
         let label = TaskLabel {
             origin: t.origin.clone(),
@@ -62,6 +66,10 @@ pub fn append(exposition: &mut String, region: &str, links: &[LinkView], mirror:
             .set(i64::from(t.state == "streaming"));
         records.get_or_create(&label).inc_by(t.records_mirrored);
         gaps.get_or_create(&label).inc_by(t.gaps);
+        relayed
+            .get_or_create(&label)
+            .set(i64::from(t.route.starts_with("via ")));
+        switches.get_or_create(&label).inc_by(t.route_switches);
     }
     let up = Family::<PeerLabel, Gauge>::default();
     let rtt = Family::<PeerLabel, FloatGauge>::default();
@@ -99,6 +107,16 @@ pub fn append(exposition: &mut String, region: &str, links: &[LinkView], mirror:
         "mirror_gaps",
         "Ranges the origin's retention deleted before they were mirrored",
         gaps,
+    );
+    registry.register(
+        "mirror_relayed",
+        "1 while the mirror task pulls through a relay region instead of its origin",
+        relayed,
+    );
+    registry.register(
+        "mirror_route_switches",
+        "Route changes (direct, via a relay) of this daemon's mirror task since it started",
+        switches,
     );
     registry.register(
         "link_up",

@@ -152,6 +152,16 @@ impl PartitionTask {
                 Outcome::Gap => backoff.reset(),
                 Outcome::NoLink(reason) => {
                     self.set_state(MirrorTaskState::Backoff(reason));
+                    // Without relays, the dials pace themselves. With them, this was no
+                    // route at all (every relay cooling down, silent or unreachable; the
+                    // direct link dials on in the background): pace the next look.
+                    if !self.relays.is_empty() {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = sleep(ROUTE_CHECK_EVERY) => {}
+                            () = until_paused(&mut paused) => {}
+                        }
+                    }
                 }
                 Outcome::Reroute(reason) => {
                     info!(reason = %reason, "mirror stream ended to change route");
@@ -300,9 +310,6 @@ impl PartitionTask {
                 return Ok((conn, Some(relay.clone())));
             }
         }
-        // Every relay cooling down, silent or unreachable: the next try is paced here (the
-        // direct link's dials pace themselves, and one goes on in the background).
-        sleep(ROUTE_CHECK_EVERY).await;
         let names: Vec<&str> = self.relays.iter().map(|r| r.region.as_str()).collect();
         Err(format!(
             "no route to {}: {why}, and no relay ({}) reachable",
