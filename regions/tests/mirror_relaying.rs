@@ -237,6 +237,20 @@ async fn a_cut_moves_partitions_to_the_relay_and_the_heal_moves_them_back() {
         routes(&client)
     );
 
+    // An operator pausing the relay stops what it carries; resuming brings it back.
+    client.pause_peer("frankfurt");
+    wait_until("pausing the relay to end its streams", || {
+        routes(&client)
+            .iter()
+            .all(|s| s.state != MirrorTaskState::Streaming)
+    })
+    .await;
+    client.resume_peer("frankfurt");
+    wait_until("the relay to carry them again", || {
+        all_streaming(&client, "via frankfurt")
+    })
+    .await;
+
     wan.heal();
     let healed_at = Instant::now();
     wait_until("the direct link to carry them again", || {

@@ -296,7 +296,8 @@ impl PartitionTask {
         let candidates: Vec<Arc<PeerLink>> = self
             .relays
             .iter()
-            .filter(|r| !self.relay_cooldown.contains_key(&r.region))
+            // A relay paused by an operator carries nothing either.
+            .filter(|r| !self.relay_cooldown.contains_key(&r.region) && !*r.paused.borrow())
             .cloned()
             .collect();
         if let Some((conn, relay)) = candidates
@@ -356,6 +357,9 @@ impl PartitionTask {
                         return Some(format!("the direct link to {} is back", self.origin));
                     }
                     self.probe_direct();
+                }
+                if *relay.paused.borrow() {
+                    return Some(format!("relay {} paused by an operator", relay.region));
                 }
                 match relay.silent_for() {
                     Some(silent) if silent < limit => None,
