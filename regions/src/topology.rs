@@ -76,9 +76,10 @@ pub struct PeerRegion {
     pub name: String,
     /// `host:port` QUIC addresses of the peer's daemons (any of them serves any partition).
     pub addrs: Vec<String>,
-    /// Partition count of the peer's local topic, i.e. of its mirror topic here (default:
-    /// this region's). The mirror client asks the peer for its count on every link and
-    /// refuses to mirror on a mismatch ([`crate::mirror::MirrorClient`]).
+    /// Partition count the mirror topic of this peer is created with (default: this
+    /// region's). The mirror client asks the peer for its real count on every link, grows
+    /// the mirror topic when the peer has more, and refuses to mirror when it has fewer
+    /// ([`crate::mirror::MirrorClient`], [`crate::mirror::log::MirrorLog::grow_partitions`]).
     #[serde(default)]
     pub partitions: Option<i32>,
     /// The peer's local topic, the one its daemons serve (default `dtfed.local`).

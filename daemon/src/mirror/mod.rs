@@ -109,6 +109,37 @@ impl From<&AgeHistogram> for AgeView {
     }
 }
 
+/// Peer region → partition count of its local topic, as this region knows it: its mirror
+/// topic's count, raised when an origin with more partitions had its mirror topic grown
+/// (`sink`, [`MirrorLog::grow_partitions`](dtfed_regions::mirror::log::MirrorLog)). The
+/// room → partition mapping of another region's records (`replay::remote`) reads it, so it
+/// follows the origin without a restart.
+#[derive(Debug, Default)]
+pub struct OriginPartitions(std::sync::RwLock<BTreeMap<String, i32>>);
+
+impl OriginPartitions {
+    /// The partition count of `origin`'s local topic, if `origin` is a peer.
+    pub fn get(&self, origin: &str) -> Option<i32> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(origin)
+            .copied()
+    }
+
+    /// Whether `origin` is a peer region.
+    pub fn contains(&self, origin: &str) -> bool {
+        self.get(origin).is_some()
+    }
+
+    /// Records `origin`'s count; it only ever grows (a topic never loses partitions).
+    pub fn raise(&self, origin: &str, partitions: i32) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(origin.to_owned()).or_insert(partitions);
+        *n = (*n).max(partitions);
+    }
+}
+
 /// Federation of one daemon.
 pub struct Federation {
     endpoint: Arc<RegionEndpoint>,
@@ -117,7 +148,7 @@ pub struct Federation {
     server_stop: CancellationToken,
     server_task: Mutex<Option<JoinHandle<()>>>,
     /// Peer region → partition count of its local topic (= of its mirror topic here).
-    pub origins: BTreeMap<String, i32>,
+    pub origins: Arc<OriginPartitions>,
     /// The mirror topics this region's fan-out owners must also consume.
     pub mirror_topics: Vec<String>,
     pub local_addr: std::net::SocketAddr,
@@ -175,14 +206,15 @@ impl Federation {
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
-        let mut origins = BTreeMap::new();
+        let origins = Arc::new(OriginPartitions::default());
         let mut topics = Vec::new();
         for peer in &fed.peers {
             let partitions = peer.partitions.unwrap_or(local_partitions);
-            let mirror_topic = ensure_mirror_topic(&cfg.kafka, &peer.name, partitions)
-                .await
-                .with_context(|| format!("preparing the mirror topic of {}", peer.name))?;
-            origins.insert(peer.name.clone(), partitions);
+            let (mirror_topic, partitions) =
+                ensure_mirror_topic(&cfg.kafka, &peer.name, partitions)
+                    .await
+                    .with_context(|| format!("preparing the mirror topic of {}", peer.name))?;
+            origins.raise(&peer.name, partitions);
             topics.push(MirrorTopic {
                 origin: peer.name.clone(),
                 mirror_topic,
@@ -193,14 +225,16 @@ impl Federation {
             });
         }
         let mirror_log = KafkaMirrorLog::with_node(&cfg.kafka, region, node)
-            .context("starting the mirror producer")?;
+            .context("starting the mirror producer")?
+            .growing(&cfg.kafka, origins.clone());
         // Each peer with the partition count of its mirror topic here: the client checks
-        // the origin's own count against it before mirroring (a mismatch is refused).
+        // the origin's own count against it before mirroring, grows the mirror topic to an
+        // origin's larger count, and refuses an origin with fewer.
         let peers = fed
             .peers
             .iter()
             .map(|p| PeerRegion {
-                partitions: origins.get(&p.name).copied(),
+                partitions: origins.get(&p.name),
                 ..p.clone()
             })
             .collect();
