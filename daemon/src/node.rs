@@ -41,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::mirror::Federation;
 use crate::replay::{MirrorReplay, MirrorRoomReader, RoomLogReader};
 use crate::rooms::LocalRooms;
+use crate::verify::reader::RoomDigests;
 
 /// How a daemon is embedded (the demo runs several in one process).
 #[derive(Default)]
@@ -129,6 +130,24 @@ impl Node {
         if let Some(f) = &federation {
             fanout_topics.extend(f.mirror_topics.iter().cloned());
         }
+        let digests = Arc::new(
+            RoomDigests::new(
+                &cfg.kafka,
+                &region,
+                &node,
+                partitions,
+                &cfg.federation
+                    .as_ref()
+                    .map(|fed| {
+                        fed.peers
+                            .iter()
+                            .map(|p| (p.name.clone(), p.partitions.unwrap_or(partitions)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )
+            .context("starting the digest reader")?,
+        );
         let mirror_replay = match &federation {
             Some(f) => Some(Arc::new(MirrorReplay {
                 reader: MirrorRoomReader::with_node(&cfg.kafka, &region, &node)
@@ -193,6 +212,7 @@ impl Node {
             federation: federation.clone(),
             admin_token: cfg.admin.token.clone(),
             drain_requested: opts.drain_endpoint.then(|| drain_requested.clone()),
+            digests,
         });
         let admin_task = tokio::spawn(admin::serve(state, admin_listener, stop_admin.clone()));
 
