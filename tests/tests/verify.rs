@@ -1,0 +1,239 @@
+//! `dtfed verify` as an operator runs it, on three regions (Kafka, Redis and `dtfed` each,
+//! mirroring over QUIC): it reports agreement on a healthy federation, and after one
+//! region's mirror was made to hold another record than the origin at one origin offset,
+//! it names that region, the origin and the offset, and exits non-zero.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dtfed_proto::record::now_ms;
+use dtfed_tests::harness::{Federation, FederationSpec};
+use dtfed_tests::{DtfedProcess, TestDir, WsClient};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+const TOKEN: &str = dtfed_tests::harness::federation::ADMIN_TOKEN;
+const ROOM: &str = "campaign-7";
+
+/// `dtfed verify --json`: its exit code, its stdout, and the report (its last line).
+fn verify(topology: &Path) -> Result<(i32, String, Value)> {
+    let out = Command::new(DtfedProcess::binary()?)
+        .args(["verify", "--room", ROOM, "--json", "--topology"])
+        .arg(topology)
+        .output()
+        .context("running dtfed verify")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let code = out.status.code().unwrap_or(-1);
+    let report = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    Ok((code, format!("{stdout}\n--- stderr\n{stderr}"), report))
+}
+
+/// What `region`'s first daemon holds of `origin` for the room: `(partition, end)`.
+fn held(fed: &Federation, region: &str, origin: &str) -> Result<(i32, i64)> {
+    let r = fed.region(region).daemons[0]
+        .admin_get(&format!("/admin/rooms/{ROOM}/watermarks"), Some(TOKEN))?;
+    anyhow::ensure!(r.status == 200, "{region}: {} {}", r.status, r.body);
+    let w: Value = serde_json::from_str(&r.body)?;
+    let o = w["origins"]
+        .as_array()
+        .and_then(|os| os.iter().find(|o| o["origin"] == origin))
+        .with_context(|| format!("{region} holds no {origin}: {w}"))?;
+    Ok((
+        o["partition"].as_i64().context("partition")? as i32,
+        o["end"].as_i64().context("end")?,
+    ))
+}
+
+async fn wait_held(fed: &Federation, region: &str, origin: &str, end: i64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = tokio::task::block_in_place(|| held(fed, region, origin));
+        match now {
+            Ok((_, e)) if e >= end => return Ok(()),
+            other => anyhow::ensure!(
+                Instant::now() < deadline,
+                "{region} does not hold {origin} up to {end}: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn publish(url: &str, n: usize, tag: &str) -> Result<Vec<i64>> {
+    let mut c = WsClient::connect(url).await?;
+    let mut offsets = Vec::new();
+    for i in 0..n {
+        let ack = c
+            .publish(ROOM, json!({"text": format!("{tag} {i}")}), T)
+            .await?;
+        offsets.push(ack["offset"].as_i64().context("ack offset")?);
+    }
+    c.close().await;
+    Ok(offsets)
+}
+
+/// Writes into `topic` of `brokers`, at `partition`, a chat message of the room as the
+/// mirror sink writes seoul's record at `origin_offset` — with a value seoul never had.
+async fn forge_mirror_record(brokers: &str, topic: &str, partition: i32, origin_offset: i64) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let value = json!({"from": "mallory", "ts": now_ms(), "body": {"text": "forged"}}).to_string();
+    let (offset, ts) = (origin_offset.to_string(), now_ms().to_string());
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "dtfed-from",
+            value: Some("mallory"),
+        })
+        .insert(Header {
+            key: "dtfed-origin",
+            value: Some("seoul"),
+        })
+        .insert(Header {
+            key: "dtfed-origin-offset",
+            value: Some(&offset),
+        })
+        .insert(Header {
+            key: "dtfed-origin-ts",
+            value: Some(&ts),
+        });
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .partition(partition)
+                .key(ROOM)
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("forged mirror record written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result<()> {
+    let dir = TestDir::new("verify")?;
+    let topology = dir.path().join("topology.toml");
+    let spec = FederationSpec::new("verify", &["seoul", "tokyo", "frankfurt"], 1);
+    let mut fed = Federation::start(spec).await?;
+    fed.write_topology(&topology)?;
+
+    // Every region publishes into the room; every region then holds every origin's records.
+    let mut ends = Vec::new();
+    for r in ["seoul", "tokyo", "frankfurt"] {
+        let offsets = publish(&fed.region(r).ws(0, "bard"), 5, r).await?;
+        ends.push((r, offsets.last().copied().unwrap_or(0) + 1));
+    }
+    for holder in ["seoul", "tokyo", "frankfurt"] {
+        for (origin, end) in &ends {
+            wait_held(&fed, holder, origin, *end).await?;
+        }
+    }
+    let (code, out, report) = tokio::task::block_in_place(|| verify(&topology))?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["diverged"], false, "{out}");
+    let origins = report["origins"].as_array().context("origins")?;
+    assert_eq!(origins.len(), 3, "{out}");
+    for o in origins {
+        assert_eq!(o["count"], 5, "{out}");
+        assert_eq!(o["agree"].as_array().map(Vec::len), Some(3), "{out}");
+    }
+    assert!(out.contains("every region holds the same records"), "{out}");
+
+    // Bad requests are refused and say why.
+    let d = &fed.region("seoul").daemons[0];
+    let digest = |q: &str, token: Option<&str>| {
+        tokio::task::block_in_place(|| {
+            d.admin_get(&format!("/admin/rooms/{ROOM}/digest?{q}"), token)
+        })
+    };
+    let r = digest("origin=seoul&from=0&to=5", None)?;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = digest("origin=seoul&from=x&to=5", Some(TOKEN))?;
+    assert_eq!(
+        (r.status, r.body.contains("from")),
+        (400, true),
+        "{}",
+        r.body
+    );
+    let r = digest("origin=seoul&from=6&to=5", Some(TOKEN))?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = digest("origin=paris&from=0&to=5", Some(TOKEN))?;
+    assert_eq!(
+        (r.status, r.body.contains("paris")),
+        (404, true),
+        "{}",
+        r.body
+    );
+    let r = tokio::task::block_in_place(|| {
+        d.admin_get("/admin/rooms/bad$room/watermarks", Some(TOKEN))
+    })?;
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // Tokyo's daemon is down; someone writes into its mirror of seoul, at the room's
+    // partition, a record for seoul's next offset that seoul will not have.
+    let (partition, next) = tokio::task::block_in_place(|| held(&fed, "seoul", "seoul"))?;
+    {
+        let d = &mut fed.region_mut("tokyo").daemons[0];
+        tokio::task::block_in_place(|| d.terminate())?;
+    }
+    let tokyo_kafka = fed.region("tokyo").kafka.bootstrap();
+    forge_mirror_record(&tokyo_kafka, "dtfed.mirror.seoul", partition, next).await;
+    // Seoul's real message takes that offset; tokyo, back, resumes after its last mirrored
+    // origin offset — the forged one — and mirrors the next one as usual.
+    let real = publish(&fed.region("seoul").ws(0, "bard"), 1, "real").await?;
+    assert_eq!(real, vec![next]);
+    {
+        let d = &mut fed.region_mut("tokyo").daemons[0];
+        tokio::task::block_in_place(|| d.restart())?;
+    }
+    let after = publish(&fed.region("seoul").ws(0, "bard"), 1, "after").await?;
+    for holder in ["tokyo", "frankfurt"] {
+        wait_held(&fed, holder, "seoul", after[0] + 1).await?;
+    }
+
+    let (code, out, report) = tokio::task::block_in_place(|| verify(&topology))?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(report["diverged"], true, "{out}");
+    let seoul = report["origins"]
+        .as_array()
+        .and_then(|os| os.iter().find(|o| o["origin"] == "seoul"))
+        .context("origin seoul in the report")?;
+    assert_eq!(seoul["agree"], json!(["frankfurt", "seoul"]), "{out}");
+    assert_eq!(
+        seoul["differ"],
+        json!([{
+            "region": "tokyo",
+            "reference": "seoul",
+            "first_differing_offset": next,
+            "count": 7,
+            "reference_count": 7,
+        }]),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "tokyo differs from seoul at origin offset {next} of seoul"
+        )),
+        "{out}"
+    );
+    // The other origins still agree everywhere.
+    for o in report["origins"].as_array().context("origins")? {
+        if o["origin"] != "seoul" {
+            assert_eq!(o["differ"], json!([]), "{out}");
+        }
+    }
+    Ok(())
+}
