@@ -131,6 +131,7 @@ async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respon
     let mut text = s.metrics.encode();
     if let Some(f) = &s.federation {
         crate::mirror::metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
+        f.digest_checks.append(&mut text, &s.region);
     }
     (
         [(

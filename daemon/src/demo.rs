@@ -234,6 +234,7 @@ impl DemoFederation {
                 .collect(),
             max_links_per_peer: dtfed_regions::topology::DEFAULT_MAX_LINKS_PER_PEER,
             max_streams_per_peer: dtfed_regions::topology::DEFAULT_MAX_STREAMS_PER_PEER,
+            verify_every_secs: dtfed_regions::topology::DEFAULT_VERIFY_EVERY_SECS,
         }
     }
 }

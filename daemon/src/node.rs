@@ -130,24 +130,13 @@ impl Node {
         if let Some(f) = &federation {
             fanout_topics.extend(f.mirror_topics.iter().cloned());
         }
-        let digests = Arc::new(
-            RoomDigests::new(
-                &cfg.kafka,
-                &region,
-                &node,
-                partitions,
-                &cfg.federation
-                    .as_ref()
-                    .map(|fed| {
-                        fed.peers
-                            .iter()
-                            .map(|p| (p.name.clone(), p.partitions.unwrap_or(partitions)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            )
-            .context("starting the digest reader")?,
-        );
+        let digests = match &federation {
+            Some(f) => f.digests.clone(),
+            None => Arc::new(
+                RoomDigests::new(&cfg.kafka, &region, &node, partitions, &Default::default())
+                    .context("starting the digest reader")?,
+            ),
+        };
         let mirror_replay = match &federation {
             Some(f) => Some(Arc::new(MirrorReplay {
                 reader: MirrorRoomReader::with_node(&cfg.kafka, &region, &node)
@@ -173,6 +162,15 @@ impl Node {
         let rooms = LocalRooms::new(bus.clone(), metrics.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(rooms.clone().dispatch(events, stop_pipeline.child_token()));
+        if let (Some(f), Some(fed)) = (&federation, &cfg.federation) {
+            if fed.verify_every_secs > 0 {
+                tasks.spawn(crate::verify::sampler::run(
+                    f.clone(),
+                    Duration::from_secs(fed.verify_every_secs),
+                    stop_pipeline.child_token(),
+                ));
+            }
+        }
 
         let gateway = Gateway::new(
             region.clone(),

@@ -51,6 +51,20 @@ pub struct FederationConfig {
     /// the limit.
     #[serde(default = "default_max_streams_per_peer")]
     pub max_streams_per_peer: usize,
+    /// Seconds between two background divergence checks of this daemon (300; 0 turns them
+    /// off): each compares a few of the mirror partitions it writes, over their most recent
+    /// origin offsets, with the origin's digest of the same range, asked over the link.
+    #[serde(default = "default_verify_every_secs")]
+    pub verify_every_secs: u64,
+}
+
+/// Default of [`FederationConfig::verify_every_secs`].
+pub const DEFAULT_VERIFY_EVERY_SECS: u64 = 300;
+/// Upper bound of [`FederationConfig::verify_every_secs`] (a day).
+pub const MAX_VERIFY_EVERY_SECS: u64 = 86_400;
+
+fn default_verify_every_secs() -> u64 {
+    DEFAULT_VERIFY_EVERY_SECS
 }
 
 /// Default of [`FederationConfig::max_links_per_peer`].
@@ -114,6 +128,12 @@ impl FederationConfig {
                     "federation.{field} = {value}: must be 1..={MAX_PER_PEER_LIMIT}"
                 ));
             }
+        }
+        if self.verify_every_secs > MAX_VERIFY_EVERY_SECS {
+            problems.push(format!(
+                "federation.verify_every_secs = {}: must be 0 (off) to {MAX_VERIFY_EVERY_SECS}",
+                self.verify_every_secs
+            ));
         }
         let mut seen = HashSet::new();
         for (i, peer) in self.peers.iter().enumerate() {
@@ -282,6 +302,24 @@ mod tests {
         assert_eq!(problems.len(), 2, "{problems:#?}");
         assert!(problems[0].contains("federation.max_links_per_peer = 0"));
         assert!(problems[1].contains("federation.max_streams_per_peer = 5000"));
+    }
+
+    #[test]
+    fn the_verify_interval_defaults_and_is_bounded() {
+        let cfg: FederationConfig = toml::from_str(GOOD).expect("parse");
+        assert_eq!(cfg.verify_every_secs, DEFAULT_VERIFY_EVERY_SECS);
+        for (value, problems) in [(0u64, 0usize), (60, 0), (86_401, 1)] {
+            let text = GOOD.replace(
+                "key = \"/etc/dtfed/seoul.key\"",
+                &format!("key = \"/etc/dtfed/seoul.key\"\nverify_every_secs = {value}"),
+            );
+            let cfg: FederationConfig = toml::from_str(&text).expect("parse");
+            let found = cfg.validate("seoul");
+            assert_eq!(found.len(), problems, "{value}: {found:#?}");
+            assert!(found
+                .iter()
+                .all(|p| p.contains("federation.verify_every_secs")));
+        }
     }
 
     #[test]

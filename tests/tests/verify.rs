@@ -1,7 +1,10 @@
 //! `dtfed verify` as an operator runs it, on three regions (Kafka, Redis and `dtfed` each,
 //! mirroring over QUIC): it reports agreement on a healthy federation, and after one
 //! region's mirror was made to hold another record than the origin at one origin offset,
-//! it names that region, the origin and the offset, and exits non-zero.
+//! it names that region, the origin and the offset, and exits non-zero. Meanwhile the
+//! daemons' background check (every second here) compares their mirror partitions with
+//! the origins over the link: matches first, then a mismatch in that region's `/metrics`
+//! and the offset in its log.
 
 use std::path::Path;
 use std::process::Command;
@@ -66,6 +69,38 @@ async fn wait_held(fed: &Federation, region: &str, origin: &str, end: i64) -> Re
     }
 }
 
+/// `dtfed_mirror_digest_checks_total` of `origin` with `result`, in `region`'s `/metrics`.
+fn checks(fed: &Federation, region: &str, origin: &str, result: &str) -> Result<u64> {
+    let r = fed.region(region).daemons[0].admin_get("/metrics", Some(TOKEN))?;
+    anyhow::ensure!(r.status == 200, "{region}: {} {}", r.status, r.body);
+    let (origin, result) = (
+        format!("origin=\"{origin}\""),
+        format!("result=\"{result}\""),
+    );
+    Ok(r.body
+        .lines()
+        .filter(|l| l.starts_with("dtfed_mirror_digest_checks_total{"))
+        .filter(|l| l.contains(&origin) && l.contains(&result))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Waits until `region` counted a check of `origin` with `result`.
+async fn wait_check(fed: &Federation, region: &str, origin: &str, result: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let n = tokio::task::block_in_place(|| checks(fed, region, origin, result))?;
+        if n > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{region} counted no {result} check of {origin}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn publish(url: &str, n: usize, tag: &str) -> Result<Vec<i64>> {
     let mut c = WsClient::connect(url).await?;
     let mut offsets = Vec::new();
@@ -126,7 +161,8 @@ async fn forge_mirror_record(brokers: &str, topic: &str, partition: i32, origin_
 async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result<()> {
     let dir = TestDir::new("verify")?;
     let topology = dir.path().join("topology.toml");
-    let spec = FederationSpec::new("verify", &["seoul", "tokyo", "frankfurt"], 1);
+    let mut spec = FederationSpec::new("verify", &["seoul", "tokyo", "frankfurt"], 1);
+    spec.extra_config = "[federation]\nverify_every_secs = 1\n".into();
     let mut fed = Federation::start(spec).await?;
     fed.write_topology(&topology)?;
 
@@ -151,6 +187,14 @@ async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result
         assert_eq!(o["agree"].as_array().map(Vec::len), Some(3), "{out}");
     }
     assert!(out.contains("every region holds the same records"), "{out}");
+    // The background check agrees.
+    for (holder, origin) in [
+        ("tokyo", "seoul"),
+        ("frankfurt", "seoul"),
+        ("seoul", "tokyo"),
+    ] {
+        wait_check(&fed, holder, origin, "match").await?;
+    }
 
     // Bad requests are refused and say why.
     let d = &fed.region("seoul").daemons[0];
@@ -229,6 +273,23 @@ async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result
         )),
         "{out}"
     );
+    // Tokyo's background check finds it too, and logs where.
+    wait_check(&fed, "tokyo", "seoul", "mismatch").await?;
+    let log = fed.region("tokyo").daemons[0].log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("mirror differs from the origin")
+                && l.contains(&format!("first_differing_offset={next}"))),
+        "no mismatch line naming offset {next} in tokyo's log"
+    );
+    for (holder, origin) in [
+        ("frankfurt", "seoul"),
+        ("seoul", "tokyo"),
+        ("tokyo", "frankfurt"),
+    ] {
+        let n = tokio::task::block_in_place(|| checks(&fed, holder, origin, "mismatch"))?;
+        assert_eq!(n, 0, "{holder} found a mismatch with {origin}");
+    }
     // The other origins still agree everywhere.
     for o in report["origins"].as_array().context("origins")? {
         if o["origin"] != "seoul" {

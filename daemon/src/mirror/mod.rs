@@ -31,6 +31,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::verify::reader::{LocalTopicDigests, RoomDigests};
+use crate::verify::sampler::DigestChecks;
+use dtfed_proto::link::DigestAnswer;
 
 pub mod metrics;
 pub mod origin;
@@ -152,6 +155,10 @@ pub struct Federation {
     /// The mirror topics this region's fan-out owners must also consume.
     pub mirror_topics: Vec<String>,
     pub local_addr: std::net::SocketAddr,
+    /// Digests of every log this region holds (`crate::verify`).
+    pub digests: Arc<RoomDigests>,
+    /// The background divergence check's counts (`crate::verify::sampler`).
+    pub digest_checks: Arc<DigestChecks>,
 }
 
 struct ClientRunner(MirrorClient);
@@ -196,13 +203,24 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
-        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log)).with_config(
-            MirrorServerConfig {
+        // Digests of what this region holds (peers' partition counts as configured), for
+        // `dtfed verify`, the background check, and peers' `Digest` requests.
+        let peer_partitions = fed
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.partitions.unwrap_or(local_partitions)))
+            .collect();
+        let digests = Arc::new(
+            RoomDigests::new(&cfg.kafka, region, node, local_partitions, &peer_partitions)
+                .context("starting the digest reader")?,
+        );
+        let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log))
+            .with_config(MirrorServerConfig {
                 max_links_per_peer: fed.max_links_per_peer,
                 max_streams_per_peer: fed.max_streams_per_peer,
                 ..MirrorServerConfig::default()
-            },
-        );
+            })
+            .with_digests(Arc::new(LocalTopicDigests(digests.clone())));
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
@@ -266,7 +284,31 @@ impl Federation {
             origins,
             mirror_topics,
             local_addr,
+            digests,
+            digest_checks: Arc::new(DigestChecks::default()),
         })
+    }
+
+    /// `origin`'s digest of `partition` over `[from, to)`, asked on the link to it (see
+    /// `MirrorClient::digest_origin`); only for a partition this daemon mirrors.
+    pub async fn digest_origin(
+        &self,
+        origin: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+        limit: std::time::Duration,
+    ) -> Result<DigestAnswer, String> {
+        let topic = self
+            .client
+            .status()
+            .into_iter()
+            .find(|t| t.origin == origin && t.partition == partition)
+            .map(|t| t.topic)
+            .ok_or_else(|| format!("this daemon does not mirror {origin}/{partition}"))?;
+        self.client
+            .digest_origin(origin, &topic, partition, from, to, limit)
+            .await
     }
 
     pub fn links(&self) -> Vec<LinkView> {

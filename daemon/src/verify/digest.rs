@@ -43,6 +43,26 @@ impl RoomDigest {
     pub fn same_records(&self, other: &RoomDigest) -> bool {
         self.count == other.count && self.hash == other.hash
     }
+
+    /// The hash as the 32 bytes the region link carries (`None` if `hash` is not 64 hex
+    /// digits).
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        let bytes = self.hash.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(bytes.chunks(2)) {
+            let text = std::str::from_utf8(pair).ok()?;
+            *o = u8::from_str_radix(text, 16).ok()?;
+        }
+        Some(out)
+    }
+}
+
+/// `sha256` as the lowercase hex [`RoomDigest::hash`] holds.
+pub fn hex(sha256: &[u8]) -> String {
+    sha256.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Builds a [`RoomDigest`] from records given in increasing origin offset.
@@ -83,12 +103,7 @@ impl DigestBuilder {
 
     /// The digest of what was added, for `origin`'s `partition` over `[from, to)`.
     pub fn finish(self, origin: &str, partition: i32, from: i64, to: i64) -> RoomDigest {
-        let hash = self
-            .sha
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = hex(&self.sha.finalize());
         RoomDigest {
             origin: origin.to_owned(),
             partition,
@@ -152,6 +167,18 @@ mod tests {
         assert!(!base.same_records(&digest(&[(1, b"ab"), (2, b"c")])));
         // A record missing.
         assert!(!base.same_records(&digest(&[(2, b"bc")])));
+    }
+
+    #[test]
+    fn the_hash_reads_back_as_bytes() {
+        let d = digest(&[(1, b"a")]);
+        let bytes = d.sha256().expect("64 hex digits");
+        assert_eq!(hex(&bytes), d.hash);
+        let bad = RoomDigest {
+            hash: "zz".repeat(32),
+            ..d
+        };
+        assert_eq!(bad.sha256(), None);
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! Where to start: [`run`] is the command, in order. [`digest`] defines the digest (count
 //! and SHA-256 of (origin offset, value) in order), [`reader`] computes it from this
 //! region's Kafka topics, [`endpoints`] serves it on the admin listener, and [`compare`]
-//! groups the regions and bisects to the first difference.
+//! groups the regions and bisects to the first difference. [`sampler`] is the daemons'
+//! background check of their mirror partitions against the origins, over the region link.
 //!
 //! Exit codes: 0 every region agrees, 1 some region diverges, 2 the check could not run
 //! (a region did not answer, a bad topology file, regions disagreeing on partition counts).
@@ -16,6 +17,7 @@ pub mod compare;
 pub mod digest;
 pub mod endpoints;
 pub mod reader;
+pub mod sampler;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dtfed_proto::RoomId;
+use dtfed_regions::mirror::log::LogError;
+use dtfed_regions::mirror::{OriginDigests, RangeDigest};
 use rdkafka::message::Message;
 use serde::Serialize;
 
@@ -117,23 +119,10 @@ impl RoomDigests {
     /// Per origin, what this region holds of `room`'s partition.
     pub async fn watermarks(&self, room: &RoomId) -> Result<Vec<OriginWatermark>, DigestError> {
         let mut out = Vec::with_capacity(self.origins.len());
-        for origin in self.origins.keys() {
-            let (topic, partitions, local) = self.topic_of(origin)?;
+        for (origin, &partitions) in &self.origins {
+            let local = *origin == self.region;
             let partition = partition_for(room, partitions);
-            let what = format!("watermarks of {topic}/{partition}");
-            let (earliest, end) = self
-                .reads
-                .run(&what, self.timeout, move |consumer, deadline| {
-                    let reads = PartitionReads {
-                        consumer,
-                        topic: &topic,
-                        partition,
-                        deadline,
-                    };
-                    held_range(&reads, local)
-                })
-                .await
-                .map_err(|e| read_error(origin, partition, e))?;
+            let (earliest, end) = self.held_range(origin, partition).await?;
             out.push(OriginWatermark {
                 origin: origin.clone(),
                 partitions,
@@ -144,6 +133,29 @@ impl RoomDigests {
             });
         }
         Ok(out)
+    }
+
+    /// The range of `origin`'s offsets this region holds in `partition`: `(earliest, end)`
+    /// as in [`OriginWatermark`].
+    pub async fn held_range(
+        &self,
+        origin: &str,
+        partition: i32,
+    ) -> Result<(i64, i64), DigestError> {
+        let (topic, _, local) = self.topic_of(origin)?;
+        let what = format!("watermarks of {topic}/{partition}");
+        self.reads
+            .run(&what, self.timeout, move |consumer, deadline| {
+                let reads = PartitionReads {
+                    consumer,
+                    topic: &topic,
+                    partition,
+                    deadline,
+                };
+                held_range(&reads, local)
+            })
+            .await
+            .map_err(|e| read_error(origin, partition, e))
     }
 
     /// The digest of `room`'s records from `origin` with origin offsets in `[from, to)`.
@@ -290,5 +302,30 @@ impl DigestJob {
             Ok(true)
         })?;
         Ok(digest.finish(&self.origin, self.partition, self.from, self.to))
+    }
+}
+
+/// This region's digests of its own local topic, as the mirror server answers peers'
+/// `Digest` requests with them.
+pub struct LocalTopicDigests(pub std::sync::Arc<RoomDigests>);
+
+#[async_trait::async_trait]
+impl OriginDigests for LocalTopicDigests {
+    async fn digest(&self, partition: i32, from: i64, to: i64) -> Result<RangeDigest, LogError> {
+        let d = self
+            .0
+            .partition_digest(self.0.region(), partition, None, from, to)
+            .await
+            .map_err(|e| match e {
+                DigestError::Read(s) => LogError::Unavailable(s),
+                other => LogError::Other(other.to_string()),
+            })?;
+        let sha256 = d
+            .sha256()
+            .ok_or_else(|| LogError::Other(format!("digest hash {:?} is not hex", d.hash)))?;
+        Ok(RangeDigest {
+            count: d.count,
+            sha256,
+        })
     }
 }

@@ -37,6 +37,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, trace, warn, Instrument, Span};
 
+use super::digest::{answer_digest, OriginDigests};
 use super::log::{LogError, OriginBatch, OriginLog};
 use super::stream::{PeerInput, StreamDriver, StreamSide};
 use super::STREAM_ABANDONED;
@@ -263,6 +264,7 @@ pub struct MirrorServer {
     log: Arc<dyn OriginLog>,
     config: MirrorServerConfig,
     status: ServerStatus,
+    digests: Option<Arc<dyn OriginDigests>>,
 }
 
 impl std::fmt::Debug for MirrorServer {
@@ -281,6 +283,7 @@ struct Shared {
     log: Arc<dyn OriginLog>,
     config: MirrorServerConfig,
     status: ServerStatus,
+    digests: Option<Arc<dyn OriginDigests>>,
 }
 
 impl MirrorServer {
@@ -291,7 +294,14 @@ impl MirrorServer {
             log,
             config: MirrorServerConfig::default(),
             status: ServerStatus::default(),
+            digests: None,
         }
+    }
+
+    /// Answers receivers' `Digest` requests with `digests` (without: `unavailable`).
+    pub fn with_digests(mut self, digests: Arc<dyn OriginDigests>) -> MirrorServer {
+        self.digests = Some(digests);
+        self
     }
 
     /// Replaces the numbers.
@@ -315,6 +325,7 @@ impl MirrorServer {
             log: self.log.clone(),
             config: self.config.clone(),
             status: self.status.clone(),
+            digests: self.digests.clone(),
         });
         let span = info_span!("mirror_server", origin = %shared.local_region);
         async {
@@ -616,6 +627,25 @@ impl StreamSide for StreamServer {
                 ServeEvent::Describe { topic } => {
                     debug!(topic = %topic, "receiver asks for the partition count");
                     self.answer_describe(session).await;
+                }
+                ServeEvent::Digest {
+                    partition,
+                    from_offset,
+                    to_offset,
+                } => {
+                    debug!(
+                        partition,
+                        from_offset, to_offset, "receiver asks for a digest"
+                    );
+                    let digests = self.shared.digests.clone();
+                    answer_digest(
+                        digests.as_deref(),
+                        session,
+                        partition,
+                        from_offset,
+                        to_offset,
+                    )
+                    .await;
                 }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");

@@ -58,6 +58,7 @@ use crate::mirror::log::MirrorLog;
 use crate::mirror::Backoff;
 use crate::topology::PeerRegion;
 
+mod digest;
 mod link;
 mod pull;
 mod task;
