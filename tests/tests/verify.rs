@@ -296,5 +296,15 @@ async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result
             assert_eq!(o["differ"], json!([]), "{out}");
         }
     }
+
+    // A region that does not answer: the check could not run, which is not a verdict.
+    {
+        let d = &mut fed.region_mut("frankfurt").daemons[0];
+        tokio::task::block_in_place(|| d.terminate())?;
+    }
+    let (code, out, report) = tokio::task::block_in_place(|| verify(&topology))?;
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(report, Value::Null, "{out}");
+    assert!(out.contains("dtfed verify: frankfurt"), "{out}");
     Ok(())
 }

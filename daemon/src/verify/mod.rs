@@ -28,10 +28,11 @@ use dtfed_proto::RoomId;
 use serde::Serialize;
 
 use crate::drill::topology::Topology;
-use crate::status::admin_request;
+use crate::status::admin_request_within;
 use compare::{compare_origin, DigestSource, OriginVerdict};
 use digest::RoomDigest;
 use endpoints::Watermarks;
+use reader::DIGEST_TIMEOUT;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct VerifyArgs {
@@ -193,7 +194,9 @@ impl AdminUrls {
             .with_context(|| format!("no region {region} in the topology"))?;
         let mut errors = Vec::new();
         for url in urls {
-            match admin_request(url, "GET", path, token.as_deref()).await {
+            // The daemon gives up on a read at DIGEST_TIMEOUT and says so.
+            let within = DIGEST_TIMEOUT + std::time::Duration::from_secs(5);
+            match admin_request_within(url, "GET", path, token.as_deref(), within).await {
                 Ok((200, body)) => {
                     return serde_json::from_str(&body)
                         .with_context(|| format!("{region} ({url}): {path} is not JSON"));
