@@ -101,6 +101,29 @@ async fn wait_check(fed: &Federation, region: &str, origin: &str, result: &str) 
     }
 }
 
+/// Deletes the records of `topic`/`partition` below `before` (as retention would).
+async fn delete_records_before(brokers: &str, topic: &str, partition: i32, before: i64) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
+        .expect("partition list");
+    let res = admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("delete records");
+    for e in res.elements() {
+        assert!(e.error().is_ok(), "{:?}", e.error());
+    }
+    tokio::task::spawn_blocking(move || drop(admin))
+        .await
+        .expect("admin dropped");
+}
+
 async fn publish(url: &str, n: usize, tag: &str) -> Result<Vec<i64>> {
     let mut c = WsClient::connect(url).await?;
     let mut offsets = Vec::new();
@@ -196,6 +219,37 @@ async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result
         wait_check(&fed, holder, origin, "match").await?;
     }
 
+    // Retention deletes seoul's first records of the room from seoul's own log; tokyo and
+    // frankfurt still hold them. Not a divergence: the checks compare what every side
+    // still holds.
+    let (partition, _) = tokio::task::block_in_place(|| held(&fed, "seoul", "seoul"))?;
+    let matched = tokio::task::block_in_place(|| checks(&fed, "tokyo", "seoul", "match"))?;
+    delete_records_before(
+        &fed.region("seoul").kafka.bootstrap(),
+        &fed.region("seoul").cfg.local_topic(),
+        partition,
+        2,
+    )
+    .await;
+    let (code, out, report) = tokio::task::block_in_place(|| verify(&topology))?;
+    assert_eq!(code, 0, "{out}");
+    let seoul = report["origins"]
+        .as_array()
+        .and_then(|os| os.iter().find(|o| o["origin"] == "seoul"))
+        .context("origin seoul in the report")?;
+    assert_eq!(
+        (&seoul["from"], &seoul["count"]),
+        (&json!(2), &json!(3)),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while tokio::task::block_in_place(|| checks(&fed, "tokyo", "seoul", "match"))? < matched + 2 {
+        let n = tokio::task::block_in_place(|| checks(&fed, "tokyo", "seoul", "mismatch"))?;
+        assert_eq!(n, 0, "tokyo took seoul's retention for a divergence");
+        anyhow::ensure!(Instant::now() < deadline, "tokyo did not check seoul again");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // Bad requests are refused and say why.
     let d = &fed.region("seoul").daemons[0];
     let digest = |q: &str, token: Option<&str>| {
@@ -262,8 +316,8 @@ async fn verify_agrees_then_names_the_region_and_offset_that_diverge() -> Result
             "region": "tokyo",
             "reference": "seoul",
             "first_differing_offset": next,
-            "count": 7,
-            "reference_count": 7,
+            "count": 5,
+            "reference_count": 5,
         }]),
         "{out}"
     );

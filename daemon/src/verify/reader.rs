@@ -311,15 +311,28 @@ pub struct LocalTopicDigests(pub std::sync::Arc<RoomDigests>);
 
 #[async_trait::async_trait]
 impl OriginDigests for LocalTopicDigests {
+    /// Fails with [`LogError::OffsetOutOfRange`] when retention already deleted the start
+    /// of the range here (the receiver asks again from `earliest`: a digest of fewer
+    /// records than it holds would look like a divergence).
     async fn digest(&self, partition: i32, from: i64, to: i64) -> Result<RangeDigest, LogError> {
+        let region = self.0.region();
+        let partitions = self.0.origins().get(region).copied().unwrap_or(0);
+        if !(0..partitions).contains(&partition) {
+            return Err(LogError::UnknownPartition(partition));
+        }
+        let failed = |e: DigestError| match e {
+            DigestError::Read(s) => LogError::Unavailable(s),
+            other => LogError::Other(other.to_string()),
+        };
+        let (earliest, _) = self.0.held_range(region, partition).await.map_err(failed)?;
+        if from < earliest {
+            return Err(LogError::OffsetOutOfRange { earliest });
+        }
         let d = self
             .0
-            .partition_digest(self.0.region(), partition, None, from, to)
+            .partition_digest(region, partition, None, from, to)
             .await
-            .map_err(|e| match e {
-                DigestError::Read(s) => LogError::Unavailable(s),
-                other => LogError::Other(other.to_string()),
-            })?;
+            .map_err(failed)?;
         let sha256 = d
             .sha256()
             .ok_or_else(|| LogError::Other(format!("digest hash {:?} is not hex", d.hash)))?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dtfed_proto::link::DigestAnswer;
+use dtfed_proto::link::{DigestAnswer, LinkErrorCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -153,12 +153,33 @@ pub async fn check(fed: &Federation, origin: &str, partition: i32) -> Option<Che
     if end <= earliest {
         return None;
     }
-    let from = earliest.max(end.saturating_sub(RECENT_OFFSETS));
+    let mut from = earliest.max(end.saturating_sub(RECENT_OFFSETS));
     let pair = LinkPair {
         fed,
         origin,
         partition,
     };
+    let mut answer = pair.ask(from, end).await;
+    if let Ok(DigestAnswer::Refused {
+        code: LinkErrorCode::OffsetOutOfRange { earliest },
+        ..
+    }) = answer
+    {
+        // The origin's retention deleted the start of the range: what is left of it.
+        if earliest >= end || earliest <= from {
+            tracing::debug!(
+                origin,
+                partition,
+                from,
+                to = end,
+                earliest,
+                "digest check: the origin no longer holds the range"
+            );
+            return None;
+        }
+        from = earliest;
+        answer = pair.ask(from, end).await;
+    }
     let here = fed.digests.region().to_owned();
     let ours = match pair.digest(&here, origin, from, end).await {
         Ok(d) => d,
@@ -167,7 +188,7 @@ pub async fn check(fed: &Federation, origin: &str, partition: i32) -> Option<Che
             return Some(CheckResult::Error);
         }
     };
-    let theirs = match pair.ask(from, end).await {
+    let theirs = match answer {
         Ok(DigestAnswer::Digested { count, sha256 }) => {
             digest_of(origin, partition, from, end, count, &sha256)
         }

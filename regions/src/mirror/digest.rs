@@ -28,13 +28,15 @@ pub struct RangeDigest {
 /// Computes digests of the origin's local topic.
 #[async_trait]
 pub trait OriginDigests: Send + Sync + 'static {
-    /// The digest of every record of `partition` with offsets in `[from, to)`.
+    /// The digest of every record of `partition` with offsets in `[from, to)`; fails with
+    /// [`LogError::OffsetOutOfRange`] when offsets from `from` on are no longer all retained.
     async fn digest(&self, partition: i32, from: i64, to: i64) -> Result<RangeDigest, LogError>;
 }
 
 /// Answers a `Digest` request on `session` (bounded by [`DIGEST_ANSWER_TIMEOUT`]): the
 /// digest, or an error frame saying why not (`unavailable` when this origin computes no
-/// digests or its log cannot be read, `unknown_partition`).
+/// digests or its log cannot be read, `unknown_partition`, `offset_out_of_range {
+/// earliest }` when retention deleted the start of the range).
 pub(crate) async fn answer_digest(
     digests: Option<&dyn OriginDigests>,
     session: &mut MirrorServe,
@@ -60,6 +62,9 @@ pub(crate) async fn answer_digest(
             warn!(partition, from, to, error = %e, "cannot compute a digest");
             let code = match e {
                 LogError::UnknownPartition(_) => LinkErrorCode::UnknownPartition,
+                LogError::OffsetOutOfRange { earliest } => {
+                    LinkErrorCode::OffsetOutOfRange { earliest }
+                }
                 _ => LinkErrorCode::Unavailable,
             };
             session.close(code, e.to_string());
