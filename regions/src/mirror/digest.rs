@@ -2,7 +2,7 @@
 //! a range of one partition of the local topic (`Digest` frame, see
 //! [`dtfed_proto::link::MirrorDigest`]) to compare it with its own mirror of the range. The
 //! digest itself is computed by whoever reads the log ([`OriginDigests`], implemented by the
-//! daemon over Kafka); [`answer_digest`] is what a serving stream does with the request.
+//! daemon over Kafka); `answer_digest` is what a serving stream does with the request.
 //! The pull side is [`crate::mirror::MirrorClient::digest_origin`].
 
 use std::time::Duration;
