@@ -133,7 +133,7 @@ impl Node {
         let digests = match &federation {
             Some(f) => f.digests.clone(),
             None => Arc::new(
-                RoomDigests::new(&cfg.kafka, &region, &node, partitions, &Default::default())
+                RoomDigests::new(&cfg.kafka, &region, &node, partitions, Default::default())
                     .context("starting the digest reader")?,
             ),
         };

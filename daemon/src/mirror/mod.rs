@@ -130,6 +130,14 @@ impl OriginPartitions {
             .copied()
     }
 
+    /// Every peer region with its count, now.
+    pub fn all(&self) -> BTreeMap<String, i32> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Whether `origin` is a peer region.
     pub fn contains(&self, origin: &str) -> bool {
         self.get(origin).is_some()
@@ -203,15 +211,11 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
-        // Digests of what this region holds (peers' partition counts as configured), for
+        let origins = Arc::new(OriginPartitions::default());
+        // Digests of what this region holds (peers' partition counts as learned), for
         // `dtfed verify`, the background check, and peers' `Digest` requests.
-        let peer_partitions = fed
-            .peers
-            .iter()
-            .map(|p| (p.name.clone(), p.partitions.unwrap_or(local_partitions)))
-            .collect();
         let digests = Arc::new(
-            RoomDigests::new(&cfg.kafka, region, node, local_partitions, &peer_partitions)
+            RoomDigests::new(&cfg.kafka, region, node, local_partitions, origins.clone())
                 .context("starting the digest reader")?,
         );
         let server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log))
@@ -224,7 +228,6 @@ impl Federation {
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
-        let origins = Arc::new(OriginPartitions::default());
         let mut topics = Vec::new();
         for peer in &fed.peers {
             let partitions = peer.partitions.unwrap_or(local_partitions);

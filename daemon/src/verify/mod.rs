@@ -11,7 +11,8 @@
 //! background check of their mirror partitions against the origins, over the region link.
 //!
 //! Exit codes: 0 every region agrees, 1 some region diverges, 2 the check could not run
-//! (a region did not answer, a bad topology file, regions disagreeing on partition counts).
+//! (a region did not answer, a bad topology file, regions disagreeing on an origin's
+//! partition count).
 
 pub mod compare;
 pub mod digest;
@@ -106,7 +107,8 @@ async fn check_room(admins: &AdminUrls, room: &RoomId) -> anyhow::Result<Report>
                 .collect();
             anyhow::bail!(
                 "the regions disagree on the partition count of {origin} ({}): its records of \
-                 the room are in different partitions, fix the configuration first",
+                 the room are in different partitions (a mirror topic not grown to the \
+                 origin's count yet: run again later)",
                 each.join(", ")
             );
         }

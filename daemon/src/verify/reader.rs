@@ -10,6 +10,7 @@
 //! hash and keeps nothing, and gives up at [`DIGEST_TIMEOUT`] with an error saying so.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dtfed_proto::RoomId;
@@ -20,8 +21,8 @@ use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::kafka::partition_for;
-use crate::mirror::mirror_topic;
 use crate::mirror::reads::{origin_offset, other_origin, PartitionReads, ProbePool, ReadError};
+use crate::mirror::{mirror_topic, OriginPartitions};
 use crate::verify::digest::{DigestBuilder, RoomDigest};
 
 /// Bound on one watermark query or digest (waiting for a read slot included).
@@ -59,8 +60,9 @@ pub struct OriginWatermark {
 pub struct RoomDigests {
     region: String,
     local_topic: String,
-    /// Every origin this region holds (itself included) → its partition count.
-    origins: BTreeMap<String, i32>,
+    local_partitions: i32,
+    /// Every peer region → its partition count, as learned from it.
+    peers: Arc<OriginPartitions>,
     reads: ProbePool,
     timeout: Duration,
 }
@@ -69,26 +71,26 @@ impl std::fmt::Debug for RoomDigests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RoomDigests")
             .field("region", &self.region)
-            .field("origins", &self.origins)
+            .field("origins", &self.origins())
             .finish_non_exhaustive()
     }
 }
 
 impl RoomDigests {
-    /// `peers`: each peer region → its partition count (= of its mirror topic here).
+    /// `peers`: each peer region → its partition count (= of its mirror topic here), as
+    /// the mirror learns it.
     pub fn new(
         cfg: &KafkaConfig,
         region: &str,
         node: &str,
         local_partitions: i32,
-        peers: &BTreeMap<String, i32>,
+        peers: Arc<OriginPartitions>,
     ) -> Result<RoomDigests, DigestError> {
-        let mut origins = peers.clone();
-        origins.insert(region.to_owned(), local_partitions);
         Ok(RoomDigests {
             region: region.to_owned(),
             local_topic: cfg.local_topic.clone(),
-            origins,
+            local_partitions,
+            peers,
             reads: ProbePool::new(cfg, region, &format!("{node}-verify"))
                 .map_err(DigestError::Read)?,
             timeout: DIGEST_TIMEOUT,
@@ -99,15 +101,25 @@ impl RoomDigests {
         &self.region
     }
 
-    /// Every origin this region holds, itself included, with its partition count.
-    pub fn origins(&self) -> &BTreeMap<String, i32> {
-        &self.origins
+    /// Every origin this region holds, itself included, with its partition count now.
+    pub fn origins(&self) -> BTreeMap<String, i32> {
+        let mut all = self.peers.all();
+        all.insert(self.region.clone(), self.local_partitions);
+        all
+    }
+
+    /// `origin`'s partition count, if this region holds `origin`.
+    pub fn partitions_of(&self, origin: &str) -> Option<i32> {
+        if origin == self.region {
+            Some(self.local_partitions)
+        } else {
+            self.peers.get(origin)
+        }
     }
 
     fn topic_of(&self, origin: &str) -> Result<(String, i32, bool), DigestError> {
-        let partitions = *self
-            .origins
-            .get(origin)
+        let partitions = self
+            .partitions_of(origin)
             .ok_or_else(|| DigestError::UnknownOrigin(origin.to_owned()))?;
         if origin == self.region {
             Ok((self.local_topic.clone(), partitions, true))
@@ -118,13 +130,14 @@ impl RoomDigests {
 
     /// Per origin, what this region holds of `room`'s partition.
     pub async fn watermarks(&self, room: &RoomId) -> Result<Vec<OriginWatermark>, DigestError> {
-        let mut out = Vec::with_capacity(self.origins.len());
-        for (origin, &partitions) in &self.origins {
-            let local = *origin == self.region;
+        let origins = self.origins();
+        let mut out = Vec::with_capacity(origins.len());
+        for (origin, partitions) in origins {
+            let local = origin == self.region;
             let partition = partition_for(room, partitions);
-            let (earliest, end) = self.held_range(origin, partition).await?;
+            let (earliest, end) = self.held_range(&origin, partition).await?;
             out.push(OriginWatermark {
-                origin: origin.clone(),
+                origin,
                 partitions,
                 partition,
                 source: if local { "local" } else { "mirror" }.to_owned(),
@@ -167,12 +180,11 @@ impl RoomDigests {
         to: i64,
     ) -> Result<RoomDigest, DigestError> {
         let partitions = self
-            .origins
-            .get(origin)
+            .partitions_of(origin)
             .ok_or_else(|| DigestError::UnknownOrigin(origin.to_owned()))?;
         self.partition_digest(
             origin,
-            partition_for(room, *partitions),
+            partition_for(room, partitions),
             Some(room),
             from,
             to,
@@ -316,7 +328,7 @@ impl OriginDigests for LocalTopicDigests {
     /// records than it holds would look like a divergence).
     async fn digest(&self, partition: i32, from: i64, to: i64) -> Result<RangeDigest, LogError> {
         let region = self.0.region();
-        let partitions = self.0.origins().get(region).copied().unwrap_or(0);
+        let partitions = self.0.partitions_of(region).unwrap_or(0);
         if !(0..partitions).contains(&partition) {
             return Err(LogError::UnknownPartition(partition));
         }
