@@ -123,21 +123,30 @@ async fn round(fed: &Federation, stop: &CancellationToken) {
     if tasks.is_empty() {
         return;
     }
-    let start = {
-        let mut next = lock(&fed.digest_checks.next);
-        let start = *next % tasks.len();
-        *next = start + CHECKED_PER_ROUND.min(tasks.len());
-        start
-    };
-    for i in 0..CHECKED_PER_ROUND.min(tasks.len()) {
+    let turn = next_turn(&mut lock(&fed.digest_checks.next), tasks.len());
+    for i in turn {
         if stop.is_cancelled() {
             return;
         }
-        let (origin, partition) = &tasks[(start + i) % tasks.len()];
+        let Some((origin, partition)) = tasks.get(i) else {
+            continue;
+        };
         if let Some(result) = check(fed, origin, *partition).await {
             fed.digest_checks.count(origin, result);
         }
     }
+}
+
+/// The indexes, among `n` tasks, of the next [`CHECKED_PER_ROUND`] to check, from the
+/// round-robin position `next` (advanced): every task in turn, whatever `n` becomes.
+fn next_turn(next: &mut usize, n: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let start = *next % n;
+    let count = CHECKED_PER_ROUND.min(n);
+    *next = start + count;
+    (0..count).map(|i| (start + i) % n).collect()
 }
 
 /// Compares this region's mirror of `origin`'s `partition` with the origin, over the most
@@ -303,5 +312,27 @@ impl DigestSource for LinkPair<'_> {
             }
             other => anyhow::bail!("the origin gave no digest: {other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_is_checked_in_turn() {
+        for n in [1usize, 3, 4, 8, 10] {
+            let mut next = 0;
+            let rounds = n.div_ceil(CHECKED_PER_ROUND);
+            let mut seen: Vec<usize> = (0..rounds).flat_map(|_| next_turn(&mut next, n)).collect();
+            assert!(seen.len() >= n, "{n}: {seen:?}");
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen, (0..n).collect::<Vec<_>>(), "{n}");
+        }
+        // Fewer tasks than before (a rebalance): the position wraps, nothing panics.
+        let mut next = 7;
+        assert_eq!(next_turn(&mut next, 2), vec![1, 0]);
+        assert_eq!(next_turn(&mut next, 0), Vec::<usize>::new());
     }
 }
