@@ -9,6 +9,9 @@
 //! `/metrics` need it as a bearer token (they name rooms' partitions, peers and load);
 //! without a token they are open, which the config allows only on a loopback listener.
 //! The drill endpoints change state, so they need the token and are disabled without one.
+//!
+//! The divergence check's reading endpoints, `/admin/rooms/{room}/watermarks` and
+//! `/admin/rooms/{room}/digest`, are in `crate::verify::endpoints`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +30,8 @@ use crate::fanout::{FanoutOwner, FanoutStatus};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::mirror::{Federation, LinkView, MirrorView};
+use crate::verify::endpoints as verify;
+use crate::verify::reader::RoomDigests;
 
 /// What the admin endpoints look at.
 pub struct AdminState {
@@ -43,6 +48,8 @@ pub struct AdminState {
     pub federation: Option<Arc<Federation>>,
     /// Cancelled by `POST /drain`; `None` where a drain cannot be asked for (the demo).
     pub drain_requested: Option<CancellationToken>,
+    /// Digests of the logs this region holds (`dtfed verify`).
+    pub digests: Arc<RoomDigests>,
 }
 
 /// `/status` as JSON.
@@ -79,6 +86,8 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, stop: Cancella
         .route("/peers/{region}/pause", post(pause_peer))
         .route("/peers/{region}/resume", post(resume_peer))
         .route("/drain", post(drain))
+        .route("/admin/rooms/{room}/watermarks", get(verify::watermarks))
+        .route("/admin/rooms/{room}/digest", get(verify::digest))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -122,6 +131,7 @@ async fn metrics(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respon
     let mut text = s.metrics.encode();
     if let Some(f) = &s.federation {
         crate::mirror::metrics::append(&mut text, &s.region, &f.links(), &f.mirror());
+        f.digest_checks.append(&mut text, &s.region);
     }
     (
         [(
@@ -151,7 +161,7 @@ async fn status(State(s): State<Arc<AdminState>>, headers: HeaderMap) -> Respons
 }
 
 /// Why a state-changing request is refused.
-enum Denied {
+pub(crate) enum Denied {
     NoToken,
     BadToken,
 }
@@ -172,7 +182,7 @@ impl IntoResponse for Denied {
 }
 
 /// Reading endpoints: open without a token (loopback only, see the config), else bearer.
-fn may_read(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
+pub(crate) fn may_read(s: &AdminState, headers: &HeaderMap) -> Result<(), Denied> {
     if s.admin_token.is_empty() {
         Ok(())
     } else {

@@ -240,6 +240,7 @@ impl DemoFederation {
             max_streams_per_peer: dtfed_regions::topology::DEFAULT_MAX_STREAMS_PER_PEER,
             serve_relay: true,
             relay_after_ms: dtfed_regions::topology::DEFAULT_RELAY_AFTER_MS,
+            verify_every_secs: dtfed_regions::topology::DEFAULT_VERIFY_EVERY_SECS,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! [`replay`] serves cursors older than the hot history from Kafka. Federation is
 //! [`mirror`]: serving this region's topic to peers (origin) → QUIC → writing theirs here
 //! (sink), with [`mirror::tasks`] deciding which daemon writes which mirror partition. [`admin`] is the
-//! operator's HTTP surface; [`demo`] runs regions with embedded stand-ins.
+//! operator's HTTP surface; [`demo`] runs regions with embedded stand-ins; [`verify`] finds
+//! regions whose copies of a room's records diverge (`dtfed verify`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod admin;
@@ -27,3 +28,4 @@ pub mod replay;
 pub mod rooms;
 pub mod signals;
 pub mod status;
+pub mod verify;

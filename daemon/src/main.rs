@@ -47,6 +47,9 @@ enum Command {
     Certs(CertsCommand),
     /// A failover drill: canary players, a fault, a per-room loss/duplicate/order verdict.
     Drill(dtfed::drill::DrillArgs),
+    /// Check that every region holds the same records of a room (exit 1 if not, 2 if the
+    /// check could not run).
+    Verify(dtfed::verify::VerifyArgs),
     /// Show a running daemon's links, mirror lag, fan-out lag and clients.
     Status {
         /// The daemon's admin address, e.g. http://127.0.0.1:9090
@@ -141,6 +144,17 @@ fn main() -> ExitCode {
                 }
             };
         }
+        if let Command::Verify(args) = command {
+            // Regions that diverge exit 1; a check that could not run, 2.
+            return match dtfed::verify::run(args).await {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => Ok(ExitCode::from(1)),
+                Err(e) => {
+                    eprintln!("dtfed verify: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            };
+        }
         match command {
             Command::Run {
                 config,
@@ -158,7 +172,10 @@ fn main() -> ExitCode {
             Command::Status { admin, json, token } => {
                 dtfed::status::print(&admin, token.as_deref(), json).await
             }
-            Command::CheckConfig { .. } | Command::Certs(_) | Command::Drill(_) => Ok(()),
+            Command::CheckConfig { .. }
+            | Command::Certs(_)
+            | Command::Drill(_)
+            | Command::Verify(_) => Ok(()),
         }
         .map(|()| ExitCode::SUCCESS)
     });

@@ -41,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::mirror::Federation;
 use crate::replay::{MirrorReplay, MirrorRoomReader, RoomLogReader};
 use crate::rooms::LocalRooms;
+use crate::verify::reader::RoomDigests;
 
 /// How a daemon is embedded (the demo runs several in one process).
 #[derive(Default)]
@@ -129,6 +130,13 @@ impl Node {
         if let Some(f) = &federation {
             fanout_topics.extend(f.mirror_topics.iter().cloned());
         }
+        let digests = match &federation {
+            Some(f) => f.digests.clone(),
+            None => Arc::new(
+                RoomDigests::new(&cfg.kafka, &region, &node, partitions, Default::default())
+                    .context("starting the digest reader")?,
+            ),
+        };
         let mirror_replay = match &federation {
             Some(f) => Some(Arc::new(MirrorReplay {
                 reader: MirrorRoomReader::with_node(&cfg.kafka, &region, &node)
@@ -154,6 +162,15 @@ impl Node {
         let rooms = LocalRooms::new(bus.clone(), metrics.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(rooms.clone().dispatch(events, stop_pipeline.child_token()));
+        if let (Some(f), Some(fed)) = (&federation, &cfg.federation) {
+            if fed.verify_every_secs > 0 {
+                tasks.spawn(crate::verify::sampler::run(
+                    f.clone(),
+                    Duration::from_secs(fed.verify_every_secs),
+                    stop_pipeline.child_token(),
+                ));
+            }
+        }
 
         let gateway = Gateway::new(
             region.clone(),
@@ -193,6 +210,7 @@ impl Node {
             federation: federation.clone(),
             admin_token: cfg.admin.token.clone(),
             drain_requested: opts.drain_endpoint.then(|| drain_requested.clone()),
+            digests,
         });
         let admin_task = tokio::spawn(admin::serve(state, admin_listener, stop_admin.clone()));
 

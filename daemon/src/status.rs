@@ -37,6 +37,24 @@ pub async fn admin_request(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    admin_request_within(
+        admin,
+        method,
+        path,
+        token,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+}
+
+/// [`admin_request`] waiting up to `answer_within` for the answer (a digest takes longer).
+pub async fn admin_request_within(
+    admin: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    answer_within: std::time::Duration,
+) -> anyhow::Result<(u16, String)> {
     let hostport = admin
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -60,12 +78,11 @@ pub async fn admin_request(
     );
     stream.write_all(req.as_bytes()).await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        stream.read_to_end(&mut buf),
-    )
-    .await
-    .with_context(|| format!("{method} {path} on {hostport}: no answer within 5 s"))??;
+    tokio::time::timeout(answer_within, stream.read_to_end(&mut buf))
+        .await
+        .with_context(|| {
+            format!("{method} {path} on {hostport}: no answer within {answer_within:?}")
+        })??;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text
         .split_once("\r\n\r\n")

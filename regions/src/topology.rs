@@ -61,6 +61,11 @@ pub struct FederationConfig {
     /// above the links' 2 s keep-alive).
     #[serde(default = "default_relay_after_ms")]
     pub relay_after_ms: u64,
+    /// Seconds between two background divergence checks of this daemon (300; 0 turns them
+    /// off): each compares a few of the mirror partitions it writes, over their most recent
+    /// origin offsets, with the origin's digest of the same range, asked over the link.
+    #[serde(default = "default_verify_every_secs")]
+    pub verify_every_secs: u64,
 }
 
 /// Least [`FederationConfig::relay_after_ms`]: above the links' QUIC keep-alive (2 s), so
@@ -76,6 +81,15 @@ fn default_relay_after_ms() -> u64 {
 
 fn default_true() -> bool {
     true
+}
+
+/// Default of [`FederationConfig::verify_every_secs`].
+pub const DEFAULT_VERIFY_EVERY_SECS: u64 = 300;
+/// Upper bound of [`FederationConfig::verify_every_secs`] (a day).
+pub const MAX_VERIFY_EVERY_SECS: u64 = 86_400;
+
+fn default_verify_every_secs() -> u64 {
+    DEFAULT_VERIFY_EVERY_SECS
 }
 
 /// Default of [`FederationConfig::max_links_per_peer`].
@@ -101,9 +115,10 @@ pub struct PeerRegion {
     pub name: String,
     /// `host:port` QUIC addresses of the peer's daemons (any of them serves any partition).
     pub addrs: Vec<String>,
-    /// Partition count of the peer's local topic, i.e. of its mirror topic here (default:
-    /// this region's). The mirror client asks the peer for its count on every link and
-    /// refuses to mirror on a mismatch ([`crate::mirror::MirrorClient`]).
+    /// Partition count the mirror topic of this peer is created with (default: this
+    /// region's). The mirror client asks the peer for its real count on every link, grows
+    /// the mirror topic when the peer has more, and refuses to mirror when it has fewer
+    /// ([`crate::mirror::MirrorClient`], [`crate::mirror::log::MirrorLog::grow_partitions`]).
     #[serde(default)]
     pub partitions: Option<i32>,
     /// The peer's local topic, the one its daemons serve (default `dtfed.local`).
@@ -146,6 +161,12 @@ impl FederationConfig {
                     "federation.{field} = {value}: must be 1..={MAX_PER_PEER_LIMIT}"
                 ));
             }
+        }
+        if self.verify_every_secs > MAX_VERIFY_EVERY_SECS {
+            problems.push(format!(
+                "federation.verify_every_secs = {}: must be 0 (off) to {MAX_VERIFY_EVERY_SECS}",
+                self.verify_every_secs
+            ));
         }
         let mut seen = HashSet::new();
         for (i, peer) in self.peers.iter().enumerate() {
@@ -367,6 +388,24 @@ mod tests {
         assert!(problems[0].contains("direct = false needs another peer with relay = true"));
         assert!(problems[1].contains("relay = true with direct = false"));
         assert!(problems[2].contains("federation.relay_after_ms = 5"));
+    }
+
+    #[test]
+    fn the_verify_interval_defaults_and_is_bounded() {
+        let cfg: FederationConfig = toml::from_str(GOOD).expect("parse");
+        assert_eq!(cfg.verify_every_secs, DEFAULT_VERIFY_EVERY_SECS);
+        for (value, problems) in [(0u64, 0usize), (60, 0), (86_401, 1)] {
+            let text = GOOD.replace(
+                "key = \"/etc/dtfed/seoul.key\"",
+                &format!("key = \"/etc/dtfed/seoul.key\"\nverify_every_secs = {value}"),
+            );
+            let cfg: FederationConfig = toml::from_str(&text).expect("parse");
+            let found = cfg.validate("seoul");
+            assert_eq!(found.len(), problems, "{value}: {found:#?}");
+            assert!(found
+                .iter()
+                .all(|p| p.contains("federation.verify_every_secs")));
+        }
     }
 
     #[test]

@@ -1277,6 +1277,67 @@ async fn streams_and_links_beyond_the_per_peer_limits_are_refused() {
     local.close();
 }
 
+/// The same origin against a mirror log that can grow its topics (the daemon's): the count
+/// is learned from the origin. Every task of the origin grows the mirror topic to the
+/// origin's count (once) and mirrors; when the origin grows while streaming, partition 0's
+/// re-check grows the mirror topic again and nothing stops; the new partitions mirror too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_with_more_partitions_has_the_mirror_topic_grown_to_match() {
+    init_tracing();
+    let ca = FederationCa::generate("test federation").expect("ca");
+    let tuning = LinkTuning::default();
+    let origin = MemoryOriginLog::new(TOPIC, 4);
+    let mut rng = StdRng::seed_from_u64(4);
+    for p in 0..4 {
+        fill(&origin, &mut rng, p, 20);
+    }
+    let daemon = OriginDaemon::start(&ca, &origin, &tuning, server_config());
+    let mirror = MemoryMirrorLog::growing();
+    let (local, client) = receiver_with_partitions(
+        &ca,
+        &mirror,
+        vec![daemon.addr()],
+        &tuning,
+        MirrorClientConfig {
+            partitions_recheck: Duration::from_millis(300),
+            ..client_config()
+        },
+        Some(2),
+    );
+    let stop = CancellationToken::new();
+    let mut tasks = run_partitions(&client, 0..4, &stop);
+    assert_mirror_holds_everything(&origin, &mirror, 0..4).await;
+    assert_eq!(mirror.grown_to(ORIGIN), Some(4));
+    assert!(client.links()[0].last_error.is_none());
+
+    origin.add_partitions(2);
+    for p in 4..6 {
+        fill(&origin, &mut rng, p, 20);
+    }
+    fill(&origin, &mut rng, 0, 20);
+    wait_until("the re-check to grow the mirror topic", || {
+        mirror.grown_to(ORIGIN) == Some(6)
+    })
+    .await;
+    for p in 4..6 {
+        let (client, stop) = (client.clone(), stop.clone());
+        tasks.spawn(async move { client.run_partition(ORIGIN, TOPIC, p, stop).await });
+    }
+    assert_mirror_holds_everything(&origin, &mirror, 0..6).await;
+    assert!(
+        client
+            .status()
+            .iter()
+            .all(|s| s.state == MirrorTaskState::Streaming),
+        "{:?}",
+        client.status()
+    );
+    stop_partitions(&stop, tasks).await;
+    client.close("test over");
+    daemon.stop().await;
+    local.close();
+}
+
 /// The origin's local topic has more partitions than the mirror topic here (it grew, or
 /// the count was configured wrong): the receiver learns the origin's count on the link and
 /// refuses to mirror, saying why in every task's state, the link's last error and the logs,

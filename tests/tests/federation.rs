@@ -802,16 +802,14 @@ async fn records_forged_as_another_origin_suppress_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns seoul's count on
-/// the link and refuses to mirror (rather than silently never mirroring partitions 2 and
-/// 3): each mirror task and the link say why in `/status`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_with_another_partition_count_is_refused_and_shown() -> Result<()> {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let dir = TestDir::new("fed-count")?;
+/// Starts seoul, then tokyo with a config that says seoul's topic has `believed`
+/// partitions (seoul's has [`PARTITIONS`]); tokyo's mirror topic of seoul is made with that.
+async fn tokyo_believing_seoul_has(test: &str, believed: i64) -> Result<(TestDir, Vec<Region>)> {
+    let dir = TestDir::new(&format!("fed-{test}"))?;
     let path = dir.path().to_owned();
-    let mut regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation("count", &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+    let test = test.to_owned();
+    let regions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut r = federation(&test, &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
         start_daemons(&mut r[..1])?;
         let tokyo = &r[1];
         let text = tokyo
@@ -823,24 +821,88 @@ async fn a_peer_with_another_partition_count_is_refused_and_shown() -> Result<()
                 "listen",
                 format!("127.0.0.1:{}", tokyo.quic_ports[0]),
             )
+            // A short hot history, so that a resume reads the mirror topic.
+            .set("history", "max_messages", 5)
             .build();
         let at = text
             .find("[[federation.peers]]")
             .context("peers in the config")?;
         let (head, peers) = text.split_at(at);
+        let believed = format!("partitions = {believed}");
         let wrong = format!(
             "{head}{}",
-            peers.replace(&format!("partitions = {PARTITIONS}"), "partitions = 2")
+            peers.replace(&format!("partitions = {PARTITIONS}"), &believed)
         );
-        anyhow::ensure!(wrong.contains("partitions = 2"), "{wrong}");
+        anyhow::ensure!(wrong.contains(&believed), "{wrong}");
         let d = DtfedProcess::start(&wrong)?;
         r[1].daemons.push(d);
         Ok(r)
     })
     .await??;
+    Ok((dir, regions))
+}
+
+/// Tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns seoul's count on
+/// the link, grows its mirror topic to 4 and mirrors every partition: a room that lives in
+/// seoul's partition 3, which tokyo's guess did not have, reaches tokyo's players, live and
+/// on resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_more_partitions_than_configured_is_learned_and_mirrored() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (_dir, mut regions) = tokyo_believing_seoul_has("grow", 2).await?;
+    let room = (0..)
+        .map(|i| format!("keep-{i}"))
+        .find(|r| {
+            dtfed_proto::RoomId::parse(r)
+                .is_ok_and(|id| dtfed::kafka::partition_for(&id, PARTITIONS as i32) == 3)
+        })
+        .context("a room in partition 3")?;
+    let mut watcher = WsClient::connect(&regions[1].ws(0, "watcher")).await?;
+    watcher.sub(&room, None, T).await?;
+    let sent = publish_n(&regions[0].ws(0, "herald"), &room, 20, "beyond the guess").await?;
+    // The new mirror partitions are found by tokyo's mirror group and fan-out within
+    // their metadata refresh (30 s).
+    let got = collect(&mut watcher, &room, sent.len(), Duration::from_secs(90)).await?;
+    assert_eq!(by_origin(&got).get("seoul"), Some(&sent));
+
+    let status = regions[1].daemons[0]
+        .admin_get("/status", Some(DRILL_TOKEN))?
+        .json()?;
+    let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
+    let mut partitions: Vec<i64> = tasks
+        .iter()
+        .filter(|t| t["origin"] == "seoul")
+        .filter_map(|t| t["partition"].as_i64())
+        .collect();
+    partitions.sort_unstable();
+    assert_eq!(partitions, vec![0, 1, 2, 3], "{status}");
+    assert!(status["links"][0]["last_error"].is_null(), "{status}");
+    assert!(
+        regions[1].daemons[0]
+            .log()
+            .contains("mirror topic grown to match"),
+        "logged"
+    );
+
+    // A player arriving later resumes from the start of the room: tokyo's replay of seoul's
+    // records looks in partition 3 of the mirror topic, not in partition 3 mod 2.
+    let mut late = WsClient::connect(&regions[1].ws(0, "late")).await?;
+    let replayed = late.sub(&room, Some(json!({})), T).await?.frames;
+    assert_eq!(by_origin(&replayed).get("seoul"), Some(&sent));
+    regions.clear();
+    Ok(())
+}
+
+/// Tokyo's config says seoul has 6 partitions; seoul has 4. A mirror topic never shrinks,
+/// so tokyo refuses to mirror seoul (rather than mirroring into the wrong partitions): each
+/// mirror task and the link say why in `/status`, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_fewer_partitions_than_the_mirror_topic_is_refused_and_shown() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (_dir, mut regions) = tokyo_believing_seoul_has("shrink", 6).await?;
     let want = format!(
         "partition count mismatch: seoul's topic {} has {PARTITIONS} partitions, the mirror \
-         topic here has 2",
+         topic here has 6",
         regions[0].cfg.local_topic()
     );
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -849,11 +911,13 @@ async fn a_peer_with_another_partition_count_is_refused_and_shown() -> Result<()
             .admin_get("/status", Some(DRILL_TOKEN))?
             .json()?;
         let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
-        let refused = tasks.len() == 2
+        let refused = tasks.len() == 6
             && tasks.iter().all(|t| {
-                t["state"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("backoff: ") && s.contains(&want))
+                t["state"].as_str().is_some_and(|s| {
+                    s.starts_with("backoff: ")
+                        && s.contains(&want)
+                        && s.contains("mirror topics never shrink")
+                })
             });
         let link_says = status["links"][0]["last_error"]
             .as_str()

@@ -207,12 +207,14 @@ async fn check_append_tail_read_back(c: &Cluster) {
     let cfg = c.cfg("dtfed.local");
     assert_eq!(
         ensure_mirror_topic(&cfg, &origin, 4).await.expect("ensure"),
-        topic
+        (topic.clone(), 4)
     );
-    let err = ensure_mirror_topic(&cfg, &origin, 3)
-        .await
-        .expect_err("partition counts differ");
-    assert!(err.to_string().contains("partition-preserving"), "{err}");
+    // An existing mirror topic keeps its count (the mirror client checks it against the
+    // origin's on every link).
+    assert_eq!(
+        ensure_mirror_topic(&cfg, &origin, 3).await.expect("ensure"),
+        (topic.clone(), 4)
+    );
     assert!(ensure_mirror_topic(&cfg, "Not A Region", 3).await.is_err());
 
     let log = KafkaMirrorLog::with_node(&cfg, "seoul", "n1").expect("mirror log");
@@ -873,6 +875,52 @@ async fn real_tail_of_a_partition_holding_only_an_aborted_first_transaction_is_e
     .await
     .expect("append");
     assert_eq!(log.tail(&origin, 0).await.expect("tail"), Some(1));
+}
+
+/// An origin with more partitions than its mirror topic here: `grow_partitions` adds them
+/// (once, whoever asks), records the origin's count for room lookups, and the new
+/// partitions take appends. A log not set up to grow refuses, naming the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_mirror_topic_grows_to_the_origins_partition_count() {
+    let c = Cluster::real();
+    let origin = c.name("tokyo");
+    let topic = mirror_topic(&origin);
+    let cfg = c.cfg("dtfed.local");
+    assert_eq!(
+        ensure_mirror_topic(&cfg, &origin, 2).await.expect("ensure"),
+        (topic.clone(), 2)
+    );
+    let fixed = KafkaMirrorLog::with_node(&cfg, "seoul", "n1").expect("mirror log");
+    let err = fixed
+        .grow_partitions(&origin, 5)
+        .await
+        .expect_err("a log without growth");
+    assert!(err.to_string().contains(&origin), "{err}");
+
+    let origins = std::sync::Arc::new(dtfed::mirror::OriginPartitions::default());
+    origins.raise(&origin, 2);
+    let log = KafkaMirrorLog::with_node(&cfg, "seoul", "n2")
+        .expect("mirror log")
+        .growing(&cfg, origins.clone());
+    // Two tasks of the origin learn the count at once.
+    let (a, b) = tokio::join!(
+        log.grow_partitions(&origin, 5),
+        log.grow_partitions(&origin, 5)
+    );
+    assert_eq!((a.expect("grow"), b.expect("grow")), (5, 5));
+    assert_eq!(origins.get(&origin), Some(5));
+    // Never shrinks: a smaller count asked later leaves it alone.
+    assert_eq!(log.grow_partitions(&origin, 3).await.expect("grow"), 5);
+    assert_eq!(
+        ensure_mirror_topic(&cfg, &origin, 2).await.expect("ensure"),
+        (topic.clone(), 5)
+    );
+    let r = room(4);
+    assert_eq!(log.tail(&origin, 4).await.expect("tail"), None);
+    log.append(&origin, 4, &[link(7, &r, &value(7))])
+        .await
+        .expect("append to a new partition");
+    assert_eq!(log.tail(&origin, 4).await.expect("tail"), Some(7));
 }
 
 /// Something else than dtfed wrote to a mirror partition with a transactional producer:

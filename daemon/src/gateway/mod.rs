@@ -144,7 +144,7 @@ impl Gateway {
             || self
                 .mirror_replay
                 .as_ref()
-                .is_some_and(|m| m.origins.contains_key(region))
+                .is_some_and(|m| m.origins.contains(region))
     }
 
     /// Why a player's cursor cannot be used, if it names a region this one does not know.

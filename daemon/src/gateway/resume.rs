@@ -77,7 +77,7 @@ pub async fn replay(
             || gw
                 .mirror_replay
                 .as_ref()
-                .is_some_and(|m| m.origins.contains_key(origin));
+                .is_some_and(|m| m.origins.contains(origin));
         let (hole, before) = match first {
             // The history proves continuity only through `prev`: a first entry with no
             // `prev` after a cursor that has seen this origin means the bus lost its state
@@ -119,7 +119,7 @@ pub async fn replay(
         } else {
             match &gw.mirror_replay {
                 Some(mirror) => match mirror.origins.get(origin) {
-                    Some(&partitions) => Some(
+                    Some(partitions) => Some(
                         mirror
                             .reader
                             .read_room(origin, room, partitions, after, before)

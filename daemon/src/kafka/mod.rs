@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dtfed_proto::RoomId;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
@@ -382,6 +382,88 @@ async fn ensure_with(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Adds partitions to `topic` until it has `partitions` (a topic with as many or more is
+/// left alone); returns its count afterwards. Used for mirror topics, whose partition count
+/// follows the origin's (`mirror::sink`). Not on the mock cluster (the demo's regions all
+/// have the same count).
+pub async fn grow_topic(
+    cfg: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<i32, KafkaSetupError> {
+    let cc = settings::admin_config(cfg, "admin", &default_node_name());
+    let ctx = TracingContext::for_config(&cc);
+    let admin = AdminClient::from_config_and_context(&cc, ctx)
+        .map(Arc::new)
+        .map_err(|e| KafkaSetupError::Unreachable {
+            brokers: cfg.brokers.clone(),
+            detail: format!("cannot create an admin client: {e}"),
+        })?;
+    let result = grow_with(&admin, topic, partitions).await;
+    drop(tokio::task::spawn_blocking(move || drop(admin)));
+    result
+}
+
+async fn grow_with(
+    admin: &Arc<AdminClient<TracingContext>>,
+    topic: &str,
+    partitions: i32,
+) -> Result<i32, KafkaSetupError> {
+    let failed = |detail: String| KafkaSetupError::Topic {
+        topic: topic.to_owned(),
+        detail,
+    };
+    let timeout = Duration::from_secs(10);
+    let count = |admin: &Arc<AdminClient<TracingContext>>| {
+        let (admin, t) = (Arc::clone(admin), topic.to_owned());
+        async move {
+            tokio::task::spawn_blocking(move || partition_count(&admin, &t, timeout))
+                .await
+                .map_err(|e| format!("metadata task: {e}"))?
+                .map_err(|e| e.text)
+        }
+    };
+    let now = count(admin).await.map_err(failed)?;
+    if now >= partitions {
+        return Ok(now);
+    }
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let grow = NewPartitions::new(topic, usize::try_from(partitions).unwrap_or(0));
+    match admin.create_partitions([&grow], &opts).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(Ok(_)) => {
+                tracing::info!(
+                    topic,
+                    partitions,
+                    was = now,
+                    "added partitions to Kafka topic"
+                )
+            }
+            // Another daemon of the region grew it meanwhile.
+            Some(Err((_, RDKafkaErrorCode::InvalidPartitions))) => {}
+            Some(Err((_, code))) => {
+                return Err(failed(format!(
+                    "cannot grow it from {now} to {partitions} partitions: {code}"
+                )))
+            }
+            None => return Err(failed("add partitions: no answer".into())),
+        },
+        Err(e) => return Err(failed(format!("add partitions: {e}"))),
+    }
+    // The metadata tells the truth (it may lag the creation by a moment).
+    let mut after = now;
+    for _ in 0..20 {
+        after = count(admin).await.map_err(failed)?;
+        if after >= partitions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(after)
 }
 
 /// The partition count of `topic`, or why it cannot be known yet. Blocking.

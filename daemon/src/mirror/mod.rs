@@ -32,6 +32,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::verify::reader::{LocalTopicDigests, RoomDigests};
+use crate::verify::sampler::DigestChecks;
+use dtfed_proto::link::DigestAnswer;
 
 pub mod metrics;
 pub mod origin;
@@ -109,6 +112,45 @@ impl From<&AgeHistogram> for AgeView {
     }
 }
 
+/// Peer region → partition count of its local topic, as this region knows it: its mirror
+/// topic's count, raised when an origin with more partitions had its mirror topic grown
+/// (`sink`, [`MirrorLog::grow_partitions`](dtfed_regions::mirror::log::MirrorLog)). The
+/// room → partition mapping of another region's records (`replay::remote`) reads it, so it
+/// follows the origin without a restart.
+#[derive(Debug, Default)]
+pub struct OriginPartitions(std::sync::RwLock<BTreeMap<String, i32>>);
+
+impl OriginPartitions {
+    /// The partition count of `origin`'s local topic, if `origin` is a peer.
+    pub fn get(&self, origin: &str) -> Option<i32> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(origin)
+            .copied()
+    }
+
+    /// Every peer region with its count, now.
+    pub fn all(&self) -> BTreeMap<String, i32> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether `origin` is a peer region.
+    pub fn contains(&self, origin: &str) -> bool {
+        self.get(origin).is_some()
+    }
+
+    /// Records `origin`'s count; it only ever grows (a topic never loses partitions).
+    pub fn raise(&self, origin: &str, partitions: i32) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(origin.to_owned()).or_insert(partitions);
+        *n = (*n).max(partitions);
+    }
+}
+
 /// Federation of one daemon.
 pub struct Federation {
     endpoint: Arc<RegionEndpoint>,
@@ -117,10 +159,14 @@ pub struct Federation {
     server_stop: CancellationToken,
     server_task: Mutex<Option<JoinHandle<()>>>,
     /// Peer region → partition count of its local topic (= of its mirror topic here).
-    pub origins: BTreeMap<String, i32>,
+    pub origins: Arc<OriginPartitions>,
     /// The mirror topics this region's fan-out owners must also consume.
     pub mirror_topics: Vec<String>,
     pub local_addr: std::net::SocketAddr,
+    /// Digests of every log this region holds (`crate::verify`).
+    pub digests: Arc<RoomDigests>,
+    /// The background divergence check's counts (`crate::verify::sampler`).
+    pub digest_checks: Arc<DigestChecks>,
 }
 
 struct ClientRunner(MirrorClient);
@@ -165,6 +211,13 @@ impl Federation {
         let origin_log =
             KafkaOriginLog::with_node(&cfg.kafka, region, node, cfg.kafka.local_topic.clone())
                 .context("starting the mirror server's Kafka reader")?;
+        let origins = Arc::new(OriginPartitions::default());
+        // Digests of what this region holds (peers' partition counts as learned), for
+        // `dtfed verify`, the background check, and peers' `Digest` requests.
+        let digests = Arc::new(
+            RoomDigests::new(&cfg.kafka, region, node, local_partitions, origins.clone())
+                .context("starting the digest reader")?,
+        );
         let mut server = MirrorServer::new(endpoint.clone(), Arc::new(origin_log));
         if fed.serve_relay {
             // Only the mirror topics of configured peers: those are written only from
@@ -175,22 +228,24 @@ impl Federation {
                 server = server.with_relayed(peer.name.clone(), Arc::new(relayed));
             }
         }
-        let server = server.with_config(MirrorServerConfig {
-            max_links_per_peer: fed.max_links_per_peer,
-            max_streams_per_peer: fed.max_streams_per_peer,
-            ..MirrorServerConfig::default()
-        });
+        let server = server
+            .with_config(MirrorServerConfig {
+                max_links_per_peer: fed.max_links_per_peer,
+                max_streams_per_peer: fed.max_streams_per_peer,
+                ..MirrorServerConfig::default()
+            })
+            .with_digests(Arc::new(LocalTopicDigests(digests.clone())));
         let server_stop = CancellationToken::new();
         let server_task = tokio::spawn(server.run(server_stop.clone()));
 
-        let mut origins = BTreeMap::new();
         let mut topics = Vec::new();
         for peer in &fed.peers {
             let partitions = peer.partitions.unwrap_or(local_partitions);
-            let mirror_topic = ensure_mirror_topic(&cfg.kafka, &peer.name, partitions)
-                .await
-                .with_context(|| format!("preparing the mirror topic of {}", peer.name))?;
-            origins.insert(peer.name.clone(), partitions);
+            let (mirror_topic, partitions) =
+                ensure_mirror_topic(&cfg.kafka, &peer.name, partitions)
+                    .await
+                    .with_context(|| format!("preparing the mirror topic of {}", peer.name))?;
+            origins.raise(&peer.name, partitions);
             topics.push(MirrorTopic {
                 origin: peer.name.clone(),
                 mirror_topic,
@@ -201,14 +256,16 @@ impl Federation {
             });
         }
         let mirror_log = KafkaMirrorLog::with_node(&cfg.kafka, region, node)
-            .context("starting the mirror producer")?;
+            .context("starting the mirror producer")?
+            .growing(&cfg.kafka, origins.clone());
         // Each peer with the partition count of its mirror topic here: the client checks
-        // the origin's own count against it before mirroring (a mismatch is refused).
+        // the origin's own count against it before mirroring, grows the mirror topic to an
+        // origin's larger count, and refuses an origin with fewer.
         let peers = fed
             .peers
             .iter()
             .map(|p| PeerRegion {
-                partitions: origins.get(&p.name).copied(),
+                partitions: origins.get(&p.name),
                 ..p.clone()
             })
             .collect();
@@ -248,7 +305,31 @@ impl Federation {
             origins,
             mirror_topics,
             local_addr,
+            digests,
+            digest_checks: Arc::new(DigestChecks::default()),
         })
+    }
+
+    /// `origin`'s digest of `partition` over `[from, to)`, asked on the link to it (see
+    /// `MirrorClient::digest_origin`); only for a partition this daemon mirrors.
+    pub async fn digest_origin(
+        &self,
+        origin: &str,
+        partition: i32,
+        from: i64,
+        to: i64,
+        limit: std::time::Duration,
+    ) -> Result<DigestAnswer, String> {
+        let topic = self
+            .client
+            .status()
+            .into_iter()
+            .find(|t| t.origin == origin && t.partition == partition)
+            .map(|t| t.topic)
+            .ok_or_else(|| format!("this daemon does not mirror {origin}/{partition}"))?;
+        self.client
+            .digest_origin(origin, &topic, partition, from, to, limit)
+            .await
     }
 
     pub fn links(&self) -> Vec<LinkView> {

@@ -63,10 +63,10 @@ use rdkafka::ClientConfig;
 use crate::config::KafkaConfig;
 use crate::kafka::settings::{mirror_producer_config, mirror_writer_config};
 use crate::kafka::{
-    default_node_name, drop_off_runtime, ensure_topic, KafkaSetupError, TracingContext,
+    default_node_name, drop_off_runtime, ensure_topic, grow_topic, KafkaSetupError, TracingContext,
 };
 use crate::mirror::reads::{PartitionReads, ProbePool, PROBE_READ_TIMEOUT};
-use crate::mirror::{lock, mirror_topic};
+use crate::mirror::{lock, mirror_topic, OriginPartitions};
 
 /// An append not acknowledged within this time is purged and fails with
 /// [`LogError::Unavailable`]. Kept below the mirror client's `append_grace` (10 s) together
@@ -98,6 +98,15 @@ pub struct KafkaMirrorLog {
     reads: ProbePool,
     append_timeout: Duration,
     read_timeout: Duration,
+    /// How mirror topics grow to their origin's partition count (`None`: they do not).
+    growth: Option<Growth>,
+}
+
+/// What [`MirrorLog::grow_partitions`] needs: the cluster, and the region's record of
+/// origins' partition counts to raise once a mirror topic has grown.
+struct Growth {
+    kafka: KafkaConfig,
+    origins: Arc<OriginPartitions>,
 }
 
 impl std::fmt::Debug for KafkaMirrorLog {
@@ -119,6 +128,27 @@ impl Drop for KafkaMirrorLog {
 fn build_producer(config: &ClientConfig) -> Result<Prod, String> {
     FutureProducer::from_config_and_context(config, TracingContext::for_config(config))
         .map_err(|e| format!("cannot create the mirror producer: {e}"))
+}
+
+/// Longest [`commit_released`] waits; past it the commit's own flush takes over.
+const RELEASE_WAIT: Duration = Duration::from_millis(20);
+
+/// Commits `producer`'s transaction once it counts no message in flight (waiting briefly,
+/// blocking).
+///
+/// Every record's delivery is awaited before the commit, but its delivery future resolves
+/// inside the producer's poll thread *before* that thread releases the delivery report,
+/// and librdkafka counts a message until then. rust-rdkafka's `commit_transaction` first
+/// flushes, and a flush that finds a message still counted polls for a whole 100 ms
+/// before looking again: a quarter of all mirror appends took 100 ms longer for that race
+/// (measured on a real broker: commit 1–2 ms, or 102–105 ms). The release is microseconds
+/// away, so wait for it here instead.
+fn commit_released(producer: &Prod) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    producer.commit_transaction(COMMIT_TIMEOUT)
 }
 
 /// How an append's transaction ended.
@@ -177,7 +207,18 @@ impl KafkaMirrorLog {
             reads,
             append_timeout: APPEND_TIMEOUT,
             read_timeout: PROBE_READ_TIMEOUT,
+            growth: None,
         })
+    }
+
+    /// Lets [`MirrorLog::grow_partitions`] add partitions to mirror topics on `cfg`'s
+    /// cluster, recording each origin's new count in `origins`.
+    pub fn growing(mut self, cfg: &KafkaConfig, origins: Arc<OriginPartitions>) -> Self {
+        self.growth = Some(Growth {
+            kafka: cfg.clone(),
+            origins,
+        });
+        self
     }
 
     /// Overrides [`APPEND_TIMEOUT`] (tests).
@@ -257,7 +298,7 @@ impl KafkaMirrorLog {
         let appended = self.append_with(&writer, origin, partition, records).await;
         let w = Arc::clone(&writer);
         let ended = tokio::task::spawn_blocking(move || match appended {
-            Ok(()) => match w.commit_transaction(COMMIT_TIMEOUT) {
+            Ok(()) => match commit_released(&w) {
                 Ok(()) => TransactionEnd::Committed,
                 Err(error) => TransactionEnd::Failed {
                     step: "commit",
@@ -456,6 +497,21 @@ impl KafkaMirrorLog {
 
 #[async_trait]
 impl MirrorLog for KafkaMirrorLog {
+    async fn grow_partitions(&self, origin: &str, partitions: i32) -> Result<i32, LogError> {
+        let Some(growth) = &self.growth else {
+            return Err(LogError::Other(format!(
+                "the mirror topic of {origin} is not grown by this daemon"
+            )));
+        };
+        let n = grow_topic(&growth.kafka, &mirror_topic(origin), partitions)
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?;
+        if n >= partitions {
+            growth.origins.raise(origin, partitions);
+        }
+        Ok(n)
+    }
+
     async fn tail(&self, origin: &str, partition: i32) -> Result<Option<i64>, LogError> {
         // The writer first: once it is started, no earlier writer can add anything, and
         // the tail read below sees every committed append.
@@ -496,17 +552,19 @@ impl MirrorLog for KafkaMirrorLog {
 }
 
 /// Creates the mirror topic of `origin` (`dtfed.mirror.<origin>`) with `partitions`
-/// partitions, the origin's local topic's count, if it does not exist (with
-/// [`ensure_topic`]: retried while the cluster starts). Returns the topic's name.
+/// partitions if it does not exist (with [`ensure_topic`]: retried while the cluster
+/// starts). Returns the topic's name and its real partition count.
 ///
-/// Fails if the topic exists with another partition count: mirroring is
+/// `partitions` is a first guess (the configured count, else this region's): mirroring is
 /// partition-preserving (origin partition p goes to mirror partition p, and
-/// [`partition_for`] must find a room in the same partition number on both sides).
+/// [`partition_for`] must find a room in the same partition number on both sides), so the
+/// mirror client asks the origin for its count on every link and grows the topic to it
+/// ([`MirrorLog::grow_partitions`]), or refuses an origin with fewer.
 pub async fn ensure_mirror_topic(
     cfg: &KafkaConfig,
     origin: &str,
     partitions: i32,
-) -> Result<String, KafkaSetupError> {
+) -> Result<(String, i32), KafkaSetupError> {
     let topic = mirror_topic(origin);
     if !valid_region_name(origin) {
         return Err(KafkaSetupError::Topic {
@@ -514,16 +572,8 @@ pub async fn ensure_mirror_topic(
             detail: format!("{origin:?} is not a valid region name"),
         });
     }
+    // An existing topic keeps its count: the mirror client checks it against the origin's
+    // on every link and grows it when the origin has more.
     let n = ensure_topic(cfg, &topic, partitions).await?;
-    if n != partitions {
-        return Err(KafkaSetupError::Topic {
-            topic,
-            detail: format!(
-                "has {n} partitions but origin {origin}'s local topic has {partitions}; \
-                 mirroring is partition-preserving and needs the same count: add partitions \
-                 to the mirror topic (or recreate it) to match"
-            ),
-        });
-    }
-    Ok(topic)
+    Ok((topic, n))
 }

@@ -193,5 +193,5 @@ impl RoomJob {
 pub struct MirrorReplay {
     pub reader: MirrorRoomReader,
     /// Origin region → partition count of its local topic (= its mirror topic here).
-    pub origins: std::collections::BTreeMap<String, i32>,
+    pub origins: std::sync::Arc<crate::mirror::OriginPartitions>,
 }

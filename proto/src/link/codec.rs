@@ -522,6 +522,30 @@ mod tests {
                 }
             }),
             any::<i64>().prop_map(|now_ms| LinkFrame::Heartbeat { now_ms }),
+            (".{0,20}", any::<i32>(), any::<i64>(), any::<i64>()).prop_map(
+                |(topic, partition, from_offset, to_offset)| LinkFrame::Digest {
+                    topic,
+                    partition,
+                    from_offset,
+                    to_offset
+                }
+            ),
+            (
+                any::<i32>(),
+                any::<i64>(),
+                any::<i64>(),
+                any::<u64>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(partition, from_offset, to_offset, count, sha256)| {
+                    LinkFrame::Digested {
+                        partition,
+                        from_offset,
+                        to_offset,
+                        count,
+                        sha256,
+                    }
+                }),
         ]
     }
 

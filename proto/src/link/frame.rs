@@ -117,6 +117,28 @@ pub enum LinkFrame {
         /// The topic's partition count: the receiver mirrors exactly these partitions.
         partitions: i32,
     },
+    /// Pull side to serve side, instead of `Subscribe`, on a stream of its own: the digest
+    /// of every record of `topic`/`partition` with offsets in `[from_offset, to_offset)`,
+    /// to compare with the receiver's mirror of them. Answered by `Digested`, then the
+    /// stream ends. (An origin older than this frame answers `Error { protocol_violation }`.)
+    Digest {
+        /// The origin's local topic.
+        #[serde(deserialize_with = "text::deserialize")]
+        topic: String,
+        partition: i32,
+        from_offset: i64,
+        to_offset: i64,
+    },
+    /// Serve side to pull side: the answer to `Digest`: how many records the range holds
+    /// and the SHA-256 of their (offset, value) pairs, in offset order (docs/PROTOCOL.md
+    /// defines the bytes hashed).
+    Digested {
+        partition: i32,
+        from_offset: i64,
+        to_offset: i64,
+        count: u64,
+        sha256: [u8; 32],
+    },
 }
 
 /// Why a peer refused or ended a stream. Carried in [`LinkFrame::Error`].
@@ -270,6 +292,8 @@ impl LinkFrame {
             LinkFrame::Heartbeat { .. } => "heartbeat",
             LinkFrame::Describe { .. } => "describe",
             LinkFrame::Described { .. } => "described",
+            LinkFrame::Digest { .. } => "digest",
+            LinkFrame::Digested { .. } => "digested",
         }
     }
 }

@@ -36,6 +36,7 @@
 
 pub mod codec;
 pub mod describe;
+pub mod digest;
 pub mod frame;
 pub mod session;
 
@@ -43,6 +44,7 @@ pub use codec::{
     decode_payload, encode, CodecError, FrameDecoder, MAX_FRAME_BYTES, MAX_RECORD_BYTES,
 };
 pub use describe::{DescribeAnswer, MirrorDescribe};
+pub use digest::{DigestAnswer, MirrorDigest};
 pub use frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
 pub use session::{
     LinkTimers, MirrorPull, MirrorServe, PullConfig, PullEvent, ServeConfig, ServeEvent,

@@ -621,6 +621,13 @@ pub enum ServeEvent {
     /// The receiver asks how many partitions `topic` (the served topic) has: answer with
     /// [`MirrorServe::describe`] (or [`MirrorServe::close`] if it cannot be told).
     Describe { topic: String },
+    /// The receiver asks for the digest of `partition` over offsets `[from_offset,
+    /// to_offset)`: answer with [`MirrorServe::digested`] (or [`MirrorServe::close`]).
+    Digest {
+        partition: i32,
+        from_offset: i64,
+        to_offset: i64,
+    },
     /// The receiver durably holds everything below `next_offset` (for lag metrics).
     Progress { next_offset: i64 },
     /// The receiver ended the stream. The session is closed.
@@ -642,6 +649,12 @@ enum ServeState {
     },
     /// A `Describe` was received; waiting for [`MirrorServe::describe`].
     Describing,
+    /// A `Digest` was received; waiting for [`MirrorServe::digested`].
+    Digesting {
+        partition: i32,
+        from_offset: i64,
+        to_offset: i64,
+    },
     Closed,
 }
 
@@ -734,6 +747,15 @@ impl MirrorServe {
                 }
             }
             (
+                ServeState::AwaitSubscribe,
+                LinkFrame::Digest {
+                    topic,
+                    partition,
+                    from_offset,
+                    to_offset,
+                },
+            ) => self.on_digest(topic, partition, from_offset, to_offset),
+            (
                 ServeState::Serving { partition: ours },
                 LinkFrame::Progress {
                     partition,
@@ -751,7 +773,10 @@ impl MirrorServe {
                 }
             }
             (
-                ServeState::AwaitSubscribe | ServeState::Serving { .. } | ServeState::Describing,
+                ServeState::AwaitSubscribe
+                | ServeState::Serving { .. }
+                | ServeState::Describing
+                | ServeState::Digesting { .. },
                 LinkFrame::Heartbeat { .. },
             ) => Ok(()),
             (state, other) => Err(SessionError::Unexpected {
@@ -830,6 +855,60 @@ impl MirrorServe {
             partitions,
         };
         self.push(frame, 0);
+        self.state = ServeState::Closed;
+        Ok(())
+    }
+
+    fn on_digest(
+        &mut self,
+        topic: String,
+        partition: i32,
+        from_offset: i64,
+        to_offset: i64,
+    ) -> Result<(), SessionError> {
+        if topic != self.cfg.topic {
+            return Err(SessionError::UnknownTopic(topic));
+        }
+        if partition < 0 || from_offset < 0 || to_offset < from_offset {
+            return Err(SessionError::Invalid(format!(
+                "digest of partition {partition} over [{from_offset}, {to_offset})"
+            )));
+        }
+        self.state = ServeState::Digesting {
+            partition,
+            from_offset,
+            to_offset,
+        };
+        self.events.push_back(ServeEvent::Digest {
+            partition,
+            from_offset,
+            to_offset,
+        });
+        Ok(())
+    }
+
+    /// Answers a [`ServeEvent::Digest`]: the range holds `count` records whose digest is
+    /// `sha256`. The session ends after the answer.
+    pub fn digested(&mut self, count: u64, sha256: [u8; 32]) -> Result<(), SessionError> {
+        let (partition, from_offset, to_offset) = match self.state {
+            ServeState::Digesting {
+                partition,
+                from_offset,
+                to_offset,
+            } => (partition, from_offset, to_offset),
+            ServeState::Closed => return Err(SessionError::Closed),
+            _ => return Err(SessionError::NotServing),
+        };
+        self.push(
+            LinkFrame::Digested {
+                partition,
+                from_offset,
+                to_offset,
+                count,
+                sha256,
+            },
+            0,
+        );
         self.state = ServeState::Closed;
         Ok(())
     }

@@ -97,6 +97,22 @@ pub trait MirrorLog: Send + Sync + 'static {
         records: &[LinkRecord],
     ) -> Result<(), LogError>;
 
+    /// The origin's local topic has `partitions` partitions, more than the mirror topic of
+    /// `origin` here: add partitions to the mirror topic so that it has as many (mirroring
+    /// is partition-preserving, so origin partition p needs mirror partition p). Returns the
+    /// mirror topic's partition count afterwards. Idempotent: concurrent callers for one
+    /// origin all end with the count grown once. Mirror topics never shrink: an origin
+    /// with fewer partitions than its mirror topic is refused by the caller, not here.
+    ///
+    /// The default cannot grow anything and says so; the caller then refuses to mirror
+    /// from that origin with the mismatch as the reason.
+    async fn grow_partitions(&self, origin: &str, partitions: i32) -> Result<i32, LogError> {
+        let _ = partitions;
+        Err(LogError::Other(format!(
+            "this mirror log cannot add partitions to the mirror topic of {origin}"
+        )))
+    }
+
     /// Origin offsets `from..=to` of `origin`'s `partition` can never be mirrored (the
     /// origin's retention passed them). Called once per gap found, before anything after
     /// the gap is appended; the default does nothing (the client logs and counts gaps

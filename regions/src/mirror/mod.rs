@@ -11,6 +11,8 @@
 //!   failure (nothing lost, nothing written twice).
 //! - [`stream`]: the one driver both sides run their session on (read, decode, events,
 //!   write with backpressure, timers).
+//! - [`digest`]: divergence checks over the link (origin side; the pull side is
+//!   [`MirrorClient::digest_origin`]).
 //! - [`log`]: the two Kafka-facing traits (the tests' in-memory implementations are in
 //!   `regions/tests/common/memory_log.rs`).
 //!
@@ -27,6 +29,7 @@ use quinn::VarInt;
 use rand::Rng;
 
 pub mod client;
+pub mod digest;
 pub mod latency;
 pub mod log;
 pub mod server;
@@ -36,6 +39,7 @@ pub use client::{
     LinkStatus, MirrorClient, MirrorClientConfig, MirrorError, MirrorTaskState, MirrorTaskStatus,
     ROUTE_DIRECT,
 };
+pub use digest::{OriginDigests, RangeDigest};
 pub use latency::{AgeHistogram, AGE_BUCKETS_MS};
 pub use log::{LogError, MirrorLog, OriginBatch, OriginLog, OriginReader};
 pub use server::{

@@ -42,6 +42,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, trace, warn, Instrument, Span};
 
+use super::digest::{answer_digest, OriginDigests};
 use super::log::{LogError, OriginBatch, OriginLog};
 use super::stream::{PeerInput, StreamDriver, StreamSide};
 use super::STREAM_ABANDONED;
@@ -270,6 +271,7 @@ pub struct MirrorServer {
     relayed: HashMap<String, (String, Arc<dyn OriginLog>)>,
     config: MirrorServerConfig,
     status: ServerStatus,
+    digests: Option<Arc<dyn OriginDigests>>,
 }
 
 impl std::fmt::Debug for MirrorServer {
@@ -289,6 +291,7 @@ struct Shared {
     relayed: HashMap<String, (String, Arc<dyn OriginLog>)>,
     config: MirrorServerConfig,
     status: ServerStatus,
+    digests: Option<Arc<dyn OriginDigests>>,
 }
 
 impl MirrorServer {
@@ -300,6 +303,7 @@ impl MirrorServer {
             relayed: HashMap::new(),
             config: MirrorServerConfig::default(),
             status: ServerStatus::default(),
+            digests: None,
         }
     }
 
@@ -309,6 +313,12 @@ impl MirrorServer {
     pub fn with_relayed(mut self, origin: impl Into<String>, log: Arc<dyn OriginLog>) -> Self {
         self.relayed
             .insert(log.topic().to_owned(), (origin.into(), log));
+        self
+    }
+
+    /// Answers receivers' `Digest` requests with `digests` (without: `unavailable`).
+    pub fn with_digests(mut self, digests: Arc<dyn OriginDigests>) -> MirrorServer {
+        self.digests = Some(digests);
         self
     }
 
@@ -334,6 +344,7 @@ impl MirrorServer {
             relayed: self.relayed.clone(),
             config: self.config.clone(),
             status: self.status.clone(),
+            digests: self.digests.clone(),
         });
         let span = info_span!("mirror_server", origin = %shared.local_region);
         async {
@@ -675,6 +686,25 @@ impl StreamSide for StreamServer {
                 ServeEvent::Describe { topic } => {
                     debug!(topic = %topic, "receiver asks for the partition count");
                     self.answer_describe(session, &topic).await;
+                }
+                ServeEvent::Digest {
+                    partition,
+                    from_offset,
+                    to_offset,
+                } => {
+                    debug!(
+                        partition,
+                        from_offset, to_offset, "receiver asks for a digest"
+                    );
+                    let digests = self.shared.digests.clone();
+                    answer_digest(
+                        digests.as_deref(),
+                        session,
+                        partition,
+                        from_offset,
+                        to_offset,
+                    )
+                    .await;
                 }
                 ServeEvent::Progress { next_offset } => {
                     trace!(next_offset, "receiver progress");

@@ -371,6 +371,8 @@ struct MirrorState {
     failed_appends: u64,
     appends: u64,
     unavailable: bool,
+    /// Mirror topics may grow ([`MemoryMirrorLog::growing`]): origin → count grown to.
+    growth: Option<HashMap<String, i32>>,
 }
 
 impl std::fmt::Debug for MemoryMirrorLog {
@@ -383,6 +385,18 @@ impl MemoryMirrorLog {
     /// Empty mirror topics.
     pub fn new() -> MemoryMirrorLog {
         MemoryMirrorLog::default()
+    }
+
+    /// Empty mirror topics that [`MirrorLog::grow_partitions`] grows (the daemon's do).
+    pub fn growing() -> MemoryMirrorLog {
+        let log = MemoryMirrorLog::default();
+        lock(&log.inner).growth = Some(HashMap::new());
+        log
+    }
+
+    /// The partition count the mirror topic of `origin` was grown to, if it was.
+    pub fn grown_to(&self, origin: &str) -> Option<i32> {
+        lock(&self.inner).growth.as_ref()?.get(origin).copied()
     }
 
     /// What mirror partition `partition` of `origin` holds.
@@ -454,6 +468,18 @@ impl MemoryMirrorLog {
 
 #[async_trait]
 impl MirrorLog for MemoryMirrorLog {
+    async fn grow_partitions(&self, origin: &str, partitions: i32) -> Result<i32, LogError> {
+        let mut state = lock(&self.inner);
+        let Some(growth) = state.growth.as_mut() else {
+            return Err(LogError::Other(format!(
+                "this mirror log cannot add partitions to the mirror topic of {origin}"
+            )));
+        };
+        let n = growth.entry(origin.to_owned()).or_insert(partitions);
+        *n = (*n).max(partitions);
+        Ok(*n)
+    }
+
     async fn tail(&self, origin: &str, partition: i32) -> Result<Option<i64>, LogError> {
         let state = lock(&self.inner);
         if state.unavailable {

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -30,9 +31,10 @@ pub(super) struct PeerLink {
     /// The origin's partition count as it told it on a link: (that link's id, answer;
     /// `None` from an origin too old to tell).
     pub(super) described: tokio::sync::Mutex<Option<(usize, Option<i32>)>>,
-    /// The partition count of the mirror topic here ([`PeerRegion::partitions`]): the
-    /// origin's must be the same. `None`: not checked.
-    pub(super) expected_partitions: Option<i32>,
+    /// The partition count of the mirror topic here ([`PeerRegion::partitions`]), grown to
+    /// the origin's when the origin has more ([`MirrorLog::grow_partitions`]); the
+    /// origin's must end up the same. [`UNCHECKED`]: not checked.
+    pub(super) expected_partitions: AtomicI32,
     /// Other origins may be pulled through this peer ([`PeerRegion::relay`]).
     pub(super) relay: bool,
     /// This peer's own partitions are pulled from it directly ([`PeerRegion::direct`]).
@@ -48,6 +50,9 @@ pub(super) struct Heard {
     datagrams: u64,
     at: Instant,
 }
+
+/// [`PeerLink::expected_partitions`] of a peer whose partition count is not checked.
+pub(super) const UNCHECKED: i32 = -1;
 
 pub(super) struct Redial {
     /// Spacing of attempts: `redial_max / 2` (at least `backoff_min`) doubling to
@@ -76,6 +81,12 @@ pub(super) struct LinkInfo {
 }
 
 impl PeerLink {
+    /// The mirror topic's partition count the origin's must match (`None`: not checked).
+    pub(super) fn expected_partitions(&self) -> Option<i32> {
+        let n = self.expected_partitions.load(Ordering::Relaxed);
+        (n != UNCHECKED).then_some(n)
+    }
+
     /// The current connection, if it is up.
     pub(super) fn live(&self) -> Option<PeerConnection> {
         lock(&self.current)

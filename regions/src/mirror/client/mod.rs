@@ -23,11 +23,12 @@
 //!   drops offsets at or below where it resumed, and [`MirrorClient::run_partition`] checks
 //!   again right before every append).
 //! - **Partition count.** Once per link, before streaming, the origin is asked how many
-//!   partitions its topic has ([`MirrorDescribe`]); if that is not the mirror topic's count
-//!   ([`PeerRegion::partitions`]), nothing of that origin is mirrored and every task says
-//!   why (an origin partition beyond the mirror topic's would never be mirrored, silently).
-//!   While streaming, partition 0's task asks again every `partitions_recheck` (60 s), so
-//!   a topic grown at run time shows too.
+//!   partitions its topic has ([`MirrorDescribe`]). More than the mirror topic's count
+//!   ([`PeerRegion::partitions`] at first): the mirror topic is grown to match
+//!   ([`MirrorLog::grow_partitions`]); fewer, or growing failed: nothing of that origin is
+//!   mirrored and every task says why (an origin partition beyond the mirror topic's would
+//!   never be mirrored, silently). While streaming, partition 0's task asks again every
+//!   `partitions_recheck` (60 s), so a topic grown at run time is followed too.
 //! - **Gaps.** If the origin no longer retains the offset asked for, the gap is logged at
 //!   warn, counted, given to [`MirrorLog::record_gap`], and mirroring continues from the
 //!   earliest retained offset.
@@ -50,6 +51,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicI32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -65,11 +67,12 @@ use crate::mirror::log::MirrorLog;
 use crate::mirror::Backoff;
 use crate::topology::PeerRegion;
 
+mod digest;
 mod link;
 mod pull;
 mod task;
 
-use link::{LinkInfo, PeerLink, Redial};
+use link::{LinkInfo, PeerLink, Redial, UNCHECKED};
 use task::PartitionTask;
 
 /// Bytes read from a stream at a time.
@@ -286,7 +289,7 @@ impl MirrorClient {
                     info: Mutex::new(LinkInfo::default()),
                     paused: watch::channel(false).0,
                     described: tokio::sync::Mutex::new(None),
-                    expected_partitions: p.partitions,
+                    expected_partitions: AtomicI32::new(p.partitions.unwrap_or(UNCHECKED)),
                     relay: p.relay,
                     direct: p.direct,
                     heard: Mutex::new(None),

@@ -252,7 +252,7 @@ impl StreamSide for PullStream<'_> {
         let limit = self.config.timers.heartbeat_interval;
         let told = self.task.ask_partitions(self.conn, limit, true).await?;
         // A failed ask is not a mismatch: the stream goes on.
-        let refused = self.task.judge_partitions(Ok(told.ok()?))?;
+        let refused = self.task.judge_partitions(Ok(told.ok()?)).await?;
         session.close(LinkErrorCode::Unavailable, "partition count mismatch");
         Some(refused)
     }

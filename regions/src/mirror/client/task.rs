@@ -396,8 +396,11 @@ impl PartitionTask {
     /// Checks that the origin's partition count is the mirror topic's (once per link):
     /// partition p is mirrored into mirror partition p, so an origin partition beyond the
     /// mirror topic's would never be mirrored, and one the origin lacks would never be
-    /// served. A mismatch refuses the link for every task of the origin, with a reason the
-    /// operator sees in the task's state, the link's last error and the logs.
+    /// served. An origin with more partitions than the mirror topic has them added to it
+    /// ([`MirrorLog::grow_partitions`](crate::mirror::log::MirrorLog::grow_partitions)):
+    /// the count is learned from the origin. One with fewer is refused for every task of
+    /// the origin (mirror topics never shrink), with a reason the operator sees in the
+    /// task's state, the link's last error and the logs.
     pub(super) async fn check_partitions(
         &self,
         conn: &PeerConnection,
@@ -409,7 +412,10 @@ impl PartitionTask {
             () = until_paused(paused) => return Some(Outcome::Paused),
             told = self.ask_partitions(conn, self.inner.config.timers.idle_timeout, false) => told?,
         };
-        self.judge_partitions(told)
+        tokio::select! {
+            () = shutdown.cancelled() => Some(Outcome::Shutdown),
+            judged = self.judge_partitions(told) => judged,
+        }
     }
 
     /// The origin's partition count (`None`: not checked for this peer); `fresh` asks again
@@ -420,7 +426,7 @@ impl PartitionTask {
         limit: Duration,
         fresh: bool,
     ) -> Option<Result<Option<i32>, String>> {
-        self.peer.expected_partitions?;
+        self.peer.expected_partitions()?;
         let local = self.inner.endpoint.region();
         Some(
             self.peer
@@ -429,31 +435,69 @@ impl PartitionTask {
         )
     }
 
-    /// What the origin's answer means for this task: `None` to go on.
-    pub(super) fn judge_partitions(&self, told: Result<Option<i32>, String>) -> Option<Outcome> {
-        let expected = self.peer.expected_partitions?;
-        match told {
-            Ok(Some(n)) if n != expected => {
-                let reason = format!(
-                    "partition count mismatch: {}'s topic {} has {n} partitions, the mirror \
-                     topic here has {expected}; mirroring from {} is refused until they match \
-                     (set [[federation.peers]] partitions = {n} for {} and give \
-                     dtfed.mirror.{} {n} partitions)",
-                    self.origin, self.topic, self.origin, self.origin, self.origin
-                );
-                lock(&self.peer.info).last_error = Some(reason.clone());
-                Some(Outcome::Failed {
-                    reason,
-                    transient: false,
+    /// What the origin's answer means for this task: `None` to go on. An origin with more
+    /// partitions than the mirror topic grows the mirror topic first.
+    pub(super) async fn judge_partitions(
+        &self,
+        told: Result<Option<i32>, String>,
+    ) -> Option<Outcome> {
+        let mut expected = self.peer.expected_partitions()?;
+        let n = match told {
+            Ok(Some(n)) => n,
+            Ok(None) => return None,
+            Err(e) => {
+                return Some(Outcome::Failed {
+                    reason: format!("cannot learn the origin's partition count: {e}"),
+                    transient: true,
                     progressed: false,
                 })
             }
-            Ok(_) => None,
-            Err(e) => Some(Outcome::Failed {
-                reason: format!("cannot learn the origin's partition count: {e}"),
-                transient: true,
-                progressed: false,
-            }),
+        };
+        if n > expected {
+            match self.inner.log.grow_partitions(&self.origin, n).await {
+                Ok(now) => {
+                    if now != expected {
+                        info!(
+                            origin = %self.origin,
+                            partitions = now,
+                            was = expected,
+                            "the origin has more partitions: mirror topic grown to match"
+                        );
+                    }
+                    // Only ever raised: a concurrent task may have grown it further.
+                    self.peer
+                        .expected_partitions
+                        .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+                    expected = now;
+                }
+                Err(e) => {
+                    warn!(origin = %self.origin, partitions = n, error = %e, "cannot grow the mirror topic");
+                    return Some(self.refuse_count(n, expected, &format!(": {e}")));
+                }
+            }
+        }
+        (n != expected).then(|| self.refuse_count(n, expected, ""))
+    }
+
+    /// The refusal of an origin whose partition count `n` the mirror topic's `expected`
+    /// cannot match (`why`: what growing it answered, if tried).
+    fn refuse_count(&self, n: i32, expected: i32, why: &str) -> Outcome {
+        let fix = if n < expected {
+            "mirror topics never shrink: recreate it with"
+        } else {
+            "give it"
+        };
+        let reason = format!(
+            "partition count mismatch: {}'s topic {} has {n} partitions, the mirror topic \
+             here has {expected}{why}; mirroring from {} is refused until they match ({fix} \
+             {n} partitions: dtfed.mirror.{})",
+            self.origin, self.topic, self.origin, self.origin
+        );
+        lock(&self.peer.info).last_error = Some(reason.clone());
+        Outcome::Failed {
+            reason,
+            transient: false,
+            progressed: false,
         }
     }
 
@@ -536,7 +580,7 @@ impl PartitionTask {
         // The origin's partition count may change while streams run (an operator added
         // partitions): partition 0's task asks again now and then, so the mismatch shows.
         let recheck =
-            self.partition == 0 && self.peer.expected_partitions.is_some() && via.is_none();
+            self.partition == 0 && self.peer.expected_partitions().is_some() && via.is_none();
         let route_checks = !self.relays.is_empty();
         debug!(resume_from, "subscribing");
         let side = PullStream {
