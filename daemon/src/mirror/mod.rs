@@ -7,8 +7,9 @@
 //! topic to peers, [`sink`] writes a peer's records into `dtfed.mirror.<origin>`, [`reads`]
 //! holds the short reads of mirror partitions (tails, watermarks) that the sink and the
 //! replay of remote origins (`crate::replay::remote`) share, [`tasks`] decides which daemon
-//! of the region runs which (origin, partition), and [`metrics`] exports the mirror's state
-//! to `/metrics`. Start at [`Federation::start`].
+//! of the region runs which (origin, partition), [`metrics`] exports the mirror's state
+//! to `/metrics`, and [`watermarks`] shares each partition's replication watermark with the
+//! region's daemons for players. Start at [`Federation::start`].
 //!
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
 //! owner reads a true tail), then the mirror server, then close the endpoint.
@@ -40,6 +41,7 @@ pub mod origin;
 pub mod reads;
 pub mod sink;
 pub mod tasks;
+pub mod watermarks;
 
 /// Mirror topics are named `<prefix><origin region>`.
 pub const MIRROR_TOPIC_PREFIX: &str = "dtfed.mirror.";
@@ -366,6 +368,16 @@ impl Federation {
                 }
             })
             .collect()
+    }
+
+    /// The mirror tasks this daemon runs, as the client reports them.
+    pub fn task_status(&self) -> Vec<dtfed_regions::mirror::client::MirrorTaskStatus> {
+        self.client.status()
+    }
+
+    /// Every peer link, as the client reports it.
+    pub fn link_status(&self) -> Vec<dtfed_regions::mirror::client::LinkStatus> {
+        self.client.links()
     }
 
     /// True when the mirror task group was joined (or there is nothing to mirror).

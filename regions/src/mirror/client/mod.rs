@@ -199,6 +199,10 @@ pub struct LinkStatus {
     pub connects: u64,
     /// Why the last dial failed, until one succeeds.
     pub last_error: Option<String>,
+    /// UDP datagrams received on the current connection so far: while it grows the peer is
+    /// heard from (QUIC keep-alives make a healthy link receive every few seconds, idle or
+    /// not), which tells a cut path sooner than the connection's idle timeout.
+    pub rx_datagrams: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -395,6 +399,9 @@ impl MirrorClient {
                     paused: *p.paused.borrow(),
                     connects: info.connects,
                     last_error: info.last_error.clone(),
+                    rx_datagrams: conn
+                        .as_ref()
+                        .map(|c| c.connection().stats().udp_rx.datagrams),
                 }
             })
             .collect();

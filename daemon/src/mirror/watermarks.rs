@@ -1,0 +1,393 @@
+//! Replication watermarks: per (origin region, partition), how far this region holds the
+//! origin's log and whether it is receiving it now, shared by every daemon of the region so
+//! that each player's session can tell its rooms (`synced`'s `origins`, then `wm` frames;
+//! `docs/PROTOCOL.md`, "Replication watermarks").
+//!
+//! Start at [`run`]: one loop per daemon, every [`PUBLISH_EVERY`]:
+//!
+//! 1. **Publish what this daemon knows.** The mirror task of (O, p) runs on one daemon of
+//!    the region (`tasks`); that daemon turns the task's status into an [`OriginMark`]
+//!    ([`owned_mark`]) and puts it on the bus with a time to live of [`MARK_TTL`], so a dead
+//!    owner, or a task that moved, leaves nothing readable behind a few seconds later.
+//! 2. **Read the whole region's.** Every daemon reads the marks of every (O, p) from the bus
+//!    and merges them into its table ([`merge`]): a mark that vanished (its owner stopped
+//!    publishing) reads as not live, with the offset last known.
+//! 3. **Hand them to the sessions.** When the table changed, it goes out on a `watch`
+//!    channel ([`MarksWatch`]); each session picks its rooms' partitions from it
+//!    ([`RegionMarks::for_room`]) and sends a `wm` frame for the origins whose mark changed.
+//!    The table changes at most once per [`PUBLISH_EVERY`], so a room's frames are too.
+//!
+//! `live` is the task streaming **and** its link heard from within [`LINK_SILENT_AFTER`]:
+//! QUIC keep-alives (every 2 s) make a healthy link receive datagrams whether or not there
+//! are records, so a cut path shows within seconds, long before the connection's idle
+//! timeout (10 s) or the link session's dead-peer timer (30 s) end the stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dtfed_proto::record::now_ms;
+use dtfed_proto::{OriginMark, OriginMarks, RoomId};
+use dtfed_regions::mirror::client::{LinkStatus, MirrorTaskState, MirrorTaskStatus};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Federation;
+use crate::bus::{Bus, PartitionMark};
+use crate::kafka::partition_for;
+
+/// How often a daemon publishes its tasks' marks and reads the region's.
+pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How long a published mark stays readable: three publishes and a half, so a late one or
+/// two do not make a partition flap, while a dead owner reads as not live within seconds.
+pub const MARK_TTL: Duration = Duration::from_millis(3_500);
+/// A link from which no datagram arrived for this long is not heard from (keep-alives
+/// every 2 s; two missed ones).
+pub const LINK_SILENT_AFTER: Duration = Duration::from_secs(4);
+
+/// Every daemon's view of the region's watermarks, by (origin, partition).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionMarks {
+    /// Origin region → partition count of its mirror topic here.
+    pub partitions: BTreeMap<String, i32>,
+    pub marks: HashMap<(String, i32), OriginMark>,
+}
+
+impl RegionMarks {
+    /// The marks of `room`'s partition of every origin that has one.
+    pub fn for_room(&self, room: &RoomId) -> OriginMarks {
+        self.partitions
+            .iter()
+            .filter_map(|(origin, &count)| {
+                let p = partition_for(room, count);
+                let mark = self.marks.get(&(origin.clone(), p))?;
+                Some((origin.clone(), mark.clone()))
+            })
+            .collect()
+    }
+
+    /// Every (origin, partition) of the region's mirror topics.
+    fn keys(&self) -> Vec<(String, i32)> {
+        self.partitions
+            .iter()
+            .flat_map(|(o, &n)| (0..n).map(move |p| (o.clone(), p)))
+            .collect()
+    }
+}
+
+/// What a session watches: the region's marks, replaced as a whole when they change.
+pub type MarksWatch = watch::Receiver<Arc<RegionMarks>>;
+
+/// The origins of `now` whose mark differs from `before` (new ones included): what a `wm`
+/// frame for a room carries.
+pub fn changed(before: &OriginMarks, now: &OriginMarks) -> OriginMarks {
+    now.iter()
+        .filter(|(o, m)| before.get(*o) != Some(*m))
+        .map(|(o, m)| (o.clone(), m.clone()))
+        .collect()
+}
+
+/// The mark of a task this daemon runs, at `now` (ms).
+///
+/// - `offset`: the mirror partition's last origin offset + 1 (the next one not held), never
+///   below what the region already said (the task reads its tail only once it starts).
+/// - `live`: streaming, and the link `heard` from recently.
+/// - `lag_ms`: 0 when live and caught up with the origin's last reported end; when live but
+///   behind, the age of the last record written; when not live, the time since this
+///   region last knew it was complete (caught up at `caught_up_at`, or the last record
+///   written, whichever is later); `None` when none of that is known.
+/// - `since`: kept from `previous` while `live` stays the same, else `now`.
+pub fn owned_mark(
+    task: &MirrorTaskStatus,
+    heard: bool,
+    caught_up_at: Option<i64>,
+    previous: Option<&OriginMark>,
+    now: i64,
+) -> OriginMark {
+    let held = task.mirrored_offset.map_or(0, |o| o.saturating_add(1));
+    let offset = previous.map_or(held, |p| p.offset.max(held));
+    let live = task.state == MirrorTaskState::Streaming && heard;
+    let lag_ms = if live {
+        task.lag_ms(now)
+    } else {
+        caught_up_at
+            .max(task.last_record_ts_ms)
+            .map(|t| now.saturating_sub(t).max(0))
+    };
+    let since = match previous {
+        Some(p) if p.live == live => p.since,
+        _ => Some(now),
+    };
+    OriginMark {
+        offset,
+        live,
+        lag_ms,
+        since,
+    }
+}
+
+/// Merges what the bus holds for `keys` (`read`, in the same order) into `table` at `now`:
+/// a mark read replaces the one known; a mark gone (its owner stopped publishing) keeps its
+/// offset and reads as not live since `now`.
+pub fn merge(
+    table: &mut HashMap<(String, i32), OriginMark>,
+    keys: &[(String, i32)],
+    read: Vec<Option<OriginMark>>,
+    now: i64,
+) {
+    for (key, mark) in keys.iter().zip(read) {
+        match mark {
+            Some(m) => {
+                table.insert(key.clone(), m);
+            }
+            None => {
+                if let Some(known) = table.get_mut(key) {
+                    if known.live {
+                        known.live = false;
+                        known.lag_ms = None;
+                        known.since = Some(now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Per peer link: when it was last heard from, by its received-datagram count.
+#[derive(Default)]
+struct Hearing {
+    last: HashMap<String, (u64, Instant)>,
+}
+
+impl Hearing {
+    /// Samples `links`; returns the peers heard from within [`LINK_SILENT_AFTER`].
+    fn sample(&mut self, links: &[LinkStatus], now: Instant) -> Vec<String> {
+        let mut heard = Vec::new();
+        for l in links {
+            let Some(rx) = l.rx_datagrams.filter(|_| l.connected && !l.paused) else {
+                self.last.remove(&l.region);
+                continue;
+            };
+            let entry = self.last.entry(l.region.clone()).or_insert((rx, now));
+            if entry.0 != rx {
+                *entry = (rx, now);
+            }
+            if now.duration_since(entry.1) < LINK_SILENT_AFTER {
+                heard.push(l.region.clone());
+            }
+        }
+        heard
+    }
+}
+
+/// The watch the sessions get, and its sender for [`run`].
+pub fn channel(partitions: BTreeMap<String, i32>) -> (watch::Sender<Arc<RegionMarks>>, MarksWatch) {
+    watch::channel(Arc::new(RegionMarks {
+        partitions,
+        marks: HashMap::new(),
+    }))
+}
+
+/// Publishes this daemon's marks and reads the region's, every [`PUBLISH_EVERY`], until
+/// `stop` (see the module docs).
+pub async fn run(
+    region: String,
+    federation: Arc<Federation>,
+    bus: Arc<dyn Bus>,
+    tx: watch::Sender<Arc<RegionMarks>>,
+    stop: CancellationToken,
+) {
+    let keys = tx.borrow().keys();
+    let mut hearing = Hearing::default();
+    let mut caught_up: HashMap<(String, i32), i64> = HashMap::new();
+    let mut failing = false;
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let heard = hearing.sample(&federation.link_status(), Instant::now());
+        let table = tx.borrow().clone();
+        let tasks = federation.task_status();
+        caught_up.retain(|k, _| {
+            tasks
+                .iter()
+                .any(|t| (&t.origin, t.partition) == (&k.0, k.1))
+        });
+        let owned: Vec<PartitionMark> = tasks
+            .iter()
+            .map(|t| {
+                let key = (t.origin.clone(), t.partition);
+                let live = t.state == MirrorTaskState::Streaming && heard.contains(&t.origin);
+                if live && t.lag_records == Some(0) {
+                    caught_up.insert(key.clone(), now);
+                }
+                PartitionMark {
+                    origin: t.origin.clone(),
+                    partition: t.partition,
+                    mark: owned_mark(
+                        t,
+                        heard.contains(&t.origin),
+                        caught_up.get(&key).copied(),
+                        table.marks.get(&key),
+                        now,
+                    ),
+                }
+            })
+            .collect();
+        let ttl = i64::try_from(MARK_TTL.as_millis()).unwrap_or(i64::MAX);
+        let read = match bus.put_watermarks(&owned, ttl).await {
+            Ok(()) => bus.watermarks(&keys).await,
+            Err(e) => Err(e),
+        };
+        let read = match read {
+            Ok(r) => {
+                if failing {
+                    tracing::info!(%region, "replication watermarks: the bus answers again");
+                    failing = false;
+                }
+                r
+            }
+            Err(e) => {
+                // Redis unreachable: fan-out is down too; keep the table as it is.
+                if !failing {
+                    tracing::warn!(%region, error = %e, "replication watermarks: cannot share them through the bus; keeping the last known");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        let mut marks = table.marks.clone();
+        merge(&mut marks, &keys, read, now);
+        if marks != table.marks {
+            for (key, m) in &marks {
+                let before = table.marks.get(key);
+                if before.map(|b| b.live) != Some(m.live) {
+                    tracing::info!(%region, origin = %key.0, partition = key.1, live = m.live, offset = m.offset, "replication watermark: liveness changed");
+                }
+            }
+            tx.send_replace(Arc::new(RegionMarks {
+                partitions: table.partitions.clone(),
+                marks,
+            }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dtfed_regions::mirror::AgeHistogram;
+
+    fn task(state: MirrorTaskState, mirrored: Option<i64>, lag: Option<i64>) -> MirrorTaskStatus {
+        MirrorTaskStatus {
+            origin: "seoul".into(),
+            topic: "dtfed.local".into(),
+            partition: 2,
+            state,
+            mirrored_offset: mirrored,
+            origin_high_watermark: None,
+            lag_records: lag,
+            last_record_ts_ms: Some(10_000),
+            gaps: 0,
+            last_gap: None,
+            records_mirrored: 0,
+            streams_opened: 1,
+            append_age: AgeHistogram::default(),
+        }
+    }
+
+    #[test]
+    fn an_owned_mark_is_live_only_streaming_and_heard() {
+        let t = task(MirrorTaskState::Streaming, Some(41), Some(0));
+        let m = owned_mark(&t, true, Some(19_000), None, 20_000);
+        assert_eq!(
+            m,
+            OriginMark {
+                offset: 42,
+                live: true,
+                lag_ms: Some(0),
+                since: Some(20_000)
+            }
+        );
+        // Silent link: not live; lag since it was last known complete; since moves.
+        let m2 = owned_mark(&t, false, Some(19_000), Some(&m), 25_000);
+        assert!(!m2.live);
+        assert_eq!(m2.lag_ms, Some(6_000));
+        assert_eq!(m2.since, Some(25_000));
+        // Still down a second later: since stays.
+        let m3 = owned_mark(&t, false, Some(19_000), Some(&m2), 26_000);
+        assert_eq!(m3.since, Some(25_000));
+        // Not streaming, heard or not: not live.
+        let backoff = task(MirrorTaskState::Backoff("cut".into()), Some(41), None);
+        assert!(!owned_mark(&backoff, true, None, None, 1).live);
+    }
+
+    #[test]
+    fn an_owned_mark_never_moves_back() {
+        // A task that has not read its tail yet (no mirrored offset) keeps the region's.
+        let t = task(MirrorTaskState::Connecting, None, None);
+        let before = OriginMark {
+            offset: 42,
+            live: true,
+            lag_ms: Some(0),
+            since: Some(5),
+        };
+        assert_eq!(owned_mark(&t, true, None, Some(&before), 9).offset, 42);
+        assert_eq!(owned_mark(&t, true, None, None, 9).offset, 0);
+    }
+
+    #[test]
+    fn a_vanished_mark_reads_not_live_with_its_offset() {
+        let key = ("seoul".to_owned(), 0);
+        let keys = vec![key.clone(), ("seoul".to_owned(), 1)];
+        let live = OriginMark {
+            offset: 8,
+            live: true,
+            lag_ms: Some(0),
+            since: Some(1),
+        };
+        let mut table = HashMap::new();
+        merge(&mut table, &keys, vec![Some(live.clone()), None], 100);
+        assert_eq!(table.len(), 1, "nothing known of partition 1: no mark");
+        merge(&mut table, &keys, vec![None, None], 200);
+        let gone = &table[&key];
+        assert_eq!((gone.offset, gone.live, gone.since), (8, false, Some(200)));
+        // Still gone: unchanged, so nothing is sent again.
+        let snapshot = table.clone();
+        merge(&mut table, &keys, vec![None, None], 300);
+        assert_eq!(table, snapshot);
+    }
+
+    #[test]
+    fn a_room_gets_its_partition_of_each_origin() {
+        let room = RoomId::parse("tavern").unwrap();
+        let mut marks = RegionMarks {
+            partitions: [("seoul".to_owned(), 4), ("frankfurt".to_owned(), 2)]
+                .into_iter()
+                .collect(),
+            marks: HashMap::new(),
+        };
+        for p in 0..4 {
+            let m = OriginMark {
+                offset: i64::from(p) * 10,
+                live: true,
+                lag_ms: Some(0),
+                since: None,
+            };
+            marks.marks.insert(("seoul".to_owned(), p), m);
+        }
+        let got = marks.for_room(&room);
+        let p = partition_for(&room, 4);
+        assert_eq!(got.len(), 1, "frankfurt has no mark yet: left out");
+        assert_eq!(got["seoul"].offset, i64::from(p) * 10);
+        assert_eq!(marks.keys().len(), 6);
+        let mut later = got.clone();
+        later.get_mut("seoul").unwrap().live = false;
+        assert_eq!(changed(&got, &later), later);
+        assert!(changed(&later, &later).is_empty());
+    }
+}
