@@ -5,13 +5,14 @@
 //!
 //! Start at [`run`]: one loop per daemon, every [`PUBLISH_EVERY`]:
 //!
-//! 1. **Publish what this daemon knows.** The mirror task of (O, p) runs on one daemon of
-//!    the region (`tasks`); that daemon turns the task's status into an [`OriginMark`]
-//!    ([`owned_mark`]) and puts it on the bus with a time to live of [`MARK_TTL`], so a dead
-//!    owner, or a task that moved, leaves nothing readable behind a few seconds later.
-//! 2. **Read the whole region's.** Every daemon reads the marks of every (O, p) from the bus
+//! 1. **Read the whole region's.** Every daemon reads the marks of every (O, p) from the bus
 //!    and merges them into its table ([`merge`]): a mark that vanished (its owner stopped
 //!    publishing) reads as not live, with the offset last known.
+//! 2. **Publish what this daemon knows.** The mirror task of (O, p) runs on one daemon of
+//!    the region (`tasks`); that daemon turns the task's status into an [`OriginMark`]
+//!    ([`owned_mark`], continuing the mark it just read, so a task that moved keeps its
+//!    offset and `since`) and puts it on the bus with a time to live of [`MARK_TTL`], so a
+//!    dead owner, or a task that moved, leaves nothing readable behind a few seconds later.
 //! 3. **Hand them to the sessions.** When the table changed, it goes out on a `watch`
 //!    channel ([`MarksWatch`]); each session picks its rooms' partitions from it
 //!    ([`RegionMarks::for_room`]) and sends a `wm` frame for the origins whose mark changed.
@@ -90,7 +91,8 @@ pub fn changed(before: &OriginMarks, now: &OriginMarks) -> OriginMarks {
 /// The mark of a task this daemon runs, at `now` (ms).
 ///
 /// - `offset`: the mirror partition's last origin offset + 1 (the next one not held), never
-///   below what the region already said (the task reads its tail only once it starts).
+///   below what the region already said (the task reads its tail only once it starts);
+///   `None` (no mark) while neither is known.
 /// - `live`: streaming, and the link `heard` from recently.
 /// - `lag_ms`: 0 when live and caught up with the origin's last reported end; when live but
 ///   behind, the age of the last record written; when not live, the time since this
@@ -103,9 +105,22 @@ pub fn owned_mark(
     caught_up_at: Option<i64>,
     previous: Option<&OriginMark>,
     now: i64,
-) -> OriginMark {
-    let held = task.mirrored_offset.map_or(0, |o| o.saturating_add(1));
-    let offset = previous.map_or(held, |p| p.offset.max(held));
+) -> Option<OriginMark> {
+    // `None` is an empty mirror partition once streaming (its tail was read), but also a
+    // tail not read yet before that.
+    let held = match (task.mirrored_offset, &task.state) {
+        (Some(o), _) => Some(o.saturating_add(1)),
+        (None, MirrorTaskState::Streaming) => Some(0),
+        (None, _) => None,
+    };
+    let offset = match (previous, held) {
+        (Some(p), Some(h)) => p.offset.max(h),
+        (Some(p), None) => p.offset,
+        (None, Some(h)) => h,
+        // The task has not read its tail yet, and the region knows nothing: no mark
+        // rather than a made-up offset.
+        (None, None) => return None,
+    };
     let live = task.state == MirrorTaskState::Streaming && heard;
     let lag_ms = if live {
         task.lag_ms(now)
@@ -118,12 +133,12 @@ pub fn owned_mark(
         Some(p) if p.live == live => p.since,
         _ => Some(now),
     };
-    OriginMark {
+    Some(OriginMark {
         offset,
         live,
         lag_ms,
         since,
-    }
+    })
 }
 
 /// Merges what the bus holds for `keys` (`read`, in the same order) into `table` at `now`:
@@ -211,57 +226,49 @@ pub async fn run(
         let now = now_ms();
         let heard = hearing.sample(&federation.link_status(), Instant::now());
         let table = tx.borrow().clone();
+        // Read first: a task that just moved here takes over its mark (offset, since)
+        // from the daemon that ran it before.
+        let read = match bus.watermarks(&keys).await {
+            Ok(r) => r,
+            Err(e) => {
+                note_failure(&region, &mut failing, &e);
+                continue;
+            }
+        };
+        let mut marks = table.marks.clone();
+        merge(&mut marks, &keys, read, now);
         let tasks = federation.task_status();
         caught_up.retain(|k, _| {
             tasks
                 .iter()
                 .any(|t| (&t.origin, t.partition) == (&k.0, k.1))
         });
-        let owned: Vec<PartitionMark> = tasks
-            .iter()
-            .map(|t| {
-                let key = (t.origin.clone(), t.partition);
-                let live = t.state == MirrorTaskState::Streaming && heard.contains(&t.origin);
-                if live && t.lag_records == Some(0) {
-                    caught_up.insert(key.clone(), now);
-                }
-                PartitionMark {
+        let mut owned = Vec::with_capacity(tasks.len());
+        for t in &tasks {
+            let key = (t.origin.clone(), t.partition);
+            let heard = heard.contains(&t.origin);
+            if t.state == MirrorTaskState::Streaming && heard && t.lag_records == Some(0) {
+                caught_up.insert(key.clone(), now);
+            }
+            let caught_up_at = caught_up.get(&key).copied();
+            if let Some(mark) = owned_mark(t, heard, caught_up_at, marks.get(&key), now) {
+                marks.insert(key, mark.clone());
+                owned.push(PartitionMark {
                     origin: t.origin.clone(),
                     partition: t.partition,
-                    mark: owned_mark(
-                        t,
-                        heard.contains(&t.origin),
-                        caught_up.get(&key).copied(),
-                        table.marks.get(&key),
-                        now,
-                    ),
-                }
-            })
-            .collect();
+                    mark,
+                });
+            }
+        }
         let ttl = i64::try_from(MARK_TTL.as_millis()).unwrap_or(i64::MAX);
-        let read = match bus.put_watermarks(&owned, ttl).await {
-            Ok(()) => bus.watermarks(&keys).await,
-            Err(e) => Err(e),
-        };
-        let read = match read {
-            Ok(r) => {
-                if failing {
-                    tracing::info!(%region, "replication watermarks: the bus answers again");
-                    failing = false;
-                }
-                r
-            }
-            Err(e) => {
-                // Redis unreachable: fan-out is down too; keep the table as it is.
-                if !failing {
-                    tracing::warn!(%region, error = %e, "replication watermarks: cannot share them through the bus; keeping the last known");
-                    failing = true;
-                }
-                continue;
-            }
-        };
-        let mut marks = table.marks.clone();
-        merge(&mut marks, &keys, read, now);
+        if let Err(e) = bus.put_watermarks(&owned, ttl).await {
+            note_failure(&region, &mut failing, &e);
+            continue;
+        }
+        if failing {
+            tracing::info!(%region, "replication watermarks: the bus answers again");
+            failing = false;
+        }
         if marks != table.marks {
             for (key, m) in &marks {
                 let before = table.marks.get(key);
@@ -274,6 +281,15 @@ pub async fn run(
                 marks,
             }));
         }
+    }
+}
+
+/// Logs the first of a run of bus failures. Redis unreachable means the fan-out is down
+/// too; the table is kept as it is until the bus answers again.
+fn note_failure(region: &str, failing: &mut bool, e: &crate::bus::BusError) {
+    if !*failing {
+        tracing::warn!(%region, error = %e, "replication watermarks: cannot share them through the bus; keeping the last known");
+        *failing = true;
     }
 }
 
@@ -303,7 +319,7 @@ mod tests {
     #[test]
     fn an_owned_mark_is_live_only_streaming_and_heard() {
         let t = task(MirrorTaskState::Streaming, Some(41), Some(0));
-        let m = owned_mark(&t, true, Some(19_000), None, 20_000);
+        let m = owned_mark(&t, true, Some(19_000), None, 20_000).unwrap();
         assert_eq!(
             m,
             OriginMark {
@@ -314,16 +330,16 @@ mod tests {
             }
         );
         // Silent link: not live; lag since it was last known complete; since moves.
-        let m2 = owned_mark(&t, false, Some(19_000), Some(&m), 25_000);
+        let m2 = owned_mark(&t, false, Some(19_000), Some(&m), 25_000).unwrap();
         assert!(!m2.live);
         assert_eq!(m2.lag_ms, Some(6_000));
         assert_eq!(m2.since, Some(25_000));
         // Still down a second later: since stays.
-        let m3 = owned_mark(&t, false, Some(19_000), Some(&m2), 26_000);
+        let m3 = owned_mark(&t, false, Some(19_000), Some(&m2), 26_000).unwrap();
         assert_eq!(m3.since, Some(25_000));
         // Not streaming, heard or not: not live.
         let backoff = task(MirrorTaskState::Backoff("cut".into()), Some(41), None);
-        assert!(!owned_mark(&backoff, true, None, None, 1).live);
+        assert!(!owned_mark(&backoff, true, None, None, 1).unwrap().live);
     }
 
     #[test]
@@ -336,8 +352,16 @@ mod tests {
             lag_ms: Some(0),
             since: Some(5),
         };
-        assert_eq!(owned_mark(&t, true, None, Some(&before), 9).offset, 42);
-        assert_eq!(owned_mark(&t, true, None, None, 9).offset, 0);
+        assert_eq!(
+            owned_mark(&t, true, None, Some(&before), 9).map(|m| m.offset),
+            Some(42)
+        );
+        assert_eq!(owned_mark(&t, true, None, None, 9), None);
+        let empty = task(MirrorTaskState::Streaming, None, Some(0));
+        assert_eq!(
+            owned_mark(&empty, true, None, None, 9).map(|m| m.offset),
+            Some(0)
+        );
     }
 
     #[test]
