@@ -136,20 +136,14 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
         .await?["offset"]
         .as_i64()
         .context("ack offset")?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing crosses the cut link, and nothing changes while it stays down (`lag_ms`
+    // grows, but that is no news): the player hears nothing at all.
+    let before: Vec<Value> = player.drain_backlog();
     assert!(
-        !player.backlog().iter().any(|f| f["op"] == "msg"),
-        "nothing crosses a cut link: {:?}",
-        player.backlog()
+        !before.iter().any(|f| f["op"] == "msg" || f["op"] == "wm"),
+        "{before:?}"
     );
-    assert!(
-        !player
-            .backlog()
-            .iter()
-            .any(|f| f["op"] == "wm" && f["origins"]["seoul"]["live"] == true),
-        "seoul stays down while cut: {:?}",
-        player.backlog()
-    );
+    player.expect_silence(Duration::from_secs(4)).await?;
 
     // Heal: live again, and the message of the cut arrives with the offset past it.
     relay.heal();

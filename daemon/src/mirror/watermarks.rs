@@ -15,7 +15,8 @@
 //!    dead owner, or a task that moved, leaves nothing readable behind a few seconds later.
 //! 3. **Hand them to the sessions.** When the table changed, it goes out on a `watch`
 //!    channel ([`MarksWatch`]); each session picks its rooms' partitions from it
-//!    ([`RegionMarks::for_room`]) and sends a `wm` frame for the origins whose mark changed.
+//!    ([`RegionMarks::for_room`]) and sends a `wm` frame for the origins whose mark is
+//!    news ([`is_news`]: offset, `live` or `since` moved; a `lag_ms` that only grew is not).
 //!    The table changes at most once per [`PUBLISH_EVERY`], so a room's frames are too.
 //!
 //! `live` is the task streaming **and** its link heard from within [`LINK_SILENT_AFTER`]:
@@ -79,11 +80,17 @@ impl RegionMarks {
 /// What a session watches: the region's marks, replaced as a whole when they change.
 pub type MarksWatch = watch::Receiver<Arc<RegionMarks>>;
 
-/// The origins of `now` whose mark differs from `before` (new ones included): what a `wm`
-/// frame for a room carries.
+/// Whether `now` is news against `before`: its offset, `live` or `since` moved. `lag_ms`
+/// alone is not (it grows with the clock while a link is down; `since` says as much).
+pub fn is_news(before: Option<&OriginMark>, now: &OriginMark) -> bool {
+    before.is_none_or(|b| (b.offset, b.live, b.since) != (now.offset, now.live, now.since))
+}
+
+/// The origins of `now` whose mark is news against `before` (new ones included): what a
+/// `wm` frame for a room carries.
 pub fn changed(before: &OriginMarks, now: &OriginMarks) -> OriginMarks {
     now.iter()
-        .filter(|(o, m)| before.get(*o) != Some(*m))
+        .filter(|(o, m)| is_news(before.get(*o), m))
         .map(|(o, m)| (o.clone(), m.clone()))
         .collect()
 }
@@ -270,16 +277,23 @@ pub async fn run(
             failing = false;
         }
         if marks != table.marks {
+            let mut news = false;
             for (key, m) in &marks {
                 let before = table.marks.get(key);
+                news |= is_news(before, m);
                 if before.map(|b| b.live) != Some(m.live) {
                     tracing::info!(%region, origin = %key.0, partition = key.1, live = m.live, offset = m.offset, "replication watermark: liveness changed");
                 }
             }
-            tx.send_replace(Arc::new(RegionMarks {
-                partitions: table.partitions.clone(),
-                marks,
-            }));
+            // The newest marks are always what a `synced` reads; sessions are woken only
+            // for news (not for a `lag_ms` that grew while a link stays down).
+            tx.send_if_modified(|current| {
+                *current = Arc::new(RegionMarks {
+                    partitions: table.partitions.clone(),
+                    marks,
+                });
+                news
+            });
         }
     }
 }
@@ -413,5 +427,9 @@ mod tests {
         later.get_mut("seoul").unwrap().live = false;
         assert_eq!(changed(&got, &later), later);
         assert!(changed(&later, &later).is_empty());
+        // A lag that grew is no news on its own.
+        let mut older = later.clone();
+        older.get_mut("seoul").unwrap().lag_ms = Some(99_000);
+        assert!(changed(&later, &older).is_empty());
     }
 }
