@@ -1,9 +1,10 @@
-//! Replication watermarks for players, across real regions (Kafka, Redis, `dtfed` daemons,
-//! QUIC with mutual TLS through cuttable WAN relays): a tokyo player learns in `synced`,
-//! then in `wm` frames, how far tokyo holds seoul's log for its room and whether the link
-//! is up — on the daemon that does *not* run the room's mirror task, so the mark travelled
-//! through the region's Redis.
+//! Replication watermarks for players, across three real regions (Kafka, Redis, two `dtfed`
+//! daemons each, QUIC with mutual TLS through cuttable WAN relays): a tokyo player learns in
+//! `synced`, then in `wm` frames, how far tokyo holds seoul's log for its room and whether
+//! the link is up — on the daemon that does *not* run the room's mirror task, so the mark
+//! travelled through the region's Redis. Only seoul → tokyo is cut: frankfurt stays live.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -47,34 +48,87 @@ async fn task_owner(fed: &Federation, partition: i32) -> Result<usize> {
     }
 }
 
-/// The seoul mark of the first `synced` or `wm` frame of `room` for which `pred` holds
-/// (frames without a seoul mark do not count).
-async fn seoul_mark(
+/// What the player has been told about `room`: the marks per origin (`synced` replaces,
+/// `wm` merges), how many `wm` frames named each origin, and the offsets of its messages.
+#[derive(Default)]
+struct View {
+    marks: BTreeMap<String, Value>,
+    news: BTreeMap<String, usize>,
+    msgs: Vec<(String, i64)>,
+}
+
+impl View {
+    fn take(&mut self, room: &str, f: &Value) -> Result<()> {
+        if f["room"] != room {
+            return Ok(());
+        }
+        match f["op"].as_str() {
+            Some("synced") => {
+                self.marks.clear();
+                if let Some(o) = f["origins"].as_object() {
+                    self.marks
+                        .extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+            Some("wm") => {
+                let o = f["origins"].as_object().context("wm without origins")?;
+                anyhow::ensure!(!o.is_empty(), "an empty wm: {f}");
+                for (k, v) in o {
+                    *self.news.entry(k.clone()).or_default() += 1;
+                    self.marks.insert(k.clone(), v.clone());
+                }
+            }
+            Some("msg") => {
+                let origin = f["origin"].as_str().unwrap_or_default().to_owned();
+                self.msgs.push((origin, f["offset"].as_i64().unwrap_or(-1)));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn mark(&self, origin: &str) -> &Value {
+        self.marks.get(origin).unwrap_or(&Value::Null)
+    }
+
+    fn live(&self, origin: &str) -> bool {
+        self.mark(origin)["live"] == true
+    }
+
+    fn offset(&self, origin: &str) -> i64 {
+        self.mark(origin)["offset"].as_i64().unwrap_or(-1)
+    }
+}
+
+/// Reads the player's frames into `view` until `pred` holds of it.
+async fn until(
     c: &mut WsClient,
     room: &str,
+    view: &mut View,
     timeout: Duration,
     what: &str,
-    mut pred: impl FnMut(&Value) -> bool,
-) -> Result<Value> {
-    let f = c
-        .recv_until(
-            |f| {
-                matches!(f["op"].as_str(), Some("wm" | "synced"))
-                    && f["room"] == room
-                    && f["origins"].get("seoul").is_some_and(&mut pred)
-            },
-            timeout,
-        )
-        .await
-        .with_context(|| format!("waiting for seoul's mark: {what}"))?;
-    Ok(f["origins"]["seoul"].clone())
+    pred: impl Fn(&View) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for f in c.drain_backlog() {
+        view.take(room, &f)?;
+    }
+    while !pred(view) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let f = c
+            .recv_json(left)
+            .await
+            .with_context(|| format!("waiting for {what}; marks {:?}", view.marks))?;
+        view.take(room, &f)?;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_down() -> Result<()>
 {
     let room = "watchtower";
-    let mut spec = FederationSpec::new("watermark", &["seoul", "tokyo"], 2);
+    let mut spec = FederationSpec::new("watermark", &["seoul", "tokyo", "frankfurt"], 2);
     spec.relayed = true;
     spec.partitions = i64::from(PARTITIONS);
     let fed = Federation::start(spec).await?;
@@ -84,48 +138,61 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
     let other = 1 - owner;
     let tokyo = fed.region("tokyo");
     let mut player = WsClient::connect(&tokyo.ws(other, "watcher")).await?;
+    let mut view = View::default();
     let synced = player.sub(room, None, T).await?.synced;
-    let first = match synced["origins"].get("seoul") {
-        Some(m) if m["live"] == true => m.clone(),
-        // Marks are shared once a second: the first may still be on its way.
-        _ => seoul_mark(&mut player, room, T, "live at start", |m| m["live"] == true).await?,
-    };
-    assert!(first["offset"].as_i64().is_some(), "{first}");
-    assert!(first["since"].as_i64().is_some(), "{first}");
+    view.take(room, &synced)?;
     assert!(
         synced["origins"].get("tokyo").is_none(),
         "this region's own origin is not listed: {synced}"
     );
+    // Marks are shared once a second: the first ones may come after `synced`.
+    until(
+        &mut player,
+        room,
+        &mut view,
+        T,
+        "seoul and frankfurt live",
+        |v| v.live("seoul") && v.live("frankfurt"),
+    )
+    .await?;
+    let first = view.mark("seoul").clone();
+    assert!(first["offset"].as_i64().is_some(), "{first}");
+    assert!(first["since"].as_i64().is_some(), "{first}");
 
     // A message published in seoul moves seoul's offset past it.
     let mut herald = WsClient::connect(&fed.region("seoul").ws(0, "herald")).await?;
     let ack = herald.publish(room, json!({"text": "to arms"}), T).await?;
     let n = ack["offset"].as_i64().context("ack offset")?;
-    player
-        .recv_until(|f| f["op"] == "msg" && f["offset"] == n, T)
-        .await?;
-    let held = seoul_mark(&mut player, room, T, "offset past the message", |m| {
-        m["offset"].as_i64().is_some_and(|o| o > n) && m["live"] == true
-    })
+    until(
+        &mut player,
+        room,
+        &mut view,
+        T,
+        "the message and seoul's offset past it",
+        |v| v.msgs.contains(&("seoul".to_owned(), n)) && v.offset("seoul") > n && v.live("seoul"),
+    )
     .await?;
+    let held = view.mark("seoul").clone();
     assert_eq!(held["lag_ms"], 0, "live and caught up: {held}");
     // Caught up and idle: nothing more to say.
-    player.drain_backlog();
     player.expect_silence(Duration::from_secs(3)).await?;
 
     // Cut seoul → tokyo only: seoul reads as not live within seconds, its offset unchanged.
     let relay = &fed.relays[&("tokyo".to_owned(), "seoul".to_owned())];
+    let frankfurt_news = view.news.get("frankfurt").copied();
     let cut_at = Instant::now();
     relay.cut();
-    let down = seoul_mark(
+    until(
         &mut player,
         room,
+        &mut view,
         Duration::from_secs(20),
-        "down after the cut",
-        |m| m["live"] == false,
+        "seoul down after the cut",
+        |v| !v.live("seoul"),
     )
     .await?;
     let took = cut_at.elapsed();
+    let down = view.mark("seoul").clone();
     eprintln!("seoul read as down {took:?} after the cut: {down}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(down["offset"], held["offset"], "{down} vs {held}");
@@ -138,29 +205,27 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
         .context("ack offset")?;
     // Nothing crosses the cut link, and nothing changes while it stays down (`lag_ms`
     // grows, but that is no news): the player hears nothing at all.
-    let before: Vec<Value> = player.drain_backlog();
-    assert!(
-        !before.iter().any(|f| f["op"] == "msg" || f["op"] == "wm"),
-        "{before:?}"
-    );
     player.expect_silence(Duration::from_secs(4)).await?;
+    // Only seoul's link was cut: frankfurt stayed live, and nothing was said about it.
+    assert!(view.live("frankfurt"), "{:?}", view.marks);
+    assert_eq!(view.news.get("frankfurt").copied(), frankfurt_news);
 
     // Heal: live again, and the message of the cut arrives with the offset past it.
     relay.heal();
-    player
-        .recv_until(
-            |f| f["op"] == "msg" && f["offset"] == during,
-            Duration::from_secs(60),
-        )
-        .await?;
-    let up = seoul_mark(
+    until(
         &mut player,
         room,
-        Duration::from_secs(30),
-        "live after the heal",
-        |m| m["live"] == true && m["offset"].as_i64().is_some_and(|o| o > during),
+        &mut view,
+        Duration::from_secs(60),
+        "the message of the cut, and seoul live past it",
+        |v| {
+            v.msgs.contains(&("seoul".to_owned(), during))
+                && v.live("seoul")
+                && v.offset("seoul") > during
+        },
     )
     .await?;
+    let up = view.mark("seoul").clone();
     assert!(up["since"].as_i64() > down["since"].as_i64(), "{up}");
     assert!(relay.dropped() > 0, "the cut dropped packets");
     Ok(())
