@@ -25,10 +25,14 @@ async fn task_owner(fed: &Federation, partition: i32) -> Result<usize> {
     loop {
         for (i, p) in tokyo.ports.iter().enumerate() {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], p.admin));
-            let status = tokio::task::spawn_blocking(move || {
+            // A daemon killed by the test does not answer: not the owner.
+            let Ok(status) = tokio::task::spawn_blocking(move || {
                 http_get(addr, "/status", Some(ADMIN_TOKEN)).and_then(|r| r.json())
             })
-            .await??;
+            .await?
+            else {
+                continue;
+            };
             let streams = status["mirror"].as_array().is_some_and(|tasks| {
                 tasks.iter().any(|t| {
                     t["origin"] == "seoul"
@@ -228,5 +232,71 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
     let up = view.mark("seoul").clone();
     assert!(up["since"].as_i64() > down["since"].as_i64(), "{up}");
     assert!(relay.dropped() > 0, "the cut dropped packets");
+    Ok(())
+}
+
+/// The daemon running the room's mirror task dies (SIGKILL): its marks expire in the
+/// region's Redis, so a player on the other daemon reads seoul as not live (offset kept)
+/// until the task runs on the survivor and streams again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_task_owner_reads_as_not_live_until_its_task_moves() -> Result<()> {
+    let room = "beacon";
+    let mut spec = FederationSpec::new("watermark-owner", &["seoul", "tokyo"], 2);
+    spec.partitions = i64::from(PARTITIONS);
+    // The dead owner keeps its lease this long: what the player sees before it is the
+    // expired mark, not the survivor's task starting.
+    spec.extra_config = "[kafka]\nsession_timeout_ms = 15000\n".into();
+    let mut fed = Federation::start(spec).await?;
+    let partition = partition_for(&RoomId::parse(room)?, PARTITIONS);
+    let owner = task_owner(&fed, partition).await?;
+    let other = 1 - owner;
+    let mut player = WsClient::connect(&fed.region("tokyo").ws(other, "watcher")).await?;
+    let mut view = View::default();
+    let synced = player.sub(room, None, T).await?.synced;
+    view.take(room, &synced)?;
+    let mut herald = WsClient::connect(&fed.region("seoul").ws(0, "herald")).await?;
+    let n = herald.publish(room, json!({"text": "light it"}), T).await?["offset"]
+        .as_i64()
+        .context("ack offset")?;
+    until(
+        &mut player,
+        room,
+        &mut view,
+        T,
+        "seoul live past the message",
+        |v| v.live("seoul") && v.offset("seoul") > n,
+    )
+    .await?;
+    let held = view.mark("seoul").clone();
+
+    let killed_at = Instant::now();
+    tokio::task::block_in_place(|| fed.region_mut("tokyo").daemons[owner].kill9())?;
+    until(
+        &mut player,
+        room,
+        &mut view,
+        Duration::from_secs(20),
+        "seoul not live once the owner's mark expired",
+        |v| !v.live("seoul"),
+    )
+    .await?;
+    let took = killed_at.elapsed();
+    let down = view.mark("seoul").clone();
+    eprintln!("seoul read as not live {took:?} after its task's owner died: {down}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(down["offset"], held["offset"], "{down} vs {held}");
+    // The survivor takes the task over (after the group's session timeout) and streams.
+    until(
+        &mut player,
+        room,
+        &mut view,
+        Duration::from_secs(60),
+        "seoul live again once the task moved",
+        |v| v.live("seoul"),
+    )
+    .await?;
+    assert_eq!(task_owner(&fed, partition).await?, other);
+    let up = view.mark("seoul").clone();
+    assert!(up["offset"].as_i64() >= held["offset"].as_i64(), "{up}");
     Ok(())
 }
