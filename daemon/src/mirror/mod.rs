@@ -380,6 +380,11 @@ impl Federation {
         self.client.links()
     }
 
+    /// The QUIC keep-alive interval of this daemon's links.
+    pub fn link_keep_alive(&self) -> std::time::Duration {
+        self.endpoint.tuning().keep_alive_interval
+    }
+
     /// True when the mirror task group was joined (or there is nothing to mirror).
     pub fn joined(&self) -> bool {
         self.tasks

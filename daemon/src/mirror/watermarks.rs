@@ -19,10 +19,13 @@
 //!    news ([`is_news`]: offset, `live` or `since` moved; a `lag_ms` that only grew is not).
 //!    The table changes at most once per [`PUBLISH_EVERY`], so a room's frames are too.
 //!
-//! `live` is the task streaming **and** its link heard from within [`LINK_SILENT_AFTER`]:
-//! QUIC keep-alives (every 2 s) make a healthy link receive datagrams whether or not there
-//! are records, so a cut path shows within seconds, long before the connection's idle
-//! timeout (10 s) or the link session's dead-peer timer (30 s) end the stream.
+//! `live` is the task streaming **and** its link heard from within two keep-alive intervals
+//! ([`silent_after`], 4 s by default): QUIC keep-alives (every 2 s; each elicits an ACK)
+//! make a healthy link receive datagrams whether or not there are records, so a cut path
+//! shows within seconds, long before the connection's idle timeout (10 s) or the link
+//! session's dead-peer timer (30 s) end the stream. The link checked is the one to the
+//! task's origin, the only one a task streams over today; a task streaming from another
+//! region (a relay route) should be checked against the link it streams over.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -43,9 +46,11 @@ pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// How long a published mark stays readable: three publishes and a half, so a late one or
 /// two do not make a partition flap, while a dead owner reads as not live within seconds.
 pub const MARK_TTL: Duration = Duration::from_millis(3_500);
-/// A link from which no datagram arrived for this long is not heard from (keep-alives
-/// every 2 s; two missed ones).
-pub const LINK_SILENT_AFTER: Duration = Duration::from_secs(4);
+/// A link from which no datagram arrived for two of its keep-alive intervals is not heard
+/// from (the shortest this is: a second).
+pub fn silent_after(keep_alive: Duration) -> Duration {
+    keep_alive.saturating_mul(2).max(Duration::from_secs(1))
+}
 
 /// Every daemon's view of the region's watermarks, by (origin, partition).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,13 +181,13 @@ pub fn merge(
 }
 
 /// Per peer link: when it was last heard from, by its received-datagram count.
-#[derive(Default)]
 struct Hearing {
+    silent_after: Duration,
     last: HashMap<String, (u64, Instant)>,
 }
 
 impl Hearing {
-    /// Samples `links`; returns the peers heard from within [`LINK_SILENT_AFTER`].
+    /// Samples `links`; returns the peers heard from within `silent_after`.
     fn sample(&mut self, links: &[LinkStatus], now: Instant) -> Vec<String> {
         let mut heard = Vec::new();
         for l in links {
@@ -194,7 +199,7 @@ impl Hearing {
             if entry.0 != rx {
                 *entry = (rx, now);
             }
-            if now.duration_since(entry.1) < LINK_SILENT_AFTER {
+            if now.duration_since(entry.1) < self.silent_after {
                 heard.push(l.region.clone());
             }
         }
@@ -220,7 +225,10 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let keys = tx.borrow().keys();
-    let mut hearing = Hearing::default();
+    let mut hearing = Hearing {
+        silent_after: silent_after(federation.link_keep_alive()),
+        last: HashMap::new(),
+    };
     let mut caught_up: HashMap<(String, i32), i64> = HashMap::new();
     let mut failing = false;
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
@@ -376,6 +384,42 @@ mod tests {
             owned_mark(&empty, true, None, None, 9).map(|m| m.offset),
             Some(0)
         );
+    }
+
+    fn link(rx: Option<u64>) -> LinkStatus {
+        LinkStatus {
+            region: "seoul".into(),
+            connected: rx.is_some(),
+            rtt_ms: None,
+            addr: None,
+            paused: false,
+            connects: 1,
+            last_error: None,
+            rx_datagrams: rx,
+        }
+    }
+
+    #[test]
+    fn a_link_is_heard_while_its_datagrams_grow() {
+        let mut h = Hearing {
+            silent_after: silent_after(Duration::from_secs(2)),
+            last: HashMap::new(),
+        };
+        let t0 = Instant::now();
+        assert_eq!(h.sample(&[link(Some(10))], t0), vec!["seoul".to_owned()]);
+        let t3 = t0 + Duration::from_secs(3);
+        assert_eq!(
+            h.sample(&[link(Some(10))], t3).len(),
+            1,
+            "3 s of silence: heard"
+        );
+        let t5 = t0 + Duration::from_secs(5);
+        assert!(h.sample(&[link(Some(10))], t5).is_empty(), "4 s of silence");
+        assert_eq!(h.sample(&[link(Some(11))], t5).len(), 1, "a datagram");
+        assert!(h.sample(&[link(None)], t5).is_empty(), "no connection");
+        let mut paused = link(Some(12));
+        paused.paused = true;
+        assert!(h.sample(&[paused], t5).is_empty(), "paused");
     }
 
     #[test]
