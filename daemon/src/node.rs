@@ -171,17 +171,21 @@ impl Node {
                 ));
             }
         }
-        let watermarks = federation.as_ref().map(|f| {
-            let (tx, rx) = watermarks::channel(f.origins.all());
-            tasks.spawn(watermarks::run(
-                region.clone(),
-                f.clone(),
-                bus.clone(),
-                tx,
-                stop_pipeline.child_token(),
-            ));
-            rx
-        });
+        let watermarks = federation
+            .as_ref()
+            .zip(mirror_replay.as_ref())
+            .map(|(f, m)| {
+                let (tx, rx) = watermarks::channel(f.origins.all());
+                tasks.spawn(watermarks::run(
+                    region.clone(),
+                    f.clone(),
+                    bus.clone(),
+                    m.clone(),
+                    tx,
+                    stop_pipeline.child_token(),
+                ));
+                rx
+            });
 
         let gateway = Gateway::new(
             region.clone(),

@@ -300,3 +300,73 @@ async fn a_dead_task_owner_reads_as_not_live_until_its_task_moves() -> Result<()
     assert!(up["offset"].as_i64() >= held["offset"].as_i64(), "{up}");
     Ok(())
 }
+
+/// A region whose daemon (re)starts while the link to seoul is cut still tells its players
+/// how far it holds seoul, and that seoul is not live: the mirror task never reaches seoul
+/// to read its own tail, so the watermark reads the mirror partition's tail itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_started_during_a_cut_says_the_origin_is_down_and_how_far_it_holds_it(
+) -> Result<()> {
+    let room = "lighthouse";
+    let mut spec = FederationSpec::new("watermark-restart", &["seoul", "tokyo"], 1);
+    spec.relayed = true;
+    spec.partitions = i64::from(PARTITIONS);
+    let mut fed = Federation::start(spec).await?;
+    let mut player = WsClient::connect(&fed.region("tokyo").ws(0, "watcher")).await?;
+    let mut view = View::default();
+    let synced = player.sub(room, None, T).await?.synced;
+    view.take(room, &synced)?;
+    let mut herald = WsClient::connect(&fed.region("seoul").ws(0, "herald")).await?;
+    let n = herald
+        .publish(room, json!({"text": "keep watch"}), T)
+        .await?["offset"]
+        .as_i64()
+        .context("ack offset")?;
+    until(
+        &mut player,
+        room,
+        &mut view,
+        T,
+        "seoul live past the message",
+        |v| v.live("seoul") && v.offset("seoul") > n,
+    )
+    .await?;
+    let held = view.mark("seoul").clone();
+    fed.relays[&("tokyo".to_owned(), "seoul".to_owned())].cut();
+    drop(player);
+
+    // tokyo's only daemon dies and comes back while the link is still cut, after its marks
+    // expired in Redis: nothing is known of seoul but what tokyo's Kafka holds.
+    tokio::task::block_in_place(|| fed.region_mut("tokyo").daemons[0].kill9())?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| fed.region_mut("tokyo").daemons[0].restart())?;
+    let mut player = WsClient::connect(&fed.region("tokyo").ws(0, "watcher")).await?;
+    let mut view = View::default();
+    let synced = player.sub(room, None, T).await?.synced;
+    view.take(room, &synced)?;
+    until(
+        &mut player,
+        room,
+        &mut view,
+        Duration::from_secs(45),
+        "seoul's mark after the restart",
+        |v| v.marks.contains_key("seoul"),
+    )
+    .await?;
+    let down = view.mark("seoul").clone();
+    eprintln!("after the restart, during the cut: {down}");
+    assert_eq!(down["live"], false, "{down}");
+    assert_eq!(down["offset"], held["offset"], "{down} vs {held}");
+
+    fed.relays[&("tokyo".to_owned(), "seoul".to_owned())].heal();
+    until(
+        &mut player,
+        room,
+        &mut view,
+        Duration::from_secs(60),
+        "seoul live after the heal",
+        |v| v.live("seoul"),
+    )
+    .await?;
+    Ok(())
+}

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::Federation;
 use crate::bus::{Bus, PartitionMark};
 use crate::kafka::partition_for;
+use crate::replay::MirrorReplay;
 
 /// How often a daemon publishes its tasks' marks and reads the region's.
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
@@ -103,8 +104,10 @@ pub fn changed(before: &OriginMarks, now: &OriginMarks) -> OriginMarks {
 /// The mark of a task this daemon runs, at `now` (ms).
 ///
 /// - `offset`: the mirror partition's last origin offset + 1 (the next one not held), never
-///   below what the region already said (the task reads its tail only once it starts);
-///   `None` (no mark) while neither is known.
+///   below what the region already said. A task reads its tail only once it reaches its
+///   origin (a region started during a cut would know nothing): `tail_read` is the tail
+///   [`run`] read itself for such a task (`Some(None)`: empty). `None` (no mark) while none
+///   of that is known.
 /// - `live`: streaming, and the link `heard` from recently.
 /// - `lag_ms`: 0 when live and caught up with the origin's last reported end; when live but
 ///   behind, the age of the last record written; when not live, the time since this
@@ -116,14 +119,16 @@ pub fn owned_mark(
     heard: bool,
     caught_up_at: Option<i64>,
     previous: Option<&OriginMark>,
+    tail_read: Option<Option<i64>>,
     now: i64,
 ) -> Option<OriginMark> {
     // `None` is an empty mirror partition once streaming (its tail was read), but also a
-    // tail not read yet before that.
-    let held = match (task.mirrored_offset, &task.state) {
-        (Some(o), _) => Some(o.saturating_add(1)),
-        (None, MirrorTaskState::Streaming) => Some(0),
-        (None, _) => None,
+    // tail not read yet before that: then the tail this module read itself, if any.
+    let held = match (task.mirrored_offset, &task.state, tail_read) {
+        (Some(o), _, _) => Some(o.saturating_add(1)),
+        (None, MirrorTaskState::Streaming, _) => Some(0),
+        (None, _, Some(tail)) => Some(tail.map_or(0, |o| o.saturating_add(1))),
+        (None, _, None) => None,
     };
     let offset = match (previous, held) {
         (Some(p), Some(h)) => p.offset.max(h),
@@ -221,6 +226,7 @@ pub async fn run(
     region: String,
     federation: Arc<Federation>,
     bus: Arc<dyn Bus>,
+    mirrors: Arc<MirrorReplay>,
     tx: watch::Sender<Arc<RegionMarks>>,
     stop: CancellationToken,
 ) {
@@ -230,6 +236,7 @@ pub async fn run(
         last: HashMap::new(),
     };
     let mut caught_up: HashMap<(String, i32), i64> = HashMap::new();
+    let mut tails = TailReads::default();
     let mut failing = false;
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,11 +260,14 @@ pub async fn run(
         let mut marks = table.marks.clone();
         merge(&mut marks, &keys, read, now);
         let tasks = federation.task_status();
-        caught_up.retain(|k, _| {
+        let runs = |k: &(String, i32)| {
             tasks
                 .iter()
                 .any(|t| (&t.origin, t.partition) == (&k.0, k.1))
-        });
+        };
+        caught_up.retain(|k, _| runs(k));
+        tails.read.retain(|k, _| runs(k));
+        tails.failed.retain(|k, _| runs(k));
         let mut owned = Vec::with_capacity(tasks.len());
         for t in &tasks {
             let key = (t.origin.clone(), t.partition);
@@ -266,7 +276,15 @@ pub async fn run(
                 caught_up.insert(key.clone(), now);
             }
             let caught_up_at = caught_up.get(&key).copied();
-            if let Some(mark) = owned_mark(t, heard, caught_up_at, marks.get(&key), now) {
+            if t.mirrored_offset.is_none()
+                && t.state != MirrorTaskState::Streaming
+                && !marks.contains_key(&key)
+            {
+                tails.read_once(&region, &mirrors, &key).await;
+            }
+            let tail_read = tails.read.get(&key).copied();
+            if let Some(mark) = owned_mark(t, heard, caught_up_at, marks.get(&key), tail_read, now)
+            {
                 marks.insert(key, mark.clone());
                 owned.push(PartitionMark {
                     origin: t.origin.clone(),
@@ -306,6 +324,46 @@ pub async fn run(
     }
 }
 
+/// Tails of mirror partitions this module read itself, for tasks that have not read theirs
+/// (see [`owned_mark`]): at most one read per task, retried every [`TAIL_RETRY`].
+#[derive(Default)]
+struct TailReads {
+    read: HashMap<(String, i32), Option<i64>>,
+    failed: HashMap<(String, i32), Instant>,
+}
+
+/// Bound on one tail read (it shares the mirror replay's read slots with players).
+const TAIL_READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Wait before reading a tail again after a failed read.
+const TAIL_RETRY: Duration = Duration::from_secs(10);
+
+impl TailReads {
+    async fn read_once(&mut self, region: &str, mirrors: &MirrorReplay, key: &(String, i32)) {
+        if self.read.contains_key(key)
+            || self
+                .failed
+                .get(key)
+                .is_some_and(|at| at.elapsed() < TAIL_RETRY)
+        {
+            return;
+        }
+        match mirrors
+            .reader
+            .mirror_tail(&key.0, key.1, TAIL_READ_TIMEOUT)
+            .await
+        {
+            Ok(tail) => {
+                self.failed.remove(key);
+                self.read.insert(key.clone(), tail);
+            }
+            Err(e) => {
+                tracing::warn!(%region, origin = %key.0, partition = key.1, error = %e, "replication watermark: cannot read the mirror partition's tail; retrying in 10 s");
+                self.failed.insert(key.clone(), Instant::now());
+            }
+        }
+    }
+}
+
 /// Logs the first of a run of bus failures. Redis unreachable means the fan-out is down
 /// too; the table is kept as it is until the bus answers again.
 fn note_failure(region: &str, failing: &mut bool, e: &crate::bus::BusError) {
@@ -341,7 +399,7 @@ mod tests {
     #[test]
     fn an_owned_mark_is_live_only_streaming_and_heard() {
         let t = task(MirrorTaskState::Streaming, Some(41), Some(0));
-        let m = owned_mark(&t, true, Some(19_000), None, 20_000).unwrap();
+        let m = owned_mark(&t, true, Some(19_000), None, None, 20_000).unwrap();
         assert_eq!(
             m,
             OriginMark {
@@ -352,16 +410,20 @@ mod tests {
             }
         );
         // Silent link: not live; lag since it was last known complete; since moves.
-        let m2 = owned_mark(&t, false, Some(19_000), Some(&m), 25_000).unwrap();
+        let m2 = owned_mark(&t, false, Some(19_000), Some(&m), None, 25_000).unwrap();
         assert!(!m2.live);
         assert_eq!(m2.lag_ms, Some(6_000));
         assert_eq!(m2.since, Some(25_000));
         // Still down a second later: since stays.
-        let m3 = owned_mark(&t, false, Some(19_000), Some(&m2), 26_000).unwrap();
+        let m3 = owned_mark(&t, false, Some(19_000), Some(&m2), None, 26_000).unwrap();
         assert_eq!(m3.since, Some(25_000));
         // Not streaming, heard or not: not live.
         let backoff = task(MirrorTaskState::Backoff("cut".into()), Some(41), None);
-        assert!(!owned_mark(&backoff, true, None, None, 1).unwrap().live);
+        assert!(
+            !owned_mark(&backoff, true, None, None, None, 1)
+                .unwrap()
+                .live
+        );
     }
 
     #[test]
@@ -375,13 +437,18 @@ mod tests {
             since: Some(5),
         };
         assert_eq!(
-            owned_mark(&t, true, None, Some(&before), 9).map(|m| m.offset),
+            owned_mark(&t, true, None, Some(&before), None, 9).map(|m| m.offset),
             Some(42)
         );
-        assert_eq!(owned_mark(&t, true, None, None, 9), None);
+        assert_eq!(owned_mark(&t, true, None, None, None, 9), None);
+        // ... unless its tail was read for it: not live, from the tail.
+        let m = owned_mark(&t, false, None, None, Some(Some(41)), 9).unwrap();
+        assert_eq!((m.offset, m.live), (42, false));
+        let m = owned_mark(&t, false, None, None, Some(None), 9).unwrap();
+        assert_eq!(m.offset, 0);
         let empty = task(MirrorTaskState::Streaming, None, Some(0));
         assert_eq!(
-            owned_mark(&empty, true, None, None, 9).map(|m| m.offset),
+            owned_mark(&empty, true, None, None, None, 9).map(|m| m.offset),
             Some(0)
         );
     }
