@@ -230,7 +230,6 @@ pub async fn run(
     tx: watch::Sender<Arc<RegionMarks>>,
     stop: CancellationToken,
 ) {
-    let keys = tx.borrow().keys();
     let mut hearing = Hearing {
         silent_after: silent_after(federation.link_keep_alive()),
         last: HashMap::new(),
@@ -248,6 +247,14 @@ pub async fn run(
         let now = now_ms();
         let heard = hearing.sample(&federation.link_status(), Instant::now());
         let table = tx.borrow().clone();
+        // An origin's partition count is learned from the origin and may grow at run time:
+        // the room → partition mapping and the marks read follow it.
+        let partitions = federation.origins.all();
+        let keys = RegionMarks {
+            partitions: partitions.clone(),
+            marks: HashMap::new(),
+        }
+        .keys();
         // Read first: a task that just moved here takes over its mark (offset, since)
         // from the daemon that ran it before.
         let read = match bus.watermarks(&keys).await {
@@ -302,8 +309,8 @@ pub async fn run(
             tracing::info!(%region, "replication watermarks: the bus answers again");
             failing = false;
         }
-        if marks != table.marks {
-            let mut news = false;
+        if marks != table.marks || partitions != table.partitions {
+            let mut news = partitions != table.partitions;
             for (key, m) in &marks {
                 let before = table.marks.get(key);
                 news |= is_news(before, m);
@@ -314,10 +321,7 @@ pub async fn run(
             // The newest marks are always what a `synced` reads; sessions are woken only
             // for news (not for a `lag_ms` that grew while a link stays down).
             tx.send_if_modified(|current| {
-                *current = Arc::new(RegionMarks {
-                    partitions: table.partitions.clone(),
-                    marks,
-                });
+                *current = Arc::new(RegionMarks { partitions, marks });
                 news
             });
         }
