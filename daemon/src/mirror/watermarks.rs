@@ -13,6 +13,9 @@
 //!    ([`owned_mark`], continuing the mark it just read, so a task that moved keeps its
 //!    offset and `since`) and puts it on the bus with a time to live of [`MARK_TTL`], so a
 //!    dead owner, or a task that moved, leaves nothing readable behind a few seconds later.
+//!    A task that has not reached its origin has not read its mirror partition's tail
+//!    either (a region started during a cut): [`run`] reads that tail itself, read-only,
+//!    through the mirror replay's reader (never the sink's tail, which fences writers).
 //! 3. **Hand them to the sessions.** When the table changed, it goes out on a `watch`
 //!    channel ([`MarksWatch`]); each session picks its rooms' partitions from it
 //!    ([`RegionMarks::for_room`]) and sends a `wm` frame for the origins whose mark is
