@@ -15,6 +15,10 @@ use dtfed_tests::harness::{http_get, Federation, FederationSpec, WsClient};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
+
+/// Each test starts several brokers and daemons and times what players see: one at a time
+/// on a 2-core machine (`deploy/test.sh` runs two tests of a binary at once).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PARTITIONS: i32 = 2;
 
 /// Index of the tokyo daemon that runs the mirror task (seoul, `partition`), once one does
@@ -131,6 +135,7 @@ async fn until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_down() -> Result<()>
 {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let room = "watchtower";
     let mut spec = FederationSpec::new("watermark", &["seoul", "tokyo", "frankfurt"], 2);
     spec.relayed = true;
@@ -240,6 +245,7 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
 /// until the task runs on the survivor and streams again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_task_owner_reads_as_not_live_until_its_task_moves() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let room = "beacon";
     let mut spec = FederationSpec::new("watermark-owner", &["seoul", "tokyo"], 2);
     spec.partitions = i64::from(PARTITIONS);
@@ -307,6 +313,7 @@ async fn a_dead_task_owner_reads_as_not_live_until_its_task_moves() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_started_during_a_cut_says_the_origin_is_down_and_how_far_it_holds_it(
 ) -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let room = "lighthouse";
     let mut spec = FederationSpec::new("watermark-restart", &["seoul", "tokyo"], 1);
     spec.relayed = true;
