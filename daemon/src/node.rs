@@ -38,7 +38,7 @@ use crate::fanout::FanoutOwner;
 use crate::gateway::{self, Gateway};
 use crate::kafka;
 use crate::metrics::Metrics;
-use crate::mirror::Federation;
+use crate::mirror::{watermarks, Federation};
 use crate::replay::{MirrorReplay, MirrorRoomReader, RoomLogReader};
 use crate::rooms::LocalRooms;
 use crate::verify::reader::RoomDigests;
@@ -171,6 +171,21 @@ impl Node {
                 ));
             }
         }
+        let watermarks = federation
+            .as_ref()
+            .zip(mirror_replay.as_ref())
+            .map(|(f, m)| {
+                let (tx, rx) = watermarks::channel(f.origins.all());
+                tasks.spawn(watermarks::run(
+                    region.clone(),
+                    f.clone(),
+                    bus.clone(),
+                    m.clone(),
+                    tx,
+                    stop_pipeline.child_token(),
+                ));
+                rx
+            });
 
         let gateway = Gateway::new(
             region.clone(),
@@ -184,6 +199,7 @@ impl Node {
             cfg.kafka.publish_timeout() + Duration::from_secs(1),
             cfg.api.as_ref(),
             cfg.stomp.clone(),
+            watermarks,
         );
         let stop_accepting = CancellationToken::new();
         {

@@ -330,6 +330,19 @@ mod tests {
         ) -> Result<(), BusError> {
             self.inner.settle_publish(key, outcome, window_ms).await
         }
+        async fn put_watermarks(
+            &self,
+            marks: &[crate::bus::PartitionMark],
+            ttl_ms: i64,
+        ) -> Result<(), BusError> {
+            self.inner.put_watermarks(marks, ttl_ms).await
+        }
+        async fn watermarks(
+            &self,
+            keys: &[(String, i32)],
+        ) -> Result<Vec<Option<dtfed_proto::OriginMark>>, BusError> {
+            self.inner.watermarks(keys).await
+        }
     }
 
     fn sink() -> SessionSink {

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dtfed::bus::memory::MemoryBus;
 use dtfed::bus::redis::RedisBus;
-use dtfed::bus::{Bus, BusEvent, BusEvents, PublishClaim, PublishKey, PublishOutcome};
+use dtfed::bus::{
+    Bus, BusEvent, BusEvents, PartitionMark, PublishClaim, PublishKey, PublishOutcome,
+};
 use dtfed::config::{HistoryConfig, RedisConfig};
 use dtfed_proto::client::Body;
 use dtfed_proto::record::LogValue;
-use dtfed_proto::{LogRecord, MsgFrame, RoomId};
+use dtfed_proto::{LogRecord, MsgFrame, OriginMark, RoomId};
 
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 
@@ -1034,4 +1036,103 @@ async fn bus_redis_publish_claims() {
         .await
         .unwrap();
     publish_claim_semantics(&bus).await;
+}
+
+fn mark(origin: &str, partition: i32, offset: i64, live: bool) -> PartitionMark {
+    PartitionMark {
+        origin: origin.into(),
+        partition,
+        mark: OriginMark {
+            offset,
+            live,
+            lag_ms: Some(if live { 0 } else { 1500 }),
+            since: Some(1_700_000_000_000 + offset),
+        },
+    }
+}
+
+/// Replication watermarks, as the region's daemons share them: what one daemon puts, another
+/// handle on the same bus reads, keyed by (origin, partition); a later put replaces; nothing
+/// readable outlives its time to live (a dead task owner reads as gone).
+async fn watermark_semantics<B: Bus>(writer: &B, reader: &B) {
+    let keys = vec![
+        ("seoul".to_owned(), 0),
+        ("seoul".to_owned(), 1),
+        ("tokyo".to_owned(), 0),
+    ];
+    assert_eq!(
+        reader.watermarks(&keys).await.unwrap(),
+        vec![None, None, None]
+    );
+    assert!(reader.watermarks(&[]).await.unwrap().is_empty());
+    writer.put_watermarks(&[], 1_000).await.unwrap();
+    let a = mark("seoul", 1, 41, true);
+    let b = mark("tokyo", 0, 7, false);
+    writer
+        .put_watermarks(&[a.clone(), b.clone()], 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.watermarks(&keys).await.unwrap(),
+        vec![None, Some(a.mark.clone()), Some(b.mark.clone())]
+    );
+    // A later put replaces the mark of its partition only.
+    let a2 = mark("seoul", 1, 45, false);
+    writer
+        .put_watermarks(std::slice::from_ref(&a2), 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.watermarks(&keys).await.unwrap(),
+        vec![None, Some(a2.mark), Some(b.mark)]
+    );
+    // Expiry: a mark put with a short time to live is gone after it.
+    let c = mark("seoul", 0, 3, true);
+    writer
+        .put_watermarks(std::slice::from_ref(&c), 300)
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.watermarks(&keys[..1]).await.unwrap(),
+        vec![Some(c.mark)]
+    );
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(reader.watermarks(&keys[..1]).await.unwrap(), vec![None]);
+}
+
+#[tokio::test]
+async fn bus_memory_watermarks() {
+    let (a, _ea) = MemoryBus::new(&history_cfg());
+    let (b, _eb) = a.attach();
+    watermark_semantics(&a, &b).await;
+}
+
+#[tokio::test]
+async fn bus_redis_watermarks() {
+    let server = RedisServer::start();
+    // Two daemons of one region: one Redis, one key prefix.
+    let cfg = redis_cfg(&server);
+    let (a, _ea) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let (b, _eb) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    watermark_semantics(&a, &b).await;
+}
+
+#[tokio::test]
+async fn bus_redis_watermark_garbage_reads_as_nothing() {
+    let server = RedisServer::start();
+    let cfg = redis_cfg(&server);
+    let (bus, _e) = RedisBus::connect(&cfg, &history_cfg()).await.unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = cfg.key_prefix;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:{{wm}}:seoul:0"))
+        .arg("not a mark")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        bus.watermarks(&[("seoul".to_owned(), 0)]).await.unwrap(),
+        vec![None]
+    );
 }

@@ -6,6 +6,7 @@
 //! is echoed in the error.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -264,6 +265,29 @@ pub struct MsgFrame {
     pub body: Body,
 }
 
+/// How far the serving region holds one origin region's log for a room, and whether it is
+/// receiving it now: a value of `synced`'s and `wm`'s `origins` (see `docs/PROTOCOL.md`,
+/// "Replication watermarks").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginMark {
+    /// The next origin offset of the room's partition this region does not hold yet: every
+    /// message of the room from this origin below it is here (or was a `gap`).
+    pub offset: i64,
+    /// This region is receiving the origin's partition now (its stream is up and the
+    /// origin was heard from within a few seconds).
+    pub live: bool,
+    /// How far behind this region's copy may be, in ms: 0 when live and caught up; else
+    /// the age of what it last knew complete (`null` when unknown).
+    pub lag_ms: Option<i64>,
+    /// When `live` last changed, ms since the epoch, as this region saw it (`null` when
+    /// unknown).
+    #[serde(default)]
+    pub since: Option<i64>,
+}
+
+/// Per origin region: its [`OriginMark`] for one room.
+pub type OriginMarks = BTreeMap<String, OriginMark>;
+
 /// A frame to a player.
 ///
 /// Serialized with an `op` tag. Decoding goes through [`decode_server_frame`]: serde's tagged
@@ -282,6 +306,16 @@ pub enum ServerFrame {
     Synced {
         room: RoomId,
         cursor: Cursor,
+        /// Per remote origin region, how far this region holds it (additive; absent when
+        /// the region mirrors nothing).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        origins: OriginMarks,
+    },
+    /// The replication watermark of `room` changed for some origins (additive): only the
+    /// origins that changed are listed.
+    Wm {
+        room: RoomId,
+        origins: OriginMarks,
     },
     Gap {
         room: RoomId,
@@ -452,6 +486,22 @@ mod tests {
         proptest::collection::btree_map("[a-z]{1,8}", 0i64..1 << 50, 0..4).prop_map(Cursor)
     }
 
+    fn origin_marks() -> impl Strategy<Value = OriginMarks> {
+        let mark = (
+            0i64..1 << 50,
+            any::<bool>(),
+            proptest::option::of(0i64..1 << 40),
+            proptest::option::of(0i64..1 << 45),
+        )
+            .prop_map(|(offset, live, lag_ms, since)| OriginMark {
+                offset,
+                live,
+                lag_ms,
+                since,
+            });
+        proptest::collection::btree_map("[a-z]{1,8}", mark, 0..3)
+    }
+
     fn client_frame() -> impl Strategy<Value = ClientFrame> {
         prop_oneof![
             (room(), proptest::option::of(cursor()))
@@ -502,7 +552,14 @@ mod tests {
                     origin,
                     offset
                 }),
-            (room(), cursor()).prop_map(|(room, cursor)| ServerFrame::Synced { room, cursor }),
+            (room(), cursor(), origin_marks()).prop_map(|(room, cursor, origins)| {
+                ServerFrame::Synced {
+                    room,
+                    cursor,
+                    origins,
+                }
+            }),
+            (room(), origin_marks()).prop_map(|(room, origins)| ServerFrame::Wm { room, origins }),
             (room(), cursor()).prop_map(|(room, cursor)| ServerFrame::More { room, cursor }),
             (room(), "[a-z]{1,8}", 0i64..1000, 0i64..1000).prop_map(|(room, origin, from, to)| {
                 ServerFrame::Gap {
@@ -524,6 +581,48 @@ mod tests {
                     reference
                 }),
         ]
+    }
+
+    #[test]
+    fn watermark_frames_match_the_protocol_text() {
+        let origins: OriginMarks = [(
+            "seoul".to_owned(),
+            OriginMark {
+                offset: 42,
+                live: false,
+                lag_ms: Some(3000),
+                since: Some(1_700_000_000_000),
+            },
+        )]
+        .into_iter()
+        .collect();
+        let wm = ServerFrame::Wm {
+            room: RoomId::parse("r").unwrap(),
+            origins: origins.clone(),
+        };
+        assert_eq!(
+            wm.to_json(),
+            r#"{"op":"wm","room":"r","origins":{"seoul":{"offset":42,"live":false,"lag_ms":3000,"since":1700000000000}}}"#
+        );
+        // Without origins, `synced` is the frame v1 always sent.
+        let synced = ServerFrame::Synced {
+            room: RoomId::parse("r").unwrap(),
+            cursor: Cursor::default(),
+            origins: OriginMarks::new(),
+        };
+        assert_eq!(
+            synced.to_json(),
+            r#"{"op":"synced","room":"r","cursor":{}}"#
+        );
+        let synced = ServerFrame::Synced {
+            room: RoomId::parse("r").unwrap(),
+            cursor: Cursor::default(),
+            origins,
+        };
+        assert_eq!(
+            synced.to_json(),
+            r#"{"op":"synced","room":"r","cursor":{},"origins":{"seoul":{"offset":42,"live":false,"lag_ms":3000,"since":1700000000000}}}"#
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod record;
 pub mod room;
 pub mod stomp;
 
-pub use client::{ClientFrame, ErrorCode, MsgFrame, ServerFrame};
+pub use client::{ClientFrame, ErrorCode, MsgFrame, OriginMark, OriginMarks, ServerFrame};
 pub use cursor::Cursor;
 pub use record::LogRecord;
 pub use room::RoomId;

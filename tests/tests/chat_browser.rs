@@ -2,16 +2,20 @@
 //! and daemon with `client.chat_page` on, mirroring over QUIC with mutual TLS), Debian's
 //! `chromium` driven by `puppeteer-core` from `tests/node/jsclient/chat_browser.mjs`. A page
 //! per region joins one room and sends; each must see the other region's message with its
-//! origin. The browser runs in its own process group: the script writes its PID first, and
+//! origin. Then the link tokyo pulls seoul over is cut (a WAN relay): tokyo's page must say
+//! "seoul: link down since …, messages may arrive late", and stop saying so after the heal
+//! (the replication watermark, `wm` frames). The browser runs in its own process group: the script writes its PID first, and
 //! [`BrowserGuard`] kills that group when the test ends, however it ends.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dtfed_tests::harness::sys;
 use dtfed_tests::harness::util::{loopback, repo_root};
-use dtfed_tests::harness::{http_get, Federation, FederationSpec, NodeScript, TestDir};
+use dtfed_tests::harness::{
+    http_get, pid_alive, Federation, FederationSpec, NodeScript, RunningNode, TestDir,
+};
 
 /// Kills the browser's process group (its PID, from the script) on drop.
 struct BrowserGuard {
@@ -47,6 +51,7 @@ async fn chat_pages_of_two_regions_show_each_others_messages_with_their_origin()
     let chromium = chromium()?;
     let mut spec = FederationSpec::new("chat-browser", &["seoul", "tokyo"], 1);
     spec.extra_config = "[client]\nchat_page = true\n".into();
+    spec.relayed = true;
     let fed = Federation::start(spec).await?;
     let control = TestDir::new("chat-browser-control")?;
     let _browser = BrowserGuard {
@@ -80,7 +85,7 @@ async fn chat_pages_of_two_regions_show_each_others_messages_with_their_origin()
         anyhow::ensure!(r.status == 404, "{path}: {}", r.status);
     }
 
-    let run = NodeScript::new("jsclient", "chat_browser.mjs")
+    let node = NodeScript::new("jsclient", "chat_browser.mjs")
         .env("PAGE_A", format!("http://127.0.0.1:{}/", a.ports[0].client))
         .env("PAGE_B", format!("http://127.0.0.1:{}/", b.ports[0].client))
         .env("REGION_A", &a.name)
@@ -88,8 +93,31 @@ async fn chat_pages_of_two_regions_show_each_others_messages_with_their_origin()
         .env("ROOM", "table-browser")
         .env("CHROMIUM", chromium.display().to_string())
         .env("CONTROL_DIR", control.path().display().to_string())
-        .deadline(Duration::from_secs(120));
-    let out = tokio::task::spawn_blocking(move || run.run()).await??;
+        .deadline(Duration::from_secs(150))
+        .start()?;
+    // The script asks for the cut and the heal of the link B pulls A over.
+    let relay = &fed.relays[&(b.name.clone(), a.name.clone())];
+    let steps = async {
+        wait_control(control.path(), "cut", &node, Duration::from_secs(90)).await?;
+        relay.cut();
+        std::fs::write(control.path().join("was-cut"), "")?;
+        wait_control(control.path(), "heal", &node, Duration::from_secs(60)).await?;
+        relay.heal();
+        std::fs::write(control.path().join("was-healed"), "")?;
+        anyhow::Ok(())
+    }
+    .await;
+    if steps.is_err() {
+        let _ = sys::send_signal(node.pid() as i32, libc::SIGKILL);
+    }
+    let out = tokio::task::spawn_blocking(move || node.finish()).await??;
+    if let Err(e) = steps {
+        bail!(
+            "{e:#}\n--- script stdout\n{}\n--- stderr\n{}",
+            out.stdout,
+            out.stderr
+        );
+    }
     println!("--- script stdout\n{}", out.stdout);
     out.ensure_success()?;
     anyhow::ensure!(
@@ -101,5 +129,20 @@ async fn chat_pages_of_two_regions_show_each_others_messages_with_their_origin()
         "no ok line:\n{}",
         out.stdout
     );
+    Ok(())
+}
+
+/// Waits until the script writes `name` in `dir` (or exits, or `timeout` passes).
+async fn wait_control(dir: &Path, name: &str, node: &RunningNode, timeout: Duration) -> Result<()> {
+    let end = Instant::now() + timeout;
+    while !dir.join(name).exists() {
+        if !pid_alive(node.pid()) {
+            bail!("the script exited before writing {name}");
+        }
+        if Instant::now() > end {
+            bail!("the script did not write {name} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }

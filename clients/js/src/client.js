@@ -58,14 +58,17 @@ const DEFAULTS = {
  * Events (`on(name, fn)`): `message` (a new message, in order per room and origin), `gap`,
  * `state` (`{state, url, index}`: connecting, open, reconnecting, closed), `synced`
  * (`{room, cursor}`), `resync` (a hole was seen: `{room, origin, prev, last}`),
- * `watermark` (a `wm` frame as is), `error` (`{code, message}` not tied to a publish).
+ * `watermark` (`{room, origins, changed}`: the serving region's replication watermark of the
+ * room per remote origin, `{offset, live, lag_ms, since}`, after `synced` and every `wm`
+ * frame; `origins` is every origin known, `changed` those this frame named), `error`
+ * (`{code, message}` not tied to a publish).
  */
 export class DtfedClient {
   #opts;
   #WebSocket;
   #store;
   #handlers = new Map();
-  #rooms = new Map(); // room -> { cursor: RoomCursor, live: bool, resyncing: bool }
+  #rooms = new Map(); // room -> { cursor: RoomCursor, live: bool, resyncing: bool, marks: {origin: mark} }
   #pending = new Map(); // ref -> { room, body, resolve, reject, sentOn }
   #refPrefix = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);
   #refSeq = 0;
@@ -159,7 +162,7 @@ export class DtfedClient {
     } catch (e) {
       this.#log("cursor store load failed", room, e);
     }
-    this.#rooms.set(room, { cursor: new RoomCursor(saved), live: false, resyncing: false, fresh: saved === null });
+    this.#rooms.set(room, { cursor: new RoomCursor(saved), live: false, resyncing: false, fresh: saved === null, marks: {} });
     this.#sendSub(room);
   }
 
@@ -167,6 +170,14 @@ export class DtfedClient {
   unsubscribe(room) {
     if (!this.#rooms.delete(room)) return;
     this.#send({ op: "unsub", room });
+  }
+
+  /**
+   * The serving region's replication watermark of `room` per remote origin (`{offset, live,
+   * lag_ms, since}`), as last told (`synced`, then `wm` frames); `{}` before that.
+   */
+  watermarks(room) {
+    return { ...(this.#rooms.get(room)?.marks ?? {}) };
   }
 
   /** A copy of `room`'s cursor. */
@@ -438,7 +449,7 @@ export class DtfedClient {
       case "error":
         return this.#onError(f);
       case "wm":
-        return this.#emit("watermark", f);
+        return this.#onWatermark(f, false);
       default:
         return; // pong, and ops of later versions
     }
@@ -485,6 +496,27 @@ export class DtfedClient {
     // Only fill origins the cursor lacks (a live-only `sub`): never skip past what arrived.
     if (r.cursor.merge(f.cursor, { onlyMissing: true })) this.#save(f.room, r);
     this.#emit("synced", { room: f.room, cursor: r.cursor.snapshot() });
+    this.#onWatermark(f, true);
+  }
+
+  /** `synced` (all origins: replaces) or `wm` (the origins that changed: merged). */
+  #onWatermark(f, whole) {
+    const r = this.#rooms.get(f.room);
+    const origins = whole ? (f.origins ?? {}) : f.origins;
+    if (!r || origins === null || typeof origins !== "object" || Array.isArray(origins)) return;
+    const changed = {};
+    for (const [origin, m] of Object.entries(origins)) {
+      if (m === null || typeof m !== "object" || !Number.isSafeInteger(m.offset) || typeof m.live !== "boolean") {
+        this.#log("malformed watermark", origin, m);
+        continue;
+      }
+      changed[origin] = { offset: m.offset, live: m.live, lag_ms: m.lag_ms ?? null, since: m.since ?? null };
+    }
+    const forgotten = whole && Object.keys(r.marks).length > 0;
+    r.marks = whole ? changed : { ...r.marks, ...changed };
+    if (forgotten || Object.keys(changed).length > 0) {
+      this.#emit("watermark", { room: f.room, origins: { ...r.marks }, changed });
+    }
   }
 
   #onMore(f) {

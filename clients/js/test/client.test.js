@@ -114,11 +114,40 @@ test("more continues from its cursor; gap moves past and is reported; wm is surf
   ws.say(msg(6, 3)); // prev is the more cursor's offset, not a message: fine
   ws.say({ op: "gap", room: "t", origin: "b", from: 9, to: 20 });
   ws.say(msg(25, 14, "b")); // prev inside the gap: not a hole
-  ws.say({ op: "wm", room: "t", origin: "b", offset: 30 });
   assert.deepEqual(seen.messages.map((m) => `${m.origin}${m.offset}`), ["a1", "a6", "b25"]);
   assert.deepEqual(seen.gaps, [{ room: "t", origin: "b", from: 9, to: 20 }]);
   assert.equal(seen.resyncs.length, 0);
-  assert.deepEqual(seen.watermarks, [{ op: "wm", room: "t", origin: "b", offset: 30 }]);
+  client.close();
+});
+
+test("watermarks: synced gives every origin, wm frames merge the ones that changed", async () => {
+  const { client, sockets, seen } = setup();
+  client.subscribe("t");
+  client.connect();
+  const ws = await socketCount(sockets, 1);
+  ws.open();
+  ws.take();
+  const up = { offset: 30, live: true, lag_ms: 0, since: 1000 };
+  const c = { offset: 4, live: true, lag_ms: 0, since: 900 };
+  ws.say({ op: "synced", room: "t", cursor: {}, origins: { b: up, c } });
+  assert.deepEqual(client.watermarks("t"), { b: up, c });
+  const down = { offset: 30, live: false, lag_ms: 1500, since: 5000 };
+  ws.say({ op: "wm", room: "t", origins: { b: down } });
+  assert.deepEqual(client.watermarks("t"), { b: down, c });
+  assert.deepEqual(seen.watermarks, [
+    { room: "t", origins: { b: up, c }, changed: { b: up, c } },
+    { room: "t", origins: { b: down, c }, changed: { b: down } },
+  ]);
+  // Malformed marks and other rooms' frames change nothing.
+  ws.say({ op: "wm", room: "t", origins: { b: { offset: "x", live: true } } });
+  ws.say({ op: "wm", room: "elsewhere", origins: { b: up } });
+  ws.say({ op: "wm", room: "t", origins: [1] });
+  assert.deepEqual(client.watermarks("t"), { b: down, c });
+  // A synced without origins (a region that mirrors nothing) forgets them, and says so.
+  ws.say({ op: "synced", room: "t", cursor: {} });
+  assert.deepEqual(client.watermarks("t"), {});
+  assert.equal(seen.watermarks.length, 3);
+  assert.deepEqual(seen.watermarks[2], { room: "t", origins: {}, changed: {} });
   client.close();
 });
 

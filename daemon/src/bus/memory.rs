@@ -23,12 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, OriginMark, RoomId};
 use tokio::sync::mpsc;
 
 use super::{
-    claim_value, parse_claim, Bus, BusError, BusEvent, BusEvents, PublishClaim, PublishKey,
-    PublishOutcome,
+    claim_value, mark_value, parse_claim, parse_mark, Bus, BusError, BusEvent, BusEvents,
+    PartitionMark, PublishClaim, PublishKey, PublishOutcome,
 };
 use crate::config::HistoryConfig;
 
@@ -56,6 +56,8 @@ struct State {
     subs: HashMap<RoomId, HashMap<u64, Arc<Sink>>>,
     /// Publish claims: value and expiry (ms).
     publishes: HashMap<PublishKey, (String, i64)>,
+    /// Replication watermarks by (origin, partition): stored form and expiry (ms).
+    watermarks: HashMap<(String, i32), (String, i64)>,
 }
 
 /// Expired publish claims are swept when there are more than this many.
@@ -305,5 +307,31 @@ impl Bus for MemoryBus {
             }
         }
         Ok(())
+    }
+
+    async fn put_watermarks(&self, marks: &[PartitionMark], ttl_ms: i64) -> Result<(), BusError> {
+        let expires = now_ms().saturating_add(ttl_ms.max(1));
+        let mut st = self.member.shared.lock();
+        for m in marks {
+            st.watermarks.insert(
+                (m.origin.clone(), m.partition),
+                (mark_value(&m.mark), expires),
+            );
+        }
+        Ok(())
+    }
+
+    async fn watermarks(
+        &self,
+        keys: &[(String, i32)],
+    ) -> Result<Vec<Option<OriginMark>>, BusError> {
+        let now = now_ms();
+        let mut st = self.member.shared.lock();
+        // Bounded by the region's mirror partitions; expired ones go as in Redis.
+        st.watermarks.retain(|_, (_, expires)| *expires > now);
+        Ok(keys
+            .iter()
+            .map(|k| st.watermarks.get(k).and_then(|(v, _)| parse_mark(v)))
+            .collect())
     }
 }

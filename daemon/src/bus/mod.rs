@@ -8,7 +8,10 @@
 //! replaying after a crash) and is skipped, so `apply` is idempotent.
 //!
 //! The bus also keeps the claims that make a publish with a `ref` idempotent
-//! ([`Bus::claim_publish`], [`Bus::settle_publish`]; see `gateway::publish`).
+//! ([`Bus::claim_publish`], [`Bus::settle_publish`]; see `gateway::publish`), and the
+//! region's replication watermarks, each published by the daemon running that mirror
+//! partition's task and read by every daemon ([`Bus::put_watermarks`],
+//! [`Bus::watermarks`]; see `mirror::watermarks`).
 //!
 //! Gateways [`Bus::subscribe`] to the rooms that have local players and receive
 //! [`BusEvent`]s. Live delivery is fire-and-forget (Redis Pub/Sub), so the subscriber says
@@ -24,7 +27,7 @@ pub mod redis;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, OriginMark, RoomId};
 use tokio::sync::mpsc;
 
 /// What the bus delivers to the gateway's room dispatcher.
@@ -99,6 +102,27 @@ pub enum PublishOutcome {
     Unknown {
         since: i64,
     },
+}
+
+/// The replication watermark of one mirror partition, (origin, partition), as the daemon
+/// running its mirror task publishes it (see `mirror::watermarks`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionMark {
+    pub origin: String,
+    pub partition: i32,
+    pub mark: OriginMark,
+}
+
+/// A watermark's stored form: the mark's JSON.
+fn mark_value(mark: &OriginMark) -> String {
+    // A plain struct of numbers and booleans: serializing cannot fail.
+    serde_json::to_string(mark).unwrap_or_default()
+}
+
+/// Reads a stored watermark; `None` for anything unreadable (logged by the caller's view:
+/// a missing mark reads as "not live").
+fn parse_mark(v: &str) -> Option<OriginMark> {
+    serde_json::from_str(v).ok()
 }
 
 /// A claim's stored form: `a<offset>` (stored) or `p<ms>` (pending since).
@@ -189,6 +213,16 @@ pub trait Bus: Send + Sync + 'static {
         outcome: PublishOutcome,
         window_ms: i64,
     ) -> Result<(), BusError>;
+
+    /// Publishes the watermarks of the mirror partitions this daemon runs, replacing what
+    /// was there for them, each readable for `ttl_ms` only: a daemon that stops publishing
+    /// (dead, or its task moved) leaves nothing behind once that passes.
+    async fn put_watermarks(&self, marks: &[PartitionMark], ttl_ms: i64) -> Result<(), BusError>;
+
+    /// The watermarks of `keys` ((origin, partition)) as last published and not expired, in
+    /// the order of `keys` (`None`: nothing, or nothing readable).
+    async fn watermarks(&self, keys: &[(String, i32)])
+        -> Result<Vec<Option<OriginMark>>, BusError>;
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::append::KafkaAppender;
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
+use crate::mirror::watermarks::MarksWatch;
 use crate::replay::MirrorReplay;
 use crate::replay::RoomLogReader;
 use crate::rooms::LocalRooms;
@@ -95,6 +96,9 @@ pub struct Gateway {
     pub drain_timeout: Duration,
     /// STOMP at `/stomp` (`[stomp]`).
     pub stomp: Arc<stomp::Stomp>,
+    /// The region's replication watermarks (federated only): `synced`'s `origins` and the
+    /// `wm` frames come from it.
+    pub watermarks: Option<MarksWatch>,
     connections: AtomicUsize,
     next_session: AtomicU64,
     sessions: TaskTracker,
@@ -116,6 +120,7 @@ impl Gateway {
         drain_timeout: Duration,
         api: Option<&api::ApiConfig>,
         stomp: stomp::StompConfig,
+        watermarks: Option<MarksWatch>,
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             auth: Authenticator::new(&cfg),
@@ -130,6 +135,7 @@ impl Gateway {
             chat_page,
             drain_timeout,
             stomp: stomp::Stomp::new(stomp),
+            watermarks,
             connections: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             sessions: TaskTracker::new(),
@@ -155,6 +161,14 @@ impl Gateway {
             "cursor names region {origin:?}, which is neither {} nor one of its peers",
             self.region
         ))
+    }
+
+    /// The replication watermarks of `room`, per remote origin (empty when not federated).
+    pub fn room_marks(&self, room: &dtfed_proto::RoomId) -> dtfed_proto::OriginMarks {
+        self.watermarks
+            .as_ref()
+            .map(|w| w.borrow().for_room(room))
+            .unwrap_or_default()
     }
 
     /// Open WebSocket connections.

@@ -18,6 +18,15 @@
 //! `sendto` instead of one per frame. A write (feed or flush) the player does not take
 //! within [`WRITE_TIMEOUT`](super::socket::WRITE_TIMEOUT) closes the connection as a slow reader.
 //!
+//! # Replication watermarks
+//!
+//! When the region mirrors other regions, `synced` carries the room's `origins` (how far
+//! this region holds each origin's log for the room, and whether it receives it now), and
+//! whenever the region's table of marks changes (at most once a second, see
+//! `mirror::watermarks`) the session sends a `wm` frame per subscribed room with the
+//! origins whose mark changed since the last one it sent; nothing when nothing changed.
+//! What was last sent is kept per subscribed room only (bounded by [`MAX_SUBSCRIPTIONS`]).
+//!
 //! # Liveness
 //!
 //! The session sends a WebSocket Ping every `client.ping_interval_ms` and closes (4003) a
@@ -33,7 +42,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use dtfed_proto::client::decode_client_frame;
 use dtfed_proto::record::LogValue;
-use dtfed_proto::{ClientFrame, Cursor, ErrorCode, RoomId, ServerFrame};
+use dtfed_proto::{ClientFrame, Cursor, ErrorCode, OriginMarks, RoomId, ServerFrame};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +55,7 @@ use super::publish::{publish, PublishError, Turn};
 use super::resume::{is_hole, replay, Replay, ResumeError};
 use super::{Gateway, CLOSE_FLOOD, CLOSE_GOING_AWAY, CLOSE_IDLE, CLOSE_POLICY, CLOSE_SLOW_READER};
 use crate::gateway::socket::{close, PlayerSocket, Received, WriteFailed};
+use crate::mirror::watermarks::{changed, MarksWatch};
 use crate::rooms::{Outbound, SessionId, SessionSink};
 
 /// Rooms one connection may subscribe to at once.
@@ -93,6 +103,10 @@ struct Session {
     /// Fires once the latest publish is queued for Kafka: the next one waits for it, so a
     /// player's messages are stored in the order sent.
     last_publish: Option<oneshot::Receiver<()>>,
+    /// The region's replication watermarks (federated only).
+    marks: Option<MarksWatch>,
+    /// Per subscribed room, the origins' marks as last sent (`synced`, then `wm`).
+    marks_sent: HashMap<RoomId, OriginMarks, foldhash::fast::RandomState>,
 }
 
 /// Runs one connection to its end.
@@ -144,6 +158,8 @@ async fn serve_player(gw: Arc<Gateway>, id: SessionId, socket: WebSocket, player
         slow: CancellationToken::new(),
         pending: FuturesUnordered::new(),
         last_publish: None,
+        marks: gw.watermarks.clone(),
+        marks_sent: HashMap::default(),
     };
     let end = s.serve(&mut outbound).await;
     Box::pin(s.finish(end)).await;
@@ -214,6 +230,13 @@ impl Session {
                             Ok(item) => self.live(item).await?,
                             Err(_) => break,
                         }
+                    }
+                }
+                more = marks_changed(&mut self.marks), if !self.subs.is_empty() => {
+                    if more {
+                        self.send_watermarks().await?;
+                    } else {
+                        self.marks = None;
                     }
                 }
                 incoming = self.socket.recv(&self.gw.metrics), if self.pending.len() < MAX_IN_FLIGHT => match incoming {
@@ -414,10 +437,13 @@ impl Session {
         }
         if let Some(cursor) = self.subs.get(&room) {
             // Already live in this room: say where the player stands.
+            let origins = self.gw.room_marks(&room);
             let frame = ServerFrame::Synced {
                 room: room.clone(),
                 cursor: cursor.clone(),
+                origins: origins.clone(),
             };
+            self.marks_sent.insert(room, origins);
             return self.send(&frame).await;
         }
         if self.subs.len() >= MAX_SUBSCRIPTIONS {
@@ -450,7 +476,14 @@ impl Session {
         match self.catch_up(&room, since).await {
             Ok(Some(cursor)) => {
                 self.subs.insert(room.clone(), cursor.clone());
-                self.send(&ServerFrame::Synced { room, cursor }).await
+                let origins = self.gw.room_marks(&room);
+                self.marks_sent.insert(room.clone(), origins.clone());
+                self.send(&ServerFrame::Synced {
+                    room,
+                    cursor,
+                    origins,
+                })
+                .await
             }
             Ok(None) => Ok(()),
             Err(end) => {
@@ -619,6 +652,34 @@ impl Session {
         }
     }
 
+    /// Sends a `wm` frame for every subscribed room whose origins' marks changed since the
+    /// last ones sent for it.
+    async fn send_watermarks(&mut self) -> Result<(), End> {
+        let Some(marks) = self.marks.as_mut() else {
+            return Ok(());
+        };
+        let table = marks.borrow_and_update().clone();
+        let subs = &self.subs;
+        self.marks_sent.retain(|room, _| subs.contains_key(room));
+        let mut frames = Vec::new();
+        for room in self.subs.keys() {
+            let now = table.for_room(room);
+            let sent = self.marks_sent.entry(room.clone()).or_default();
+            let diff = changed(sent, &now);
+            if !diff.is_empty() {
+                *sent = now;
+                frames.push(ServerFrame::Wm {
+                    room: room.clone(),
+                    origins: diff,
+                });
+            }
+        }
+        for frame in &frames {
+            self.send(frame).await?;
+        }
+        Ok(())
+    }
+
     /// Takes the connection out of `room` and tells the player to resume from `cursor`.
     async fn stop_live(&mut self, room: &RoomId, cursor: Cursor) -> Result<(), End> {
         if self.subs.remove(room).is_some() {
@@ -629,6 +690,15 @@ impl Session {
             cursor,
         };
         self.send(&more).await
+    }
+}
+
+/// Resolves when the region's watermarks changed (true), or never without them; false when
+/// their sender is gone (the daemon is stopping).
+async fn marks_changed(marks: &mut Option<MarksWatch>) -> bool {
+    match marks {
+        Some(m) => m.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -7,9 +7,11 @@
 //! topic to peers, [`sink`] writes a peer's records into `dtfed.mirror.<origin>`, [`reads`]
 //! holds the short reads of mirror partitions (tails, watermarks) that the sink and the
 //! replay of remote origins (`crate::replay::remote`) share, [`relay`] serves this region's
-//! mirror topics to other peers with the origins' offsets (`federation.serve_relay`), [`tasks`] decides which daemon
-//! of the region runs which (origin, partition), and [`metrics`] exports the mirror's state
-//! to `/metrics`. Start at [`Federation::start`].
+//! mirror topics to other peers with the origins' offsets (`federation.serve_relay`),
+//! [`tasks`] decides which daemon of the region runs which (origin, partition), [`metrics`]
+//! exports the mirror's state to `/metrics`, and [`watermarks`] shares each partition's
+//! replication watermark with the region's daemons for players. Start at
+//! [`Federation::start`].
 //!
 //! Shutdown order: stop the mirror tasks (an append already under way finishes, so the next
 //! owner reads a true tail), then the mirror server, then close the endpoint.
@@ -42,6 +44,7 @@ pub mod reads;
 pub mod relay;
 pub mod sink;
 pub mod tasks;
+pub mod watermarks;
 
 pub use dtfed_regions::mirror::{mirror_topic, MIRROR_TOPIC_PREFIX};
 
@@ -386,6 +389,21 @@ impl Federation {
                 }
             })
             .collect()
+    }
+
+    /// The mirror tasks this daemon runs, as the client reports them.
+    pub fn task_status(&self) -> Vec<dtfed_regions::mirror::client::MirrorTaskStatus> {
+        self.client.status()
+    }
+
+    /// Every peer link, as the client reports it.
+    pub fn link_status(&self) -> Vec<dtfed_regions::mirror::client::LinkStatus> {
+        self.client.links()
+    }
+
+    /// The QUIC keep-alive interval of this daemon's links.
+    pub fn link_keep_alive(&self) -> std::time::Duration {
+        self.endpoint.tuning().keep_alive_interval
     }
 
     /// True when the mirror task group was joined (or there is nothing to mirror).

@@ -113,6 +113,32 @@ impl MirrorRoomReader {
                 ReplayError::Kafka(e.to_string())
             })
     }
+
+    /// The origin offset of the last record of this region's mirror of `origin`'s
+    /// `partition` (`None`: it holds nothing), read without writing anything (unlike the
+    /// mirror sink's tail, which fences the partition's writers first). For a replication
+    /// watermark whose mirror task has not read its own tail yet.
+    pub async fn mirror_tail(
+        &self,
+        origin: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<Option<i64>, ReplayError> {
+        let topic = mirror_topic(origin);
+        let what = format!("reading the tail of {topic}/{partition}");
+        self.reads
+            .run(&what, timeout, move |consumer, deadline| {
+                PartitionReads {
+                    consumer,
+                    topic: &topic,
+                    partition,
+                    deadline,
+                }
+                .tail()
+            })
+            .await
+            .map_err(|e| ReplayError::Kafka(e.to_string()))
+    }
 }
 
 /// One room read, run on a blocking thread.

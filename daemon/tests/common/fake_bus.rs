@@ -1,13 +1,14 @@
 //! A [`Bus`] for tests of the fan-out: it records every successful apply, in call order,
-//! and can fail the first N calls; nothing else (no history, no subscriptions).
+//! and can fail the first N calls; nothing else (no history, no subscriptions, no
+//! watermarks).
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use dtfed::bus::{Bus, BusError, PublishClaim, PublishKey, PublishOutcome};
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use dtfed::bus::{Bus, BusError, PartitionMark, PublishClaim, PublishKey, PublishOutcome};
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, OriginMark, RoomId};
 
 /// Records every successful apply, in call order; fails the first `fail_first` calls.
 #[derive(Default)]
@@ -86,5 +87,16 @@ impl Bus for FakeBus {
         _window_ms: i64,
     ) -> Result<(), BusError> {
         Ok(())
+    }
+
+    async fn put_watermarks(&self, _marks: &[PartitionMark], _ttl_ms: i64) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn watermarks(
+        &self,
+        keys: &[(String, i32)],
+    ) -> Result<Vec<Option<OriginMark>>, BusError> {
+        Ok(vec![None; keys.len()])
     }
 }

@@ -2,13 +2,16 @@
 // puppeteer-core. One page per region (each served by that region's daemon, speaking
 // through @dtfed/client); both join one room, each sends, and each must see the other's
 // message marked with the other region as its origin, and its own with its own region.
+// Then B's page must show A's link as up, as down ("link down since …, messages may arrive
+// late") once the Rust side cut the link B pulls A over (control files `cut` / `was-cut`),
+// and as up again after the heal (`heal` / `was-healed`).
 // Env: PAGE_A, PAGE_B (http://.../), REGION_A, REGION_B, ROOM, CHROMIUM (the executable),
 // CONTROL_DIR (where the browser's PID goes first, so the test can kill it whatever
 // happens). Prints "ok" last on success.
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import puppeteer from "puppeteer-core";
-import { log } from "./lib.mjs";
+import { log, signal, waitSignal } from "./lib.mjs";
 
 const { PAGE_A, PAGE_B, REGION_A, REGION_B, ROOM, CHROMIUM, CONTROL_DIR } = process.env;
 const T = 30_000;
@@ -82,8 +85,26 @@ try {
       throw new Error(`page shows ${JSON.stringify(ids)}, not the two messages once each`);
     });
   }
+  // B's page: A's replication watermark, live, then down while the link is cut, then live.
+  const line = (live) => `#origins [data-origin="${REGION_A}"][data-live="${live}"]`;
+  await bob.waitForSelector(line(true), { timeout: T });
+  const upText = await bob.$eval(line(true), (e) => e.textContent);
+  if (/down|late/.test(upText)) throw new Error(`a live link reads ${JSON.stringify(upText)}`);
+  if (await alice.$(`#origins [data-origin="${REGION_B}"][data-live="false"]`)) throw new Error("alice's page says bob's region is down");
+  signal("cut");
+  await waitSignal("was-cut");
+  const cutAt = Date.now();
+  await bob.waitForSelector(line(false), { timeout: T });
+  const downText = await bob.$eval(line(false), (e) => e.textContent);
+  log(`${Date.now() - cutAt} ms after the cut bob's page says: ${downText}`);
+  const want = new RegExp(`^${REGION_A}: link down since \\d{1,2}:\\d{2}.*, messages may arrive late$`);
+  if (!want.test(downText)) throw new Error(`bob's page says ${JSON.stringify(downText)}`);
+  signal("heal");
+  await waitSignal("was-healed");
+  await bob.waitForSelector(line(true), { timeout: 60_000 });
+  log(`bob's page says ${REGION_A} is live again: ${await bob.$eval(line(true), (e) => e.textContent)}`);
   if (problems.length) throw new Error(problems.join("\n"));
-  log(`ok: each page shows both messages once, the other's with origin ${REGION_A}/${REGION_B}`);
+  log(`ok: each page shows both messages once, the other's with origin ${REGION_A}/${REGION_B}; ${REGION_A}'s link shown down while cut`);
 } catch (e) {
   log(`FAILED: ${e.stack}\n${problems.join("\n")}`);
   for (const [name, page] of pages) {

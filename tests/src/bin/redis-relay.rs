@@ -464,6 +464,7 @@ async fn session(shared: Arc<Shared>, stream: TcpStream) -> anyhow::Result<()> {
                 reply(ServerFrame::Synced {
                     room,
                     cursor: Cursor::new(),
+                    origins: Default::default(),
                 });
             }
             ClientFrame::Pub {

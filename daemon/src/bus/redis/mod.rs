@@ -81,7 +81,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dtfed_proto::record::now_ms;
-use dtfed_proto::{Cursor, LogRecord, MsgFrame, RoomId};
+use dtfed_proto::{Cursor, LogRecord, MsgFrame, OriginMark, RoomId};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use tokio::sync::{mpsc, watch};
@@ -89,7 +89,8 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    claim_value, parse_claim, Bus, BusError, BusEvents, PublishClaim, PublishKey, PublishOutcome,
+    claim_value, mark_value, parse_claim, parse_mark, Bus, BusError, BusEvents, PartitionMark,
+    PublishClaim, PublishKey, PublishOutcome,
 };
 use crate::bus::redis::frame::encode_frame;
 use crate::bus::redis::subscriber::{open_pubsub, run_subscriber};
@@ -212,6 +213,12 @@ impl Keys {
             key.player,
             key.reference
         )
+    }
+
+    /// A mirror partition's replication watermark. All under one hash tag, so one `MGET`
+    /// reads them all on a cluster too.
+    fn watermark(&self, origin: &str, partition: i32) -> String {
+        format!("{}:{{wm}}:{}:{}", self.prefix, origin, partition)
     }
 
     /// The room part of a channel name, for logs.
@@ -639,6 +646,48 @@ impl Bus for RedisBus {
             None => redis::cmd("DEL").arg(&name).query_async(&mut con).await,
         };
         done.map_err(|e| redis_err(&format!("settling a publish in room {}", key.room), e))
+    }
+
+    async fn put_watermarks(&self, marks: &[PartitionMark], ttl_ms: i64) -> Result<(), BusError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for m in marks {
+            pipe.cmd("SET")
+                .arg(self.inner.keys.watermark(&m.origin, m.partition))
+                .arg(mark_value(&m.mark))
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .ignore();
+        }
+        let mut con = self.inner.con.clone();
+        pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| redis_err("publishing replication watermarks", e))
+    }
+
+    async fn watermarks(
+        &self,
+        keys: &[(String, i32)],
+    ) -> Result<Vec<Option<OriginMark>>, BusError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = keys
+            .iter()
+            .map(|(o, p)| self.inner.keys.watermark(o, *p))
+            .collect();
+        let mut con = self.inner.con.clone();
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&names)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err("reading replication watermarks", e))?;
+        Ok(values
+            .iter()
+            .map(|v| v.as_deref().and_then(parse_mark))
+            .collect())
     }
 }
 

@@ -191,6 +191,12 @@ pub struct MirrorTaskStatus {
 pub const ROUTE_DIRECT: &str = "direct";
 
 impl MirrorTaskStatus {
+    /// The region this task pulls from: the relay of a `via <relay>` route, else the
+    /// origin itself.
+    pub fn streams_from(&self) -> &str {
+        self.route.strip_prefix("via ").unwrap_or(&self.origin)
+    }
+
     /// Lag in milliseconds at `now_ms` (Unix ms): 0 when caught up, else the age of the
     /// last record written; `None` when unknown.
     pub fn lag_ms(&self, now_ms: i64) -> Option<i64> {
@@ -218,6 +224,10 @@ pub struct LinkStatus {
     pub connects: u64,
     /// Why the last dial failed, until one succeeds.
     pub last_error: Option<String>,
+    /// UDP datagrams received on the current connection so far: while it grows the peer is
+    /// heard from (QUIC keep-alives make a healthy link receive every few seconds, idle or
+    /// not), which tells a cut path sooner than the connection's idle timeout.
+    pub rx_datagrams: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -432,6 +442,9 @@ impl MirrorClient {
                     paused: *p.paused.borrow(),
                     connects: info.connects,
                     last_error: info.last_error.clone(),
+                    rx_datagrams: conn
+                        .as_ref()
+                        .map(|c| c.connection().stats().udp_rx.datagrams),
                 }
             })
             .collect();

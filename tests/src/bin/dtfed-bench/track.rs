@@ -371,7 +371,10 @@ pub(crate) fn on_text(shared: &Shared, st: &mut ReaderState, text: &str) {
                 st.idx
             ));
         }
-        ServerFrame::Synced { .. } | ServerFrame::More { .. } | ServerFrame::Pong => {}
+        ServerFrame::Synced { .. }
+        | ServerFrame::More { .. }
+        | ServerFrame::Wm { .. }
+        | ServerFrame::Pong => {}
     }
 }
 
