@@ -2,9 +2,9 @@
 //! Kafka, Redis and a `dtfed` daemon each, every link through its own cuttable WAN relay,
 //! every region serving relays. Only seoul ↔ tokyo is cut, under load: tokyo's players keep
 //! receiving seoul's messages through frankfurt within seconds, tokyo's `/status` says
-//! `via frankfurt` for seoul's partitions, and after the heal it says `direct` again. At the
-//! end every tokyo player got every acknowledged seoul message of its room exactly once, in
-//! order, with `prev` unbroken.
+//! `via frankfurt` for seoul's partitions (and tokyo's players see seoul as live), and after
+//! the heal it says `direct` again. At the end every tokyo player got every acknowledged
+//! seoul message of its room exactly once, in order, with `prev` unbroken.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -195,6 +195,16 @@ async fn a_cut_link_is_bridged_by_a_third_region_then_heals_back_to_direct() -> 
     assert!(
         routes.iter().all(|(_, r, _)| r == "via frankfurt"),
         "still relayed before the heal: {routes:?}"
+    );
+    // Players see it as it is: seoul is live in tokyo (through the relay), not a cut link.
+    let mut looker = WsClient::connect(&tokyo.ws(0, "looker")).await?;
+    let synced = looker
+        .sub(ROOMS[0], None, Duration::from_secs(20))
+        .await?
+        .synced;
+    assert_eq!(
+        synced["origins"]["seoul"]["live"], true,
+        "seoul's replication watermark in tokyo while relayed: {synced}"
     );
     // Dashboards see it too.
     let metrics = tokyo.daemons[0]
