@@ -401,7 +401,17 @@ mod tests {
             records_mirrored: 0,
             streams_opened: 1,
             append_age: AgeHistogram::default(),
+            route: "direct".into(),
+            route_switches: 0,
         }
+    }
+
+    #[test]
+    fn a_relayed_task_streams_from_its_relay() {
+        let mut t = task(MirrorTaskState::Streaming, Some(41), Some(0));
+        assert_eq!(t.streams_from(), "seoul");
+        t.route = "via frankfurt".into();
+        assert_eq!(t.streams_from(), "frankfurt");
     }
 
     #[test]
