@@ -150,7 +150,8 @@ pub enum LinkErrorCode {
     VersionMismatch,
     /// The peer's region is not allowed here (wrong certificate name, or itself).
     Forbidden,
-    /// The subscribed topic is not served here (only the origin's local topic is).
+    /// The subscribed topic is not served here: neither the local topic nor, on a relay,
+    /// the mirror topic of one of its peers.
     UnknownTopic,
     /// The subscribed partition does not exist.
     UnknownPartition,

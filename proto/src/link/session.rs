@@ -1536,7 +1536,7 @@ mod tests {
         let (_, out) = serve_refuses(vec![LinkFrame::Heartbeat { now_ms: 0 }]);
         assert_eq!(last_error_code(&out), LinkErrorCode::ProtocolViolation);
 
-        // Mirror topics are never served.
+        // Mirror topics are not served unless configured as relayed.
         let (e, out) = serve_refuses(vec![
             LinkFrame::hello("tokyo"),
             sub("dtfed.mirror.tokyo", 0, 0),
