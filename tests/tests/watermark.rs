@@ -184,7 +184,7 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
     let held = view.mark("seoul").clone();
     assert_eq!(held["lag_ms"], 0, "live and caught up: {held}");
     // Caught up and idle: nothing more to say.
-    player.expect_silence(Duration::from_secs(3)).await?;
+    player.expect_no_frames(Duration::from_secs(3)).await?;
 
     // Cut seoul → tokyo only: seoul reads as not live within seconds, its offset unchanged.
     let relay = &fed.relays[&("tokyo".to_owned(), "seoul".to_owned())];
@@ -214,7 +214,7 @@ async fn players_see_how_far_their_region_holds_each_origin_and_when_a_link_is_d
         .context("ack offset")?;
     // Nothing crosses the cut link, and nothing changes while it stays down (`lag_ms`
     // grows, but that is no news): the player hears nothing at all.
-    player.expect_silence(Duration::from_secs(4)).await?;
+    player.expect_no_frames(Duration::from_secs(4)).await?;
     // Only seoul's link was cut: frankfurt stayed live, and nothing was said about it.
     assert!(view.live("frankfurt"), "{:?}", view.marks);
     assert_eq!(view.news.get("frankfurt").copied(), frankfurt_news);

@@ -240,17 +240,49 @@ impl WsClient {
         }
     }
 
-    /// Assert that no frame arrives for `duration` (and none is waiting in the backlog).
+    /// Assert that nothing but replication watermarks (`wm` frames: how far the region
+    /// holds each origin, news whenever a link's state or a mark moves) arrives for
+    /// `duration`, and nothing else is waiting in the backlog. The watermarks are dropped.
     pub async fn expect_silence(&mut self, duration: Duration) -> Result<()> {
+        self.backlog.retain(|f| !is_watermark(f));
+        let deadline = Instant::now() + duration;
+        loop {
+            self.expect_no_frames_until(deadline).await?;
+            match self.backlog.pop_front() {
+                None => return Ok(()),
+                Some(f) if is_watermark(&f) => {}
+                Some(f) => anyhow::bail!("{}: unexpected frame {f}", self.url),
+            }
+        }
+    }
+
+    /// Assert that no frame at all arrives for `duration` (and none is waiting in the
+    /// backlog), replication watermarks included.
+    pub async fn expect_no_frames(&mut self, duration: Duration) -> Result<()> {
+        self.expect_no_frames_until(Instant::now() + duration)
+            .await?;
+        match self.backlog.pop_front() {
+            None => Ok(()),
+            Some(f) => anyhow::bail!("{}: unexpected frame {f}", self.url),
+        }
+    }
+
+    /// Waits until `deadline` for a frame: `Ok` with the backlog empty when none came, or
+    /// with the frame that came in the backlog. Error when frames were already waiting or
+    /// the connection closed.
+    async fn expect_no_frames_until(&mut self, deadline: Instant) -> Result<()> {
         anyhow::ensure!(
             self.backlog.is_empty(),
             "{}: frames already waiting: {}",
             self.url,
             self.backlog_summary()
         );
-        match self.next_incoming(Instant::now() + duration).await? {
+        match self.next_incoming(deadline).await? {
             Incoming::TimedOut => Ok(()),
-            Incoming::Json(v) => anyhow::bail!("{}: unexpected frame {v}", self.url),
+            Incoming::Json(v) => {
+                self.backlog.push_back(v);
+                Ok(())
+            }
             Incoming::Closed(code, reason) => anyhow::bail!(
                 "{}: connection closed (code {code}, reason {reason:?})",
                 self.url
@@ -421,4 +453,9 @@ fn short(v: &Value) -> String {
     let mut cut: String = s.chars().take(200).collect();
     cut.push_str("...");
     cut
+}
+
+/// A replication watermark frame (`{"op":"wm",...}`, docs/PROTOCOL.md).
+pub fn is_watermark(frame: &Value) -> bool {
+    frame["op"] == "wm"
 }
