@@ -232,10 +232,12 @@ impl Drop for LocalRegions {
     }
 }
 
-/// A base port with the 30 ports region.sh uses above it free.
+/// A base port with the 30 ports region.sh uses above it free, below Linux's ephemeral
+/// range (32768 and up): nothing listens there, but any outgoing connection of the tests
+/// running beside this one may take such a port as its own while region.sh starts.
 fn free_base() -> u16 {
     loop {
-        let base = 20_000 + 100 * rand::random_range(0..300u16);
+        let base = 20_000 + 100 * rand::random_range(0..127u16);
         let taken = (0..30).any(|i| {
             dtfed_tests::harness::util::port_open(dtfed_tests::harness::util::loopback(base + i))
         });
