@@ -802,15 +802,32 @@ async fn records_forged_as_another_origin_suppress_nothing() -> Result<()> {
     Ok(())
 }
 
-/// Starts seoul, then tokyo with a config that says seoul's topic has `believed`
-/// partitions (seoul's has [`PARTITIONS`]); tokyo's mirror topic of seoul is made with that.
+/// The link to seoul in a `/status`.
+fn seoul_link(status: &Value) -> Value {
+    status["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["region"] == "seoul"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Starts seoul and frankfurt, then tokyo with a config that says seoul's topic has
+/// `believed` partitions (seoul's has [`PARTITIONS`]); tokyo's mirror topic of seoul is
+/// made with that. Frankfurt is configured right everywhere.
 async fn tokyo_believing_seoul_has(test: &str, believed: i64) -> Result<(TestDir, Vec<Region>)> {
     let dir = TestDir::new(&format!("fed-{test}"))?;
     let path = dir.path().to_owned();
     let test = test.to_owned();
     let regions = tokio::task::spawn_blocking(move || -> Result<_> {
-        let mut r = federation(&test, &["seoul", "tokyo"], &path, &HashMap::new(), 1)?;
+        let mut r = federation(
+            &test,
+            &["seoul", "tokyo", "frankfurt"],
+            &path,
+            &HashMap::new(),
+            1,
+        )?;
         start_daemons(&mut r[..1])?;
+        start_daemons(&mut r[2..])?;
         let tokyo = &r[1];
         let text = tokyo
             .cfg
@@ -842,10 +859,10 @@ async fn tokyo_believing_seoul_has(test: &str, believed: i64) -> Result<(TestDir
     Ok((dir, regions))
 }
 
-/// Tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns seoul's count on
-/// the link, grows its mirror topic to 4 and mirrors every partition: a room that lives in
-/// seoul's partition 3, which tokyo's guess did not have, reaches tokyo's players, live and
-/// on resume.
+/// Three regions; tokyo's config says seoul has 2 partitions; seoul has 4. Tokyo learns
+/// seoul's count on the link, grows its mirror topic to 4 and mirrors every partition: a
+/// room that lives in seoul's partition 3, which tokyo's guess did not have, reaches
+/// tokyo's players, live and on resume, beside frankfurt's messages in the same room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_more_partitions_than_configured_is_learned_and_mirrored() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -860,10 +877,18 @@ async fn a_peer_with_more_partitions_than_configured_is_learned_and_mirrored() -
     let mut watcher = WsClient::connect(&regions[1].ws(0, "watcher")).await?;
     watcher.sub(&room, None, T).await?;
     let sent = publish_n(&regions[0].ws(0, "herald"), &room, 20, "beyond the guess").await?;
+    let from_frankfurt = publish_n(&regions[2].ws(0, "envoy"), &room, 5, "as configured").await?;
     // The new mirror partitions are found by tokyo's mirror group and fan-out within
     // their metadata refresh (30 s).
-    let got = collect(&mut watcher, &room, sent.len(), Duration::from_secs(90)).await?;
+    let got = collect(
+        &mut watcher,
+        &room,
+        sent.len() + from_frankfurt.len(),
+        Duration::from_secs(90),
+    )
+    .await?;
     assert_eq!(by_origin(&got).get("seoul"), Some(&sent));
+    assert_eq!(by_origin(&got).get("frankfurt"), Some(&from_frankfurt));
 
     let status = regions[1].daemons[0]
         .admin_get("/status", Some(DRILL_TOKEN))?
@@ -876,7 +901,7 @@ async fn a_peer_with_more_partitions_than_configured_is_learned_and_mirrored() -
         .collect();
     partitions.sort_unstable();
     assert_eq!(partitions, vec![0, 1, 2, 3], "{status}");
-    assert!(status["links"][0]["last_error"].is_null(), "{status}");
+    assert!(seoul_link(&status)["last_error"].is_null(), "{status}");
     assert!(
         regions[1].daemons[0]
             .log()
@@ -889,13 +914,14 @@ async fn a_peer_with_more_partitions_than_configured_is_learned_and_mirrored() -
     let mut late = WsClient::connect(&regions[1].ws(0, "late")).await?;
     let replayed = late.sub(&room, Some(json!({})), T).await?.frames;
     assert_eq!(by_origin(&replayed).get("seoul"), Some(&sent));
+    assert_eq!(by_origin(&replayed).get("frankfurt"), Some(&from_frankfurt));
     regions.clear();
     Ok(())
 }
 
-/// Tokyo's config says seoul has 6 partitions; seoul has 4. A mirror topic never shrinks,
-/// so tokyo refuses to mirror seoul (rather than mirroring into the wrong partitions): each
-/// mirror task and the link say why in `/status`, with the fix.
+/// Three regions; tokyo's config says seoul has 6 partitions; seoul has 4. A mirror topic
+/// never shrinks, so tokyo refuses to mirror seoul (rather than mirroring into the wrong
+/// partitions): each mirror task and the link say why in `/status`, with the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_fewer_partitions_than_the_mirror_topic_is_refused_and_shown() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -910,7 +936,13 @@ async fn a_peer_with_fewer_partitions_than_the_mirror_topic_is_refused_and_shown
         let status = regions[1].daemons[0]
             .admin_get("/status", Some(DRILL_TOKEN))?
             .json()?;
-        let tasks = status["mirror"].as_array().cloned().unwrap_or_default();
+        let tasks: Vec<Value> = status["mirror"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| t["origin"] == "seoul")
+            .collect();
         let refused = tasks.len() == 6
             && tasks.iter().all(|t| {
                 t["state"].as_str().is_some_and(|s| {
@@ -919,7 +951,7 @@ async fn a_peer_with_fewer_partitions_than_the_mirror_topic_is_refused_and_shown
                         && s.contains("mirror topics never shrink")
                 })
             });
-        let link_says = status["links"][0]["last_error"]
+        let link_says = seoul_link(&status)["last_error"]
             .as_str()
             .is_some_and(|e| e.contains(&want));
         if refused && link_says {
