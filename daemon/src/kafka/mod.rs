@@ -236,18 +236,22 @@ pub async fn ensure_topic_within(
         }
         None => false,
     };
+    let admin = admin_client(cfg)?;
+    let result = ensure_with(&admin, cfg, topic, partitions, deadline, on_mock).await;
+    drop_off_runtime(admin);
+    result
+}
+
+/// A short-lived admin client of `cfg`'s cluster (topic creation and growth).
+fn admin_client(cfg: &KafkaConfig) -> Result<Arc<AdminClient<TracingContext>>, KafkaSetupError> {
     let cc = settings::admin_config(cfg, "admin", &default_node_name());
     let ctx = TracingContext::for_config(&cc);
-    let admin = AdminClient::from_config_and_context(&cc, ctx)
+    AdminClient::from_config_and_context(&cc, ctx)
         .map(Arc::new)
         .map_err(|e| KafkaSetupError::Unreachable {
             brokers: cfg.brokers.clone(),
             detail: format!("cannot create an admin client: {e}"),
-        })?;
-    let result = ensure_with(&admin, cfg, topic, partitions, deadline, on_mock).await;
-    // Destroying a client blocks briefly (it joins its threads): not on the runtime.
-    drop(tokio::task::spawn_blocking(move || drop(admin)));
-    result
+        })
 }
 
 /// Why a try of [`ensure_with`] failed.
@@ -393,16 +397,9 @@ pub async fn grow_topic(
     topic: &str,
     partitions: i32,
 ) -> Result<i32, KafkaSetupError> {
-    let cc = settings::admin_config(cfg, "admin", &default_node_name());
-    let ctx = TracingContext::for_config(&cc);
-    let admin = AdminClient::from_config_and_context(&cc, ctx)
-        .map(Arc::new)
-        .map_err(|e| KafkaSetupError::Unreachable {
-            brokers: cfg.brokers.clone(),
-            detail: format!("cannot create an admin client: {e}"),
-        })?;
+    let admin = admin_client(cfg)?;
     let result = grow_with(&admin, topic, partitions).await;
-    drop(tokio::task::spawn_blocking(move || drop(admin)));
+    drop_off_runtime(admin);
     result
 }
 

@@ -7,7 +7,8 @@
 //! mirrored. The receiver checks the answer against its mirror topic before it streams.
 
 use super::frame::{LinkErrorCode, LinkFrame};
-use super::session::{check_hello, SessionError};
+use super::question::{check_origin_hello, StreamQuestion};
+use super::session::SessionError;
 
 /// What the origin answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,13 +90,7 @@ impl MirrorDescribe {
                     codec_version,
                 },
             ) => {
-                check_hello(magic, protocol_version, codec_version)?;
-                if region != self.origin {
-                    return Err(SessionError::WrongRegion {
-                        expected: self.origin.clone(),
-                        got: region,
-                    });
-                }
+                check_origin_hello(magic, protocol_version, codec_version, region, &self.origin)?;
                 self.state = State::AwaitAnswer;
                 return Ok(None);
             }
@@ -123,6 +118,18 @@ impl MirrorDescribe {
         };
         self.state = State::Done;
         Ok(Some(answer))
+    }
+}
+
+impl StreamQuestion for MirrorDescribe {
+    type Answer = DescribeAnswer;
+
+    fn request(&self) -> [LinkFrame; 2] {
+        MirrorDescribe::request(self)
+    }
+
+    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DescribeAnswer>, SessionError> {
+        MirrorDescribe::handle_frame(self, frame)
     }
 }
 

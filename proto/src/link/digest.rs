@@ -8,7 +8,8 @@
 //! `protocol_violation`, which is [`DigestAnswer::NotSupported`], not a mismatch.
 
 use super::frame::{LinkErrorCode, LinkFrame};
-use super::session::{check_hello, SessionError};
+use super::question::{check_origin_hello, StreamQuestion};
+use super::session::SessionError;
 
 /// What the origin answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,13 +101,7 @@ impl MirrorDigest {
                     codec_version,
                 },
             ) => {
-                check_hello(magic, protocol_version, codec_version)?;
-                if region != self.origin {
-                    return Err(SessionError::WrongRegion {
-                        expected: self.origin.clone(),
-                        got: region,
-                    });
-                }
+                check_origin_hello(magic, protocol_version, codec_version, region, &self.origin)?;
                 self.state = State::AwaitAnswer;
                 return Ok(None);
             }
@@ -144,6 +139,18 @@ impl MirrorDigest {
         };
         self.state = State::Done;
         Ok(Some(answer))
+    }
+}
+
+impl StreamQuestion for MirrorDigest {
+    type Answer = DigestAnswer;
+
+    fn request(&self) -> [LinkFrame; 2] {
+        MirrorDigest::request(self)
+    }
+
+    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DigestAnswer>, SessionError> {
+        MirrorDigest::handle_frame(self, frame)
     }
 }
 

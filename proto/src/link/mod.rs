@@ -38,6 +38,7 @@ pub mod codec;
 pub mod describe;
 pub mod digest;
 pub mod frame;
+pub mod question;
 pub mod session;
 
 pub use codec::{
@@ -46,6 +47,7 @@ pub use codec::{
 pub use describe::{DescribeAnswer, MirrorDescribe};
 pub use digest::{DigestAnswer, MirrorDigest};
 pub use frame::{LinkErrorCode, LinkFrame, LinkRecord, CODEC_VERSION, MAGIC, PROTOCOL_VERSION};
+pub use question::StreamQuestion;
 pub use session::{
     LinkTimers, MirrorPull, MirrorServe, PullConfig, PullEvent, ServeConfig, ServeEvent,
     SessionError,

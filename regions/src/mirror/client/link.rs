@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use dtfed_proto::link::{encode, DescribeAnswer, FrameDecoder, MirrorDescribe};
+use dtfed_proto::link::{DescribeAnswer, MirrorDescribe};
 use rand::seq::SliceRandom;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
@@ -16,6 +16,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, warn};
 
 use crate::endpoint::{PeerConnection, RegionEndpoint};
+use crate::mirror::client::ask::ask_on_stream;
 use crate::mirror::client::{lock, MAX_DIALS_IN_FLIGHT};
 use crate::mirror::Backoff;
 
@@ -318,45 +319,8 @@ pub(super) async fn describe_origin(
     topic: &str,
     limit: Duration,
 ) -> Result<Option<i32>, String> {
-    let mut ask = MirrorDescribe::new(local_region, origin, topic);
-    let exchange = async {
-        let (mut send, mut recv) = conn
-            .connection()
-            .open_bi()
-            .await
-            .map_err(|e| format!("cannot open a stream: {e}"))?;
-        let mut out = Vec::new();
-        for frame in ask.request() {
-            encode(&frame, &mut out)
-                .map_err(|e| format!("cannot encode a {} frame: {e}", frame.kind()))?;
-        }
-        send.write_all(&out)
-            .await
-            .map_err(|e| format!("stream write failed: {e}"))?;
-        let _ = send.finish();
-        let mut decoder = FrameDecoder::new();
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = recv
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("stream failed: {e}"))?
-                .ok_or_else(|| "the origin ended the stream without an answer".to_owned())?;
-            decoder.extend(buf.get(..n).unwrap_or_default());
-            while let Some(frame) = decoder
-                .next_frame()
-                .map_err(|e| format!("undecodable input from the origin: {e}"))?
-            {
-                if let Some(answer) = ask
-                    .handle_frame(frame)
-                    .map_err(|e| format!("origin broke the protocol: {e}"))?
-                {
-                    return Ok::<DescribeAnswer, String>(answer);
-                }
-            }
-        }
-    };
-    let answer = timeout(limit, exchange)
+    let ask = MirrorDescribe::new(local_region, origin, topic);
+    let answer = timeout(limit, ask_on_stream(conn, ask))
         .await
         .map_err(|_| format!("no answer within {limit:?}"))??;
     match answer {

@@ -67,6 +67,7 @@ use crate::mirror::log::MirrorLog;
 use crate::mirror::Backoff;
 use crate::topology::PeerRegion;
 
+mod ask;
 mod digest;
 mod link;
 mod pull;
