@@ -443,7 +443,7 @@ impl Session {
                 cursor: cursor.clone(),
                 origins: origins.clone(),
             };
-            self.marks_sent.insert(room, origins);
+            self.remember_marks(room, origins);
             return self.send(&frame).await;
         }
         if self.subs.len() >= MAX_SUBSCRIPTIONS {
@@ -477,7 +477,7 @@ impl Session {
             Ok(Some(cursor)) => {
                 self.subs.insert(room.clone(), cursor.clone());
                 let origins = self.gw.room_marks(&room);
-                self.marks_sent.insert(room.clone(), origins.clone());
+                self.remember_marks(room.clone(), origins.clone());
                 self.send(&ServerFrame::Synced {
                     room,
                     cursor,
@@ -652,6 +652,16 @@ impl Session {
         }
     }
 
+    /// Keeps the origins' marks just sent for `room`. Nothing is kept for a room without
+    /// any (a region that mirrors nobody): an idle connection costs no table for them.
+    fn remember_marks(&mut self, room: RoomId, origins: OriginMarks) {
+        if origins.is_empty() {
+            self.marks_sent.remove(&room);
+        } else {
+            self.marks_sent.insert(room, origins);
+        }
+    }
+
     /// Sends a `wm` frame for every subscribed room whose origins' marks changed since the
     /// last ones sent for it.
     async fn send_watermarks(&mut self) -> Result<(), End> {
@@ -662,12 +672,12 @@ impl Session {
         let subs = &self.subs;
         self.marks_sent.retain(|room, _| subs.contains_key(room));
         let mut frames = Vec::new();
+        let none = OriginMarks::new();
         for room in self.subs.keys() {
             let now = table.for_room(room);
-            let sent = self.marks_sent.entry(room.clone()).or_default();
-            let diff = changed(sent, &now);
+            let diff = changed(self.marks_sent.get(room).unwrap_or(&none), &now);
             if !diff.is_empty() {
-                *sent = now;
+                self.marks_sent.insert(room.clone(), now);
                 frames.push(ServerFrame::Wm {
                     room: room.clone(),
                     origins: diff,
