@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use dtfed_proto::link::{
     FrameDecoder, LinkFrame, MirrorDescribe, MirrorPull, MirrorServe, PullConfig, PullEvent,
-    ServeConfig, ServeEvent,
+    ServeConfig, ServeEvent, StreamQuestion,
 };
 
 const RESUME_FROM: i64 = 100;

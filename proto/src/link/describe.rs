@@ -55,9 +55,13 @@ impl MirrorDescribe {
             state: State::AwaitHello,
         }
     }
+}
+
+impl StreamQuestion for MirrorDescribe {
+    type Answer = DescribeAnswer;
 
     /// The frames to send, in order: `Hello`, `Describe`.
-    pub fn request(&self) -> [LinkFrame; 2] {
+    fn request(&self) -> [LinkFrame; 2] {
         [
             LinkFrame::hello(self.local_region.clone()),
             LinkFrame::Describe {
@@ -68,10 +72,7 @@ impl MirrorDescribe {
 
     /// Takes one frame from the origin: `Ok(Some(answer))` once answered, `Ok(None)` while
     /// more is expected, `Err` when the origin broke the protocol.
-    pub fn handle_frame(
-        &mut self,
-        frame: LinkFrame,
-    ) -> Result<Option<DescribeAnswer>, SessionError> {
+    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DescribeAnswer>, SessionError> {
         let answer = match (self.state, frame) {
             (State::Done, _) => return Err(SessionError::Closed),
             (_, LinkFrame::Error { code, message }) => {
@@ -118,18 +119,6 @@ impl MirrorDescribe {
         };
         self.state = State::Done;
         Ok(Some(answer))
-    }
-}
-
-impl StreamQuestion for MirrorDescribe {
-    type Answer = DescribeAnswer;
-
-    fn request(&self) -> [LinkFrame; 2] {
-        MirrorDescribe::request(self)
-    }
-
-    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DescribeAnswer>, SessionError> {
-        MirrorDescribe::handle_frame(self, frame)
     }
 }
 

@@ -65,9 +65,13 @@ impl MirrorDigest {
             state: State::AwaitHello,
         }
     }
+}
+
+impl StreamQuestion for MirrorDigest {
+    type Answer = DigestAnswer;
 
     /// The frames to send, in order: `Hello`, `Digest`.
-    pub fn request(&self) -> [LinkFrame; 2] {
+    fn request(&self) -> [LinkFrame; 2] {
         [
             LinkFrame::hello(self.local_region.clone()),
             LinkFrame::Digest {
@@ -82,7 +86,7 @@ impl MirrorDigest {
     /// Takes one frame from the origin: `Ok(Some(answer))` once answered, `Ok(None)` while
     /// more is expected, `Err` when the origin broke the protocol (an answer for another
     /// range than asked included).
-    pub fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DigestAnswer>, SessionError> {
+    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DigestAnswer>, SessionError> {
         let answer = match (self.state, frame) {
             (State::Done, _) => return Err(SessionError::Closed),
             (_, LinkFrame::Error { code, message }) => {
@@ -139,18 +143,6 @@ impl MirrorDigest {
         };
         self.state = State::Done;
         Ok(Some(answer))
-    }
-}
-
-impl StreamQuestion for MirrorDigest {
-    type Answer = DigestAnswer;
-
-    fn request(&self) -> [LinkFrame; 2] {
-        MirrorDigest::request(self)
-    }
-
-    fn handle_frame(&mut self, frame: LinkFrame) -> Result<Option<DigestAnswer>, SessionError> {
-        MirrorDigest::handle_frame(self, frame)
     }
 }
 
